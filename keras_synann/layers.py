@@ -1,0 +1,189 @@
+"""The `Synapse` layer: a fully connected synapse graph (SynaNN)."""
+
+from __future__ import annotations
+
+import keras
+from keras import constraints, initializers, ops, regularizers
+
+from keras_synann import ops as synann_ops
+
+#: Largest beta kept by the default constraint: beta stays in [0, 1).
+BETA_MAX = 1.0 - 1e-6
+
+
+@keras.saving.register_keras_serializable(package="keras_synann")
+class ValueRange(keras.constraints.Constraint):
+    """Clips weights into `[min_value, max_value]` (default: beta in [0, 1))."""
+
+    def __init__(self, min_value: float = 0.0, max_value: float = BETA_MAX):
+        if not min_value <= max_value:
+            raise ValueError(
+                "`min_value` must not exceed `max_value`. "
+                f"Received: min_value={min_value}, max_value={max_value}"
+            )
+        self.min_value = float(min_value)
+        self.max_value = float(max_value)
+
+    def __call__(self, w):
+        return ops.clip(w, self.min_value, self.max_value)
+
+    def get_config(self):
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
+
+@keras.saving.register_keras_serializable(package="keras_synann")
+class Synapse(keras.layers.Layer):
+    """Fully connected synapse graph (Li, "A Synaptic Neural Network", 2019).
+
+    For each sample, over the last axis (input size equals output size n):
+
+        y_i = alpha_i * x_i * prod_j (1 - beta_ij * x_j),   beta_ij = kernel[j, i]
+
+    i.e. `log y_i = log alpha_i + log x_i + sum_j log(1 - beta_ij * x_j)`.
+    Each sample is computed on its own (the reference code mixes the samples
+    of a batch; this layer does not).
+
+    Domain: inputs are probabilities, x in (0, 1), and beta in [0, 1). The
+    layer clips inputs to [0, 1] (gradient 0 outside), floors every factor
+    `1 - beta_ij * x_j` at 1e-6 (gradient 0 below) and, by default, clips the
+    kernel to [0, 1 - 1e-6] after each update. So every finite input gives a
+    finite output and finite gradients.
+
+    Args:
+        units: optional; the layer's size, which must equal the input's last
+            dimension. `output_dim` (the reference layer's keyword) is an alias.
+        kernel_initializer: initializer for beta. Default: uniform in
+            [0, 0.01), as the reference intended.
+        kernel_regularizer: optional regularizer for beta.
+        kernel_constraint: constraint for beta; default keeps beta in [0, 1).
+            Pass `None` explicitly for an unconstrained kernel.
+        use_alpha: learn a per-output excitation scale alpha_i (initialised to
+            1, kept > 0). Default False, like the reference code (alpha = 1).
+        alpha_initializer, alpha_constraint: for alpha when `use_alpha`.
+        zero_diagonal: fix beta_ii = 0 (no self-inhibition, as the paper
+            allows). The diagonal of the kernel is then ignored.
+        chunk_size: input units processed at once (memory/speed trade-off).
+        **kwargs: base layer keywords (`name`, `dtype`, `trainable`, ...).
+
+    Input shape: `(..., n)`. Output shape: `(..., n)`, of the compute dtype;
+    under mixed precision the log-sum accumulates in float32.
+    """
+
+    def __init__(
+        self,
+        units: int | None = None,
+        kernel_initializer="default",
+        kernel_regularizer=None,
+        kernel_constraint="default",
+        use_alpha: bool = False,
+        alpha_initializer="ones",
+        alpha_constraint="default",
+        zero_diagonal: bool = False,
+        chunk_size: int = synann_ops.DEFAULT_CHUNK_SIZE,
+        **kwargs,
+    ):
+        output_dim = kwargs.pop("output_dim", None)
+        if output_dim is not None:
+            if units is not None and units != output_dim:
+                raise ValueError(
+                    "`units` and its alias `output_dim` disagree. "
+                    f"Received: units={units}, output_dim={output_dim}"
+                )
+            units = output_dim
+        # The layer does its own casting so that the sum accumulates in float32.
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        if units is not None and (not isinstance(units, int) or units <= 0):
+            raise ValueError(
+                "`units` must be a positive integer or None. "
+                f"Received: units={units}"
+            )
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(
+                f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size}"
+            )
+        self.units = units
+        if kernel_initializer == "default":
+            kernel_initializer = initializers.RandomUniform(0.0, 0.01)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        if kernel_constraint == "default":
+            kernel_constraint = ValueRange()
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.use_alpha = bool(use_alpha)
+        self.alpha_initializer = initializers.get(alpha_initializer)
+        if alpha_constraint == "default":
+            alpha_constraint = ValueRange(1e-6, 1e6)
+        self.alpha_constraint = constraints.get(alpha_constraint)
+        self.zero_diagonal = bool(zero_diagonal)
+        self.chunk_size = chunk_size
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        n = input_shape[-1]
+        if n is None:
+            raise ValueError(
+                "The last dimension of the input to `Synapse` must be known. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        if self.units is not None and self.units != n:
+            raise ValueError(
+                "`Synapse` maps n inputs to n outputs, so `units` must equal the "
+                f"input's last dimension. Received: units={self.units}, "
+                f"input last dimension={n}"
+            )
+        self.units = n
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(n, n),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.alpha = None
+        if self.use_alpha:
+            self.alpha = self.add_weight(
+                name="alpha",
+                shape=(n,),
+                initializer=self.alpha_initializer,
+                constraint=self.alpha_constraint,
+            )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: n})
+
+    @property
+    def beta(self):
+        """The effective beta matrix, `beta[i, j] = kernel[j, i]` (zero diagonal applied)."""
+        return ops.transpose(self._effective_kernel())
+
+    def _effective_kernel(self):
+        kernel = ops.convert_to_tensor(self.kernel)
+        if self.zero_diagonal:
+            kernel = kernel * (1.0 - ops.eye(self.units, dtype=kernel.dtype))
+        return kernel
+
+    def call(self, inputs):
+        alpha = None if self.alpha is None else ops.convert_to_tensor(self.alpha)
+        y = synann_ops.synapse_graph(
+            inputs, self._effective_kernel(), alpha=alpha, chunk_size=self.chunk_size
+        )
+        return ops.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        base_config = super().get_config()
+        base_config.pop("autocast", None)
+        config = {
+            "units": self.units,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "use_alpha": self.use_alpha,
+            "alpha_initializer": initializers.serialize(self.alpha_initializer),
+            "alpha_constraint": constraints.serialize(self.alpha_constraint),
+            "zero_diagonal": self.zero_diagonal,
+            "chunk_size": self.chunk_size,
+        }
+        return {**base_config, **config}

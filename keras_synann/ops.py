@@ -1,0 +1,193 @@
+"""The SynaNN math as functions on `keras.ops` tensors (any backend).
+
+Notation (paper): an excitatory input x and inhibitory inputs x_j, both open
+probabilities in (0, 1); parameters alpha > 0 and beta in [0, 1). The kernel
+follows the reference layout: a matrix W of shape (n_in, n_out) with
+beta_ij = W[j, i].
+
+Everything here computes per sample: a sample's output never depends on the
+other samples of its batch (the reference code sums over the whole batch; see
+README.md, "Divergence from the reference code").
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+#: Smallest value a factor (1 - beta_ij * x_j) may take. Factors below it are
+#: raised to it (and pass no gradient), so logs and reciprocals stay finite.
+FACTOR_FLOOR = 1e-6
+#: Smallest partial product kept before its log is taken (float32's smallest
+#: normal number). Below it the output is 0 to float32 precision anyway.
+_PRODUCT_FLOOR = 1.1754944e-38
+#: Inputs are processed in chunks of this many input units: memory is
+#: O(chunk * batch * n_out), never batch * n_in * n_out.
+DEFAULT_CHUNK_SIZE = 16
+
+
+def synapse(x, y, alpha=1.0, beta=0.5):
+    """One synapse: `S(x, y; alpha, beta) = alpha * x * (1 - beta * y)`.
+
+    Args:
+        x: excitatory input, a probability in (0, 1).
+        y: inhibitory input, a probability in (0, 1).
+        alpha: excitation scale, > 0.
+        beta: inhibition strength, in [0, 1).
+    """
+    x = ops.convert_to_tensor(x)
+    return alpha * x * (1.0 - beta * ops.convert_to_tensor(y))
+
+
+def surprisal(p):
+    """Surprisal (self-information) `I(p) = -log(p)`."""
+    return -ops.log(p)
+
+
+def inhibitory_surprisal(u):
+    """The conjugate of `1 - x` in surprisal space: `G(u) = -log(1 - exp(-u))`.
+
+    If `u = I(x)` then `G(u) = I(1 - x)`. Computed as `-log(-expm1(-u))` so it
+    stays accurate for small u.
+    """
+    return -ops.log(-ops.expm1(-ops.convert_to_tensor(u)))
+
+
+def bose_einstein(gamma, v):
+    """The Bose-Einstein term `1 / (exp(gamma + v) - 1)`.
+
+    With `gamma = -log(beta)` and `v = -log(y)` it is the derivative
+    `d/dgamma log(1 - exp(-(gamma + v)))`: the gradient of a synapse's
+    log inhibition with respect to its surprisal-space parameter.
+    """
+    return 1.0 / ops.expm1(ops.convert_to_tensor(gamma) + v)
+
+
+def log_inhibition_reference(x, kernel):
+    """`s_i = sum_j log(1 - beta_ij * x_j)` by broadcasting, for checks only.
+
+    Materialises a (batch, n_in, n_out) tensor: use `log_inhibition` instead.
+    """
+    t = ops.expand_dims(x, -1) * kernel
+    return ops.sum(ops.log(ops.maximum(1.0 - t, FACTOR_FLOOR)), axis=-2)
+
+
+def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Per-sample log inhibition `s_i = sum_j log(1 - beta_ij * x_j)`.
+
+    Args:
+        x: a (batch, n_in) float tensor (the inhibitory inputs x_j).
+        kernel: an (n_in, n_out) float tensor W with beta_ij = W[j, i].
+        chunk_size: input units per chunk; memory is O(chunk * batch * n_out).
+
+    Returns:
+        A (batch, n_out) tensor. Each factor is floored at `FACTOR_FLOOR`.
+
+    The forward multiplies the factors of a chunk and takes one log per chunk
+    (instead of one log per factor); the gradient is the closed form
+
+        ds_i/dbeta_ij = -x_j / (1 - beta_ij x_j)
+        ds_i/dx_j     = -beta_ij / (1 - beta_ij x_j)
+
+    evaluated chunk by chunk, so no (batch, n_in, n_out) tensor ever exists.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size}")
+    n_in, n_out = kernel.shape
+    chunk = min(int(chunk_size), int(n_in))
+    num_chunks = math.ceil(n_in / chunk)
+    pad = num_chunks * chunk - n_in
+
+    @ops.custom_gradient
+    def _log_inhibition(x, kernel):
+        batch = ops.shape(x)[0]
+        # x_j = 0 and a zero kernel row contribute a factor of exactly 1.
+        xt = ops.transpose(x)  # (n_in, batch)
+        w = kernel
+        if pad:
+            xt = ops.pad(xt, ((0, pad), (0, 0)))
+            w = ops.pad(w, ((0, pad), (0, 0)))
+        xc = ops.reshape(xt, (num_chunks, chunk, batch))
+        wc = ops.reshape(w, (num_chunks, chunk, n_out))
+
+        def factors(xk, wk):
+            # (chunk, batch, n_out): 1 - beta_ij * x_bj for the chunk's j.
+            return 1.0 - ops.expand_dims(xk, -1) * ops.expand_dims(wk, 1)
+
+        def forward_step(total, inputs):
+            xk, wk = inputs
+            f = ops.maximum(factors(xk, wk), FACTOR_FLOOR)
+            partial = ops.maximum(ops.prod(f, axis=0), _PRODUCT_FLOOR)
+            return total + ops.log(partial), None
+
+        zeros = ops.zeros((batch, n_out), dtype=x.dtype)
+        total, _ = ops.scan(forward_step, zeros, (xc, wc))
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+
+            def backward_step(carry, inputs):
+                xk, wk = inputs
+                f = factors(xk, wk)
+                # Floored factors are constants: they pass no gradient.
+                r = ops.where(f > FACTOR_FLOOR, 1.0 / ops.maximum(f, FACTOR_FLOOR), 0.0)
+                q = r * upstream  # (chunk, batch, n_out)
+                d_w = -ops.einsum("jb,jbi->ji", xk, q)
+                d_x = -ops.einsum("jbi,ji->jb", q, wk)
+                # The carry only mirrors the outputs' shapes (the tensorflow
+                # backend's scan requires outputs shaped like the carry).
+                return (d_w, d_x), (d_w, d_x)
+
+            init = (
+                ops.zeros((chunk, n_out), dtype=x.dtype),
+                ops.zeros((chunk, batch), dtype=x.dtype),
+            )
+            _, (d_w, d_x) = ops.scan(backward_step, init, (xc, wc))
+            d_w = ops.reshape(d_w, (num_chunks * chunk, n_out))[:n_in]
+            d_x = ops.transpose(ops.reshape(d_x, (num_chunks * chunk, batch))[:n_in])
+            return d_x, d_w
+
+        return total, grad
+
+    return _log_inhibition(x, kernel)
+
+
+def synapse_graph(x, kernel, alpha=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """The fully connected synapse graph, per sample over the last axis.
+
+        y_i = alpha_i * x_i * prod_j (1 - beta_ij * x_j),   beta_ij = W[j, i]
+
+    computed as `alpha_i * x_i * exp(s_i)` with `s = log_inhibition(x, W)`.
+
+    Args:
+        x: a (..., n) tensor of probabilities. Values are clipped to [0, 1]
+            (the gradient is zero outside), so any finite input gives a
+            finite output.
+        kernel: an (n, n) tensor W (beta in [0, 1) for the paper's domain).
+        alpha: optional (n,) tensor of per-output excitation scales.
+        chunk_size: see `log_inhibition`.
+
+    Returns:
+        A (..., n) tensor of the dtype of the computation (float32 or wider;
+        cast the result for mixed precision).
+    """
+    x = ops.convert_to_tensor(x)
+    kernel = ops.convert_to_tensor(kernel)
+    n = kernel.shape[0]
+    dtype = _accumulation_dtype(x.dtype)
+    flat = ops.reshape(ops.cast(x, dtype), (-1, n))
+    flat = ops.clip(flat, 0.0, 1.0)
+    s = log_inhibition(flat, ops.cast(kernel, dtype), chunk_size=chunk_size)
+    y = flat * ops.exp(s)
+    if alpha is not None:
+        y = y * ops.cast(alpha, dtype)
+    return ops.reshape(y, ops.shape(x))
+
+
+def _accumulation_dtype(dtype) -> str:
+    """float32 for half-precision inputs, the input's float dtype otherwise."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float64" if dtype == "float64" else "float32"
