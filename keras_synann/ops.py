@@ -103,6 +103,9 @@ def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
     @ops.custom_gradient
     def _log_inhibition(x, kernel):
         batch = ops.shape(x)[0]
+        # The gradient is `grad` below; stop_gradient keeps tensorflow's eager
+        # tape from also recording (and holding on to) every chunk's factors.
+        x, kernel = ops.stop_gradient(x), ops.stop_gradient(kernel)
         # x_j = 0 and a zero kernel row contribute a factor of exactly 1.
         xt = ops.transpose(x)  # (n_in, batch)
         w = kernel
@@ -132,11 +135,11 @@ def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
             def backward_step(carry, inputs):
                 xk, wk = inputs
                 f = factors(xk, wk)
-                # Floored factors are constants: they pass no gradient.
-                r = ops.where(f > FACTOR_FLOOR, 1.0 / ops.maximum(f, FACTOR_FLOOR), 0.0)
-                q = r * upstream  # (chunk, batch, n_out)
+                # q = upstream / f, except where the factor was floored: there
+                # the factor is a constant and passes no gradient.
+                q = ops.where(f > FACTOR_FLOOR, upstream / f, 0.0)
                 d_w = -ops.einsum("jb,jbi->ji", xk, q)
-                d_x = -ops.einsum("jbi,ji->jb", q, wk)
+                d_x = -ops.sum(q * ops.expand_dims(wk, 1), axis=-1)
                 # The carry only mirrors the outputs' shapes (the tensorflow
                 # backend's scan requires outputs shaped like the carry).
                 return (d_w, d_x), (d_w, d_x)

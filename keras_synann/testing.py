@@ -1,0 +1,199 @@
+"""Helpers for tests and benchmarks: independent float64 NumPy references and a
+backend-native `value_and_grad`.
+
+The NumPy functions here never call keras: they restate the paper's formulas
+directly, so they can check the keras.ops implementation on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+
+def numpy_synapse_graph(x, kernel, alpha=None) -> np.ndarray:
+    """`y_i = alpha_i x_i prod_j (1 - beta_ij x_j)` per sample, in float64.
+
+    `x` is (..., n), `kernel` is (n, n) with beta_ij = kernel[j, i]. No clipping:
+    call it with x in [0, 1] and beta in [0, 1).
+    """
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    flat = x.reshape(-1, x.shape[-1])
+    # One sample at a time: the straightforward statement of the formula.
+    s = np.stack([np.log1p(-row[:, None] * kernel).sum(axis=0) for row in flat])
+    y = flat * np.exp(s)
+    if alpha is not None:
+        y = y * np.asarray(alpha, np.float64)
+    return y.reshape(x.shape)
+
+
+def numpy_synapse_graph_grads(x, kernel, upstream):
+    """Closed-form gradients of `sum(upstream * y)` for y = numpy_synapse_graph(x, W).
+
+    dy_i/dbeta_ij = -x_j y_i / (1 - beta_ij x_j)
+    dy_i/dx_j     = [i == j] y_i / x_i - beta_ij y_i / (1 - beta_ij x_j)
+
+    Returns (d_x, d_kernel) in float64, for a 2-D x with entries in (0, 1].
+    """
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    g = np.asarray(upstream, np.float64)
+    y = numpy_synapse_graph(x, kernel)
+    gy = g * y  # (b, i)
+    f = 1.0 - x[:, :, None] * kernel[None]  # (b, j, i)
+    d_kernel = -np.einsum("bi,bj,bji->ji", gy, x, 1.0 / f)
+    d_x = gy / x - np.einsum("bi,ji,bji->bj", gy, kernel, 1.0 / f)
+    return d_x, d_kernel
+
+
+def numpy_reference_code_synapse(x, kernel) -> np.ndarray:
+    """What the reference SynaNN code computes (the batch-mixing defect).
+
+    It sums the log factors over every sample of the batch, so each sample's
+    output depends on the whole batch: y_bi = x_bi * prod_{b', j} (1 - beta_ij x_b'j).
+    Equal to `numpy_synapse_graph` for a batch of one.
+    """
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    s = np.log1p(-x[:, :, None] * kernel[None]).sum(axis=(0, 1))
+    return x * np.exp(s)[None, :]
+
+
+def value_and_grad(fn: Callable, jit: bool = False) -> Callable:
+    """Backend-native `value_and_grad` of a scalar function of keras tensors.
+
+    Returns `step(*args) -> (value, grads)` differentiating with respect to
+    every argument, with backend tensors out (use `keras.ops.convert_to_numpy`).
+    `jit` compiles the step (jax.jit, tf.function(jit_compile=True)); torch
+    runs eagerly.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def jax_step(*args):
+            return jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+
+        return jax.jit(jax_step) if jit else jax_step
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def tf_step(*args):
+            with tf.GradientTape() as tape:
+                for a in args:
+                    tape.watch(a)
+                value = fn(*args)
+            return value, tuple(tape.gradient(value, list(args)))
+
+        wrapped = tf.function(tf_step, jit_compile=True) if jit else tf_step
+
+        def run(*args):
+            return wrapped(*[tf.convert_to_tensor(a) for a in args])
+
+        return run
+    if backend == "torch":
+        import torch
+
+        def torch_step(*args):
+            leaves = [
+                keras.ops.convert_to_tensor(a).detach().requires_grad_(True)
+                for a in args
+            ]
+            value = fn(*leaves)
+            grads = torch.autograd.grad(value, leaves)
+            return value.detach(), tuple(g for g in grads)
+
+        return torch_step
+    raise ValueError(
+        f"value_and_grad supports the jax, tensorflow and torch backends. Received: {backend}"
+    )
+
+
+def run_layer_test(
+    layer_cls,
+    init_kwargs: dict,
+    input_shape: tuple,
+    expected_output_shape: tuple,
+    *,
+    input_data: np.ndarray | None = None,
+    run_training: bool = True,
+    run_serialization: bool = True,
+    run_mixed_precision: bool = True,
+    tmp_dir: str | None = None,
+):
+    """Exercise a layer the way users will, through public Keras APIs only.
+
+    Checks, in order: build; a symbolic call on `keras.Input`; an eager call
+    (shape, dtype, finite values); one `fit` epoch with the backend's default
+    jit setting that changes the weights; `get_config`/`from_config` and a
+    `.keras` save/load round trip giving the same predictions (needs
+    `tmp_dir`); float16/bfloat16 mixed precision (float32 variables, output in
+    the compute dtype, close to the float32 output). Raises AssertionError.
+    """
+    rng = np.random.default_rng(0)
+    if input_data is None:
+        input_data = rng.uniform(0.05, 0.95, input_shape).astype("float32")
+
+    layer = layer_cls(**init_kwargs)
+    layer.build(input_shape)
+    assert layer.built and layer.weights, "the layer built no weights"
+
+    symbolic = layer_cls(**init_kwargs)(keras.Input(batch_shape=(None, *input_shape[1:])))
+    assert tuple(symbolic.shape) == (None, *expected_output_shape[1:]), symbolic.shape
+
+    eager = layer(input_data)
+    eager_np = keras.ops.convert_to_numpy(eager)
+    assert eager_np.shape == tuple(expected_output_shape), eager_np.shape
+    assert keras.backend.standardize_dtype(eager.dtype) == layer.compute_dtype
+    assert np.all(np.isfinite(eager_np)), "non-finite output"
+
+    def small_model(layer):
+        inputs = keras.Input(shape=input_shape[1:])
+        return keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
+
+    if run_training:
+        model = small_model(layer_cls(**init_kwargs))
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+        before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
+        targets = rng.normal(size=(input_shape[0], *expected_output_shape[1:-1], 1))
+        history = model.fit(input_data, targets, batch_size=len(input_data), epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0]), history.history
+        after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+        changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
+        assert all(changed), f"fit left some weights unchanged: {changed}"
+
+    if run_serialization:
+        config = layer.get_config()
+        clone = layer_cls.from_config(config)
+        assert clone.get_config() == config
+        revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+        assert isinstance(revived, layer_cls)
+        if tmp_dir is not None:
+            import os
+
+            model = small_model(layer_cls(**init_kwargs))
+            expected = model.predict(input_data, verbose=0)
+            path = os.path.join(tmp_dir, "layer_test.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+            np.testing.assert_allclose(loaded.predict(input_data, verbose=0), expected, rtol=1e-5, atol=1e-6)
+
+    if run_mixed_precision:
+        reference = keras.ops.convert_to_numpy(layer(input_data))
+        for policy in ("mixed_float16", "mixed_bfloat16"):
+            mixed = layer_cls(**init_kwargs, dtype=policy)
+            mixed.build(input_shape)
+            mixed.set_weights(layer.get_weights())
+            out = mixed(input_data)
+            assert keras.backend.standardize_dtype(out.dtype) == mixed.compute_dtype, (policy, out.dtype)
+            assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in mixed.weights)
+            tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),
+                reference,
+                rtol=tolerance,
+                atol=tolerance,
+            )
