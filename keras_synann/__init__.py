@@ -3,13 +3,23 @@
 Public API:
     Synapse             the fully connected synapse graph layer
     ValueRange          the clipping constraint Synapse uses for beta
+    load_legacy_model   load a tf.keras .h5 model saved with the reference layer
+    load_legacy_weights load such a file's weights into a Keras 3 model
     ops                 the math on keras.ops tensors (synapse, synapse_graph,
                         log_inhibition, surprisal helpers)
 """
 
 from keras_synann import ops
 from keras_synann.layers import Synapse, ValueRange
+from keras_synann.legacy import load_legacy_model, load_legacy_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["Synapse", "ValueRange", "ops", "__version__"]
+__all__ = [
+    "Synapse",
+    "ValueRange",
+    "load_legacy_model",
+    "load_legacy_weights",
+    "ops",
+    "__version__",
+]
