@@ -95,8 +95,7 @@ class Synapse(keras.layers.Layer):
         super().__init__(**kwargs)
         if units is not None and (not isinstance(units, int) or units <= 0):
             raise ValueError(
-                "`units` must be a positive integer or None. "
-                f"Received: units={units}"
+                f"`units` must be a positive integer or None. Received: units={units}"
             )
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(

@@ -48,7 +48,9 @@ def load_legacy_model(path, custom_objects: dict | None = None, compile: bool = 
         A Keras 3 model whose Synapse layers are `keras_synann.Synapse`.
     """
     objects = {"Synapse": Synapse, **(custom_objects or {})}
-    return keras.saving.load_model(_check_h5(path), custom_objects=objects, compile=compile)
+    return keras.saving.load_model(
+        _check_h5(path), custom_objects=objects, compile=compile
+    )
 
 
 def load_legacy_weights(model, path) -> None:

@@ -94,7 +94,9 @@ def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
     evaluated chunk by chunk, so no (batch, n_in, n_out) tensor ever exists.
     """
     if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size}")
+        raise ValueError(
+            f"`chunk_size` must be a positive integer. Received: {chunk_size}"
+        )
     n_in, n_out = kernel.shape
     chunk = min(int(chunk_size), int(n_in))
     num_chunks = math.ceil(n_in / chunk)

@@ -141,7 +141,9 @@ def run_layer_test(
     layer.build(input_shape)
     assert layer.built and layer.weights, "the layer built no weights"
 
-    symbolic = layer_cls(**init_kwargs)(keras.Input(batch_shape=(None, *input_shape[1:])))
+    symbolic = layer_cls(**init_kwargs)(
+        keras.Input(batch_shape=(None, *input_shape[1:]))
+    )
     assert tuple(symbolic.shape) == (None, *expected_output_shape[1:]), symbolic.shape
 
     eager = layer(input_data)
@@ -159,17 +161,21 @@ def run_layer_test(
         model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
         before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
         targets = rng.normal(size=(input_shape[0], *expected_output_shape[1:-1], 1))
-        history = model.fit(input_data, targets, batch_size=len(input_data), epochs=1, verbose=0)
+        history = model.fit(
+            input_data, targets, batch_size=len(input_data), epochs=1, verbose=0
+        )
         assert np.isfinite(history.history["loss"][0]), history.history
         after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
-        changed = [not np.array_equal(a, b) for a, b in zip(before, after)]
+        changed = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
         assert all(changed), f"fit left some weights unchanged: {changed}"
 
     if run_serialization:
         config = layer.get_config()
         clone = layer_cls.from_config(config)
         assert clone.get_config() == config
-        revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+        revived = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(layer)
+        )
         assert isinstance(revived, layer_cls)
         if tmp_dir is not None:
             import os
@@ -179,7 +185,9 @@ def run_layer_test(
             path = os.path.join(tmp_dir, "layer_test.keras")
             model.save(path)
             loaded = keras.saving.load_model(path)
-            np.testing.assert_allclose(loaded.predict(input_data, verbose=0), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                loaded.predict(input_data, verbose=0), expected, rtol=1e-5, atol=1e-6
+            )
 
     if run_mixed_precision:
         reference = keras.ops.convert_to_numpy(layer(input_data))
@@ -188,8 +196,14 @@ def run_layer_test(
             mixed.build(input_shape)
             mixed.set_weights(layer.get_weights())
             out = mixed(input_data)
-            assert keras.backend.standardize_dtype(out.dtype) == mixed.compute_dtype, (policy, out.dtype)
-            assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in mixed.weights)
+            assert keras.backend.standardize_dtype(out.dtype) == mixed.compute_dtype, (
+                policy,
+                out.dtype,
+            )
+            assert all(
+                keras.backend.standardize_dtype(w.dtype) == "float32"
+                for w in mixed.weights
+            )
             tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
             np.testing.assert_allclose(
                 keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),

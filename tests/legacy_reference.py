@@ -70,7 +70,9 @@ def write_legacy_files(out_dir, n=12):
     model.save_weights(out_dir / "legacy_weights.h5")
     x = np.random.default_rng(1).normal(size=(5, n)).astype("float32")
     # One sample at a time: the only batch size at which the reference is right.
-    expected = np.concatenate([model.predict(x[i : i + 1], verbose=0) for i in range(len(x))])
+    expected = np.concatenate(
+        [model.predict(x[i : i + 1], verbose=0) for i in range(len(x))]
+    )
     np.savez(out_dir / "expected.npz", x=x, y=expected)
     return x, expected
 

@@ -70,7 +70,9 @@ def test_default_initializer_and_constraint():
     layer.build((2, 50))
     kernel = keras.ops.convert_to_numpy(layer.kernel)
     assert kernel.min() >= 0.0 and kernel.max() < 0.01
-    clipped = keras.ops.convert_to_numpy(layer.kernel.constraint(np.array([-1.0, 0.5, 3.0])))
+    clipped = keras.ops.convert_to_numpy(
+        layer.kernel.constraint(np.array([-1.0, 0.5, 3.0]))
+    )
     np.testing.assert_allclose(clipped, [0.0, 0.5, 1.0 - 1e-6])
 
 
@@ -116,7 +118,9 @@ def test_wrong_rank_and_wrong_last_dimension():
         Synapse()(np.zeros((6,), "float32"))
     layer = Synapse()
     layer(np.zeros((2, 6), "float32"))
-    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 6"):
+    with pytest.raises(
+        ValueError, match="expected axis -1 of input shape to have value 6"
+    ):
         layer(np.zeros((2, 7), "float32"))
 
 

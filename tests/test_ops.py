@@ -33,7 +33,9 @@ def test_synapse_function():
 def test_surprisal_helpers():
     p = np.array([0.01, 0.3, 0.5, 0.99], "float32")
     u = -np.log(p.astype(np.float64))
-    np.testing.assert_allclose(ops.convert_to_numpy(synann_ops.surprisal(p)), u, rtol=1e-6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(synann_ops.surprisal(p)), u, rtol=1e-6
+    )
     # G is the conjugate of 1 - x: G(I(x)) = I(1 - x).
     g = ops.convert_to_numpy(synann_ops.inhibitory_surprisal(u.astype("float32")))
     np.testing.assert_allclose(g, -np.log1p(-p.astype(np.float64)), rtol=1e-5)
@@ -42,7 +44,9 @@ def test_surprisal_helpers():
     np.testing.assert_allclose(be, 1.0 / np.expm1(0.7 + u), rtol=1e-5)
     # It is the derivative of log(1 - exp(-(gamma + v))) with respect to gamma.
     h = 1e-6
-    fd = (np.log1p(-np.exp(-(0.7 + h + u))) - np.log1p(-np.exp(-(0.7 - h + u)))) / (2 * h)
+    fd = (np.log1p(-np.exp(-(0.7 + h + u))) - np.log1p(-np.exp(-(0.7 - h + u)))) / (
+        2 * h
+    )
     np.testing.assert_allclose(be, fd, rtol=1e-4)
 
 
@@ -53,7 +57,9 @@ def test_synapse_graph_matches_numpy(n, chunk_size):
     out = synann_ops.synapse_graph(x, kernel, chunk_size=chunk_size)
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     expected = numpy_synapse_graph(x, kernel)
-    np.testing.assert_allclose(ops.convert_to_numpy(out), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(out), expected, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_synapse_graph_leading_axes_and_alpha():
@@ -85,12 +91,19 @@ def test_gradients_match_closed_form(jit):
     upstream = np.random.default_rng(1).normal(size=(5, 13)).astype("float32")
 
     def loss(x, kernel):
-        return ops.sum(synann_ops.synapse_graph(x, kernel, chunk_size=4) * ops.convert_to_tensor(upstream))
+        return ops.sum(
+            synann_ops.synapse_graph(x, kernel, chunk_size=4)
+            * ops.convert_to_tensor(upstream)
+        )
 
     _, (d_x, d_kernel) = value_and_grad(loss, jit=jit)(x, kernel)
     expected_dx, expected_dk = numpy_synapse_graph_grads(x, kernel, upstream)
-    np.testing.assert_allclose(ops.convert_to_numpy(d_kernel), expected_dk, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ops.convert_to_numpy(d_x), expected_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(d_kernel), expected_dk, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(d_x), expected_dx, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_gradients_match_finite_differences():
@@ -99,7 +112,10 @@ def test_gradients_match_finite_differences():
     upstream = np.random.default_rng(2).normal(size=(3, 6))
 
     def loss(x, kernel):
-        return ops.sum(synann_ops.synapse_graph(x, kernel, chunk_size=4) * ops.convert_to_tensor(upstream))
+        return ops.sum(
+            synann_ops.synapse_graph(x, kernel, chunk_size=4)
+            * ops.convert_to_tensor(upstream)
+        )
 
     def numeric(x, kernel):
         return float((numpy_synapse_graph(x, kernel) * upstream).sum())
@@ -126,7 +142,9 @@ def test_out_of_domain_inputs_stay_finite(value):
     upstream = np.ones((4, 10), "float32")
 
     def loss(x, kernel):
-        return ops.sum(synann_ops.synapse_graph(x, kernel) * ops.convert_to_tensor(upstream))
+        return ops.sum(
+            synann_ops.synapse_graph(x, kernel) * ops.convert_to_tensor(upstream)
+        )
 
     value_out, (d_x, d_kernel) = value_and_grad(loss)(x, kernel)
     out = ops.convert_to_numpy(synann_ops.synapse_graph(x, kernel))
@@ -134,7 +152,9 @@ def test_out_of_domain_inputs_stay_finite(value):
         assert np.all(np.isfinite(array))
     # Documented behaviour: inputs are clipped to [0, 1].
     np.testing.assert_allclose(
-        out, ops.convert_to_numpy(synann_ops.synapse_graph(np.clip(x, 0, 1), kernel)), rtol=1e-6
+        out,
+        ops.convert_to_numpy(synann_ops.synapse_graph(np.clip(x, 0, 1), kernel)),
+        rtol=1e-6,
     )
     assert np.isfinite(float(ops.convert_to_numpy(value_out)))
 

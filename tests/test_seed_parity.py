@@ -35,7 +35,10 @@ def test_equal_to_reference_at_batch_size_one():
     for _ in range(5):
         x = rng.uniform(0, 1, (1, 16)).astype("float32")
         np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(ours(x)), reference(x).numpy(), rtol=1e-6, atol=1e-7
+            keras.ops.convert_to_numpy(ours(x)),
+            reference(x).numpy(),
+            rtol=1e-6,
+            atol=1e-7,
         )
 
 
@@ -49,7 +52,9 @@ def test_differs_from_reference_at_larger_batches_as_the_defect_predicts():
     ours.set_weights([kernel])
     our_out = keras.ops.convert_to_numpy(ours(x))
     # The reference sums the factors over the whole batch ...
-    np.testing.assert_allclose(reference_out, numpy_reference_code_synapse(x, kernel), rtol=1e-4)
+    np.testing.assert_allclose(
+        reference_out, numpy_reference_code_synapse(x, kernel), rtol=1e-4
+    )
     # ... we compute each sample on its own, as the paper's formula says.
     np.testing.assert_allclose(our_out, numpy_synapse_graph(x, kernel), rtol=1e-5)
     assert np.all(reference_out < our_out), "the extra factors only shrink the output"
@@ -60,7 +65,9 @@ def test_load_legacy_h5_model_and_weights(tmp_path):
     x, expected = legacy_reference.write_legacy_files(tmp_path)
     model = keras_synann.load_legacy_model(tmp_path / "legacy.h5")
     assert any(isinstance(layer, keras_synann.Synapse) for layer in model.layers)
-    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6
+    )
 
     fresh = keras.Sequential(
         [
@@ -71,7 +78,9 @@ def test_load_legacy_h5_model_and_weights(tmp_path):
         ]
     )
     keras_synann.load_legacy_weights(fresh, tmp_path / "legacy_weights.h5")
-    np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        fresh.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_legacy_loader_rejects_other_files(tmp_path):
