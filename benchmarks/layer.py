@@ -1,0 +1,255 @@
+"""Forward + backward of one Synapse layer against a Dense layer of the same shape.
+
+    python benchmarks/layer.py                      # all installed backends
+    python benchmarks/layer.py --backends jax --batch 4096 --n 1024
+
+Prints a table (backend, shape, synapse ms, dense ms, ratio, first-call s,
+peak MB, max relative error against float64 NumPy, reference-formula ms) and
+writes it as JSON. Each backend runs in its own subprocess (Keras picks its
+backend once per process); the memory figure comes from a fresh subprocess
+so that nothing else has raised its peak RSS.
+
+Timing: median of --repeats calls after two warm-up calls, jitted where the
+backend jits (jax.jit, tf.function(jit_compile=True)); torch runs eagerly.
+The loss is sum(g * y) for a fixed random g, so both layers do a full
+forward and backward to their input and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def _block(tree):
+    import keras
+
+    leaves = tree if isinstance(tree, list | tuple) else [tree]
+    for leaf in leaves:
+        if isinstance(leaf, list | tuple):
+            _block(leaf)
+        else:
+            keras.ops.convert_to_numpy(leaf)
+
+
+def _time(step, args, repeats):
+    start = time.perf_counter()
+    _block(step(*args))
+    first = time.perf_counter() - start
+    _block(step(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(step(*args))
+        times.append(time.perf_counter() - start)
+    return first, 1000 * statistics.median(times)
+
+
+def _reference_formula(x, kernel):
+    """The reference code's formula: a (batch, batch * n) ones matrix (batch-mixing)."""
+    from keras import ops
+
+    batch, n = x.shape
+    xw = ops.matmul(ops.expand_dims(x, -1) * ops.eye(n), kernel)  # diag(x) @ W
+    logs = ops.reshape(ops.log(1.0 - xw), (batch * n, n))
+    return x * ops.exp(ops.matmul(ops.ones((batch, batch * n)), logs))
+
+
+def worker(args) -> dict:
+    import keras
+    import numpy as np
+    from keras import ops
+
+    from keras_synann import ops as synann_ops
+    from keras_synann.testing import (
+        numpy_synapse_graph,
+        numpy_synapse_graph_grads,
+        value_and_grad,
+    )
+
+    rng = np.random.default_rng(0)
+    b, n = args.batch, args.n
+    x = rng.uniform(0.01, 0.99, (b, n)).astype("float32")
+    kernel = rng.uniform(0.0, 0.01, (n, n)).astype("float32")
+    bias = np.zeros(n, "float32")
+    g = ops.convert_to_tensor(rng.normal(size=(b, n)).astype("float32"))
+    x_t, k_t, b_t = (ops.convert_to_tensor(a) for a in (x, kernel, bias))
+    jit = keras.backend.backend() != "torch"
+
+    def synapse_loss(x, kernel):
+        return ops.sum(synann_ops.synapse_graph(x, kernel) * g)
+
+    def dense_loss(x, kernel, bias):
+        return ops.sum((ops.matmul(x, kernel) + bias) * g)
+
+    first, synapse_ms = _time(
+        value_and_grad(synapse_loss, jit=jit), (x_t, k_t), args.repeats
+    )
+    _, dense_ms = _time(
+        value_and_grad(dense_loss, jit=jit), (x_t, k_t, b_t), args.repeats
+    )
+
+    # Exactness on a slice of the batch against float64 NumPy (value and grads).
+    m = min(b, 16)
+    g_m = rng.normal(size=(m, n))
+    g_m_t = ops.convert_to_tensor(g_m.astype("float32"))
+    step = value_and_grad(lambda x, k: ops.sum(synann_ops.synapse_graph(x, k) * g_m_t))
+    value, (d_x, d_k) = step(ops.convert_to_tensor(x[:m]), k_t)
+    exp_dx, exp_dk = numpy_synapse_graph_grads(x[:m], kernel, g_m)
+    exp_value = float((numpy_synapse_graph(x[:m], kernel) * g_m).sum())
+
+    def rel(a, e):
+        a = ops.convert_to_numpy(a).astype(np.float64)
+        return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30))
+
+    error = max(
+        abs(float(ops.convert_to_numpy(value)) - exp_value) / abs(exp_value),
+        rel(d_x, exp_dx),
+        rel(d_k, exp_dk),
+    )
+
+    reference_ms = None
+    if args.reference:
+        ref_step = value_and_grad(
+            lambda x, k: ops.sum(_reference_formula(x, k) * g), jit=jit
+        )
+        _, reference_ms = _time(ref_step, (x_t, k_t), max(1, args.repeats // 5))
+
+    return {
+        "backend": keras.backend.backend(),
+        "batch": b,
+        "n": n,
+        "synapse_ms": round(synapse_ms, 2),
+        "dense_ms": round(dense_ms, 2),
+        "ratio": round(synapse_ms / dense_ms, 1),
+        "first_call_s": round(first, 2),
+        "max_rel_error": error,
+        "reference_ms": None if reference_ms is None else round(reference_ms, 1),
+    }
+
+
+def memory_worker(args) -> dict:
+    """Peak RSS growth (MB) of one Synapse forward + backward at (memory_batch, n)."""
+    import resource
+
+    import numpy as np
+    from keras import ops
+
+    from keras_synann import ops as synann_ops
+    from keras_synann.testing import value_and_grad
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (args.memory_batch, args.n)).astype("float32")
+    kernel = rng.uniform(0, 0.01, (args.n, args.n)).astype("float32")
+    step = value_and_grad(lambda x, k: ops.sum(synann_ops.synapse_graph(x, k)))
+    step(x[:2, :8], kernel[:8, :8])  # load the runtime's own kernels first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _block(step(x, kernel))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "peak_mb": round((after - before) / 1024, 1),
+        "memory_batch": args.memory_batch,
+    }
+
+
+def _run_worker(backend, mode, argv) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, __file__, mode, *argv], env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{backend} {mode} failed: {tail[0]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _table(rows) -> str:
+    header = (
+        "| backend | batch x n | synapse ms | dense ms | ratio | first call s "
+        "| peak MB (batch) | max rel err | reference ms |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = "-" if r["reference_ms"] is None else f"{r['reference_ms']:.0f}"
+        lines.append(
+            f"| {r['backend']} | {r['batch']} x {r['n']} | {r['synapse_ms']:.1f} "
+            f"| {r['dense_ms']:.1f} | {r['ratio']:.1f}x | {r['first_call_s']:.1f} "
+            f"| {r['peak_mb']:.0f} ({r['memory_batch']}) | {r['max_rel_error']:.1e} | {ref} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated"
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--n", type=int, default=784)
+    parser.add_argument("--memory-batch", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the reference code's formula (slow: a batch x batch*n matmul)",
+    )
+    parser.add_argument("--json", default="benchmarks/results/layer.json")
+    parser.add_argument("mode", nargs="?", default="main", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("batch", "n", "memory_batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}"
+            )
+
+    if args.mode == "worker":
+        print(json.dumps(worker(args)))
+        return 0
+    if args.mode == "memory":
+        print(json.dumps(memory_worker(args)))
+        return 0
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    passthrough = [
+        f"--batch={args.batch}",
+        f"--n={args.n}",
+        f"--memory-batch={args.memory_batch}",
+        f"--repeats={args.repeats}",
+    ] + ([] if args.reference else ["--no-reference"])
+    rows = []
+    for backend in backends:
+        if importlib.util.find_spec(backend) is None:
+            print(f"skipping {backend}: not installed", file=sys.stderr)
+            continue
+        print(f"measuring {backend} ...", file=sys.stderr, flush=True)
+        row = _run_worker(backend, "worker", passthrough)
+        row.update(_run_worker(backend, "memory", passthrough))
+        rows.append(row)
+    if not rows:
+        print("error: none of the requested backends is installed", file=sys.stderr)
+        return 1
+    print(_table(rows))
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(f"\n{machine}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
