@@ -1,20 +1,71 @@
-"""Distribution strategies, one function per backend (contract stub; see issue 3).
+"""Distribution strategies, one function per backend.
 
 `resolve(name)` returns a `Strategy`; training/mnist.py builds and compiles the
-model inside `strategy.scope()` and trains with `strategy.fit(...)`.
+model inside `strategy.scope()` and trains with `strategy.fit(...)` on in-memory
+NumPy arrays with the GLOBAL batch size.
+
+Names: "auto", "default" (one device, no strategy), "data_parallel" (jax),
+"mirrored" and "tpu" (tensorflow), "ddp" (torch). "auto" picks:
+
+- jax: `keras.distribution.DataParallel` over all devices when there is more
+  than one, else "default". Multi-process runs (multi-host TPU slices, several
+  GPU hosts) call `keras.distribution.initialize()` first; they are detected
+  from the environment only (no network, no jax backend start-up):
+  `SYNANN_MULTIHOST=1` (force; `0` forbids), `KERAS_DISTRIBUTION_NUM_PROCESSES`
+  > 1, `KERAS_DISTRIBUTION_JOB_ADDRESSES` with several addresses,
+  `MEGASCALE_NUM_SLICES` > 1, or `TPU_WORKER_HOSTNAMES` /
+  `TPU_PROCESS_ADDRESSES` naming several hosts.
+- tensorflow: `TPUStrategy` when a TPU is found (looked for only when
+  `TPU_NAME` or `COLAB_TPU_ADDR` is set or /dev/accel* or /dev/vfio/<n> exist,
+  so machines without one never wait on a metadata server), `MirroredStrategy`
+  over several GPUs, else "default". `SYNANN_TF_LOGICAL_CPUS=N` (N >= 2) splits
+  the CPU into N logical devices before TensorFlow initialises, so "mirrored"
+  (and "auto" when there are not several GPUs) runs N replicas on a CPU.
+- torch: DistributedDataParallel when started by torchrun (`WORLD_SIZE` > 1),
+  else "default". Keras 3.15 has no torch support in `keras.distribution`, so
+  `TorchDDP.fit` is a plain torch loop around the compiled model (see there).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import glob
+import math
+import os
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import keras
+import numpy as np
+
+ENV_TF_LOGICAL_CPUS = "SYNANN_TF_LOGICAL_CPUS"
+ENV_MULTIHOST = "SYNANN_MULTIHOST"
+
+NAMES = ("auto", "default", "data_parallel", "mirrored", "tpu", "ddp")
+BACKEND_NAMES = {
+    "jax": ("default", "data_parallel"),
+    "tensorflow": ("default", "mirrored", "tpu"),
+    "torch": ("default", "ddp"),
+}
+
+#: Callbacks that write files; under DDP only the chief (rank 0) runs them.
+#: A custom callback opts in with a true `chief_only` attribute.
+CHIEF_ONLY_CALLBACKS = (
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.BackupAndRestore,
+    keras.callbacks.TensorBoard,
+)
 
 
 @dataclass
 class Strategy:
-    """What training needs from a backend's distribution strategy."""
+    """What training needs from a backend's distribution strategy.
+
+    The base class is the "default" strategy: one device, plain `model.fit`.
+    """
 
     name: str  # "default", "data_parallel", "mirrored", "tpu", "ddp"
     backend: str
@@ -29,19 +80,596 @@ class Strategy:
         """Context in which to build and compile the model."""
         return contextlib.nullcontext()
 
-    def fit(self, model, x, y, *, batch_size, epochs, validation_data, callbacks,
-            initial_epoch=0, verbose="auto"):
+    def fit(
+        self,
+        model,
+        x,
+        y,
+        *,
+        batch_size,
+        epochs,
+        validation_data,
+        callbacks,
+        initial_epoch=0,
+        verbose="auto",
+    ):
         """Train like `model.fit` on in-memory arrays; returns a History."""
         return model.fit(
-            x, y, batch_size=batch_size, epochs=epochs, initial_epoch=initial_epoch,
-            validation_data=validation_data, callbacks=callbacks, verbose=verbose,
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            verbose=verbose,
         )
+
+    def evaluate(self, model, x, y, *, batch_size, verbose=0) -> dict[str, float]:
+        """Metrics of `model` on all of (x, y), the same on every process."""
+        return model.evaluate(
+            x, y, batch_size=batch_size, verbose=verbose, return_dict=True
+        )
+
+    def close(self) -> None:
+        """Release what the strategy holds (the torch process group)."""
+
+    def _check_batch(self, batch_size: int) -> None:
+        if batch_size % self.num_replicas:
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the "
+                f"{self.num_replicas} replicas of {self.name!r}."
+            )
+
+
+def _trim(arrays, multiple: int, what: str):
+    """Drop the last `len % multiple` samples (with a warning) so shards are even."""
+    arrays = tuple(arrays)
+    n = len(arrays[0])
+    extra = n % multiple
+    if not extra:
+        return arrays
+    warnings.warn(
+        f"Dropping the last {extra} of {n} {what} samples so that they split "
+        f"evenly over {multiple} replicas.",
+        stacklevel=3,
+    )
+    return tuple(a[: n - extra] for a in arrays)
+
+
+# ----------------------------------------------------------------------------
+# jax
+
+
+@dataclass
+class JaxDataParallel(Strategy):
+    """`keras.distribution.DataParallel`: the batch is split over the devices.
+
+    `scope()` sets the distribution globally (it must be set before the model
+    is built and stays set for `fit`). The global batch must be a multiple of
+    the device count; training and validation arrays are trimmed to a multiple
+    of it (at most devices - 1 samples, with a warning) because every batch,
+    the last one included, is sharded evenly. `evaluate` runs with the
+    distribution lifted, so it sees every sample.
+
+    Several processes (multi-host): each process feeds its own strided part
+    of the arrays with batch_size / process_count samples per step; Keras
+    assembles the global batch.
+    """
+
+    distribution: Any = None
+    process_index: int = 0
+    process_count: int = 1
+
+    def scope(self):
+        keras.distribution.set_distribution(self.distribution)
+        return contextlib.nullcontext()
+
+    def fit(
+        self,
+        model,
+        x,
+        y,
+        *,
+        batch_size,
+        epochs,
+        validation_data,
+        callbacks,
+        initial_epoch=0,
+        verbose="auto",
+    ):
+        self._check_batch(batch_size)
+        keras.distribution.set_distribution(self.distribution)
+        multiple = self.num_replicas
+        x, y = _trim((x, y), multiple, "training")
+        if validation_data is not None:
+            validation_data = _trim(validation_data, multiple, "validation")
+        if self.process_count > 1:
+            x, y = self._local((x, y))
+            if validation_data is not None:
+                validation_data = self._local(validation_data)
+            batch_size //= self.process_count
+        return super().fit(
+            model,
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            initial_epoch=initial_epoch,
+            verbose=verbose if self.is_chief else 0,
+        )
+
+    def _local(self, arrays):
+        return tuple(a[self.process_index :: self.process_count] for a in arrays)
+
+    def evaluate(self, model, x, y, *, batch_size, verbose=0):
+        keras.distribution.set_distribution(None)
+        try:
+            return super().evaluate(model, x, y, batch_size=batch_size, verbose=verbose)
+        finally:
+            keras.distribution.set_distribution(self.distribution)
+
+
+def _jax_multihost_requested() -> bool:
+    """Whether the environment asks for a multi-process jax run (see module doc)."""
+    forced = os.environ.get(ENV_MULTIHOST, "").strip().lower()
+    if forced:
+        return forced in ("1", "true", "yes")
+    env = os.environ
+    if int(env.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1") or 1) > 1:
+        return True
+    if int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:
+        return True
+    for key in (
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+    ):
+        if "," in env.get(key, ""):
+            return True
+    return False
+
+
+def _jax(name: str) -> Strategy:
+    import jax
+
+    if name != "default" and _jax_multihost_requested():
+        if not jax.distributed.is_initialized():
+            keras.distribution.initialize()
+    devices = keras.distribution.list_devices()
+    is_chief = jax.process_index() == 0
+    if name == "auto":
+        name = "data_parallel" if len(devices) > 1 else "default"
+    if name == "default":
+        return Strategy("default", "jax", devices[:1], is_chief=is_chief)
+    if len(devices) < 2:
+        raise ValueError(
+            f"'data_parallel' needs more than one jax device, found {len(devices)}; "
+            "use 'default' (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "simulates N)."
+        )
+    return JaxDataParallel(
+        "data_parallel",
+        "jax",
+        list(devices),
+        is_chief=is_chief,
+        distribution=keras.distribution.DataParallel(devices=devices),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+# ----------------------------------------------------------------------------
+# tensorflow
+
+
+@dataclass
+class TFStrategy(Strategy):
+    """A `tf.distribute` strategy ("mirrored" or "tpu"); fit is `model.fit`.
+
+    Keras 3.15 fails when the first batch does not split evenly over the
+    replicas, so arrays smaller than one batch are trimmed to a multiple of the
+    replica count (with a warning); larger ones are left whole.
+    """
+
+    tf_strategy: Any = None
+
+    def scope(self):
+        return self.tf_strategy.scope()
+
+    def fit(
+        self,
+        model,
+        x,
+        y,
+        *,
+        batch_size,
+        epochs,
+        validation_data,
+        callbacks,
+        initial_epoch=0,
+        verbose="auto",
+    ):
+        self._check_batch(batch_size)
+        if len(x) < batch_size:
+            x, y = _trim((x, y), self.num_replicas, "training")
+        if validation_data is not None and len(validation_data[0]) < batch_size:
+            validation_data = _trim(validation_data, self.num_replicas, "validation")
+        return super().fit(
+            model,
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            initial_epoch=initial_epoch,
+            verbose=verbose,
+        )
+
+    def evaluate(self, model, x, y, *, batch_size, verbose=0):
+        if len(x) < batch_size:
+            x, y = _trim((x, y), self.num_replicas, "evaluation")
+        return super().evaluate(model, x, y, batch_size=batch_size, verbose=verbose)
+
+
+def _tf_logical_cpus(tf) -> int:
+    """Apply SYNANN_TF_LOGICAL_CPUS; returns the number of logical CPUs asked for."""
+    raw = os.environ.get(ENV_TF_LOGICAL_CPUS, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(
+            f"{ENV_TF_LOGICAL_CPUS}={raw!r} is not valid; expected a positive integer."
+        )
+    n = int(raw)
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu) or [None]
+    if len(current) != n:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * n
+            )
+        except RuntimeError:
+            raise ValueError(
+                f"{ENV_TF_LOGICAL_CPUS}={n} came after TensorFlow initialised; "
+                "call resolve() before running any TensorFlow op."
+            ) from None
+    return n
+
+
+def _tpu_hint() -> bool:
+    """A TPU may be here: an env var names one or TPU device files exist."""
+    return bool(
+        os.environ.get("TPU_NAME")
+        or os.environ.get("COLAB_TPU_ADDR")
+        or glob.glob("/dev/accel*")
+        or glob.glob("/dev/vfio/[0-9]*")
+    )
+
+
+def _tf_tpu_strategy(tf):
+    """A connected TPUStrategy, or None (with the reason) when there is no TPU."""
+    if not _tpu_hint():
+        return None, "no TPU_NAME/COLAB_TPU_ADDR and no /dev/accel* or /dev/vfio device"
+    tpu = os.environ.get("TPU_NAME") or (
+        None if os.environ.get("COLAB_TPU_ADDR") else "local"
+    )
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver), ""
+    except Exception as err:  # any failure means: no usable TPU
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return None, first_line
+
+
+def _tensorflow(name: str) -> Strategy:
+    import tensorflow as tf
+
+    n_logical = _tf_logical_cpus(tf)
+    if name in ("auto", "tpu"):
+        tpu_strategy, why = _tf_tpu_strategy(tf)
+        if tpu_strategy is not None:
+            devices = [d.name for d in tf.config.list_logical_devices("TPU")]
+            return TFStrategy("tpu", "tensorflow", devices, tf_strategy=tpu_strategy)
+        if name == "tpu":
+            raise ValueError(f"'tpu' needs a TPU and none is usable here ({why}).")
+        if _tpu_hint():
+            warnings.warn(
+                f"No TPU after all ({why}); not using TPUStrategy.", stacklevel=3
+            )
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 or n_logical > 1 else "default"
+    if name == "mirrored":
+        devices = gpus if len(gpus) > 1 else cpus if n_logical > 1 else gpus
+        if len(devices) < 2:
+            raise ValueError(
+                f"'mirrored' needs several GPUs (found {len(gpus)}) or "
+                f"{ENV_TF_LOGICAL_CPUS}=N >= 2 logical CPUs; use 'default'."
+            )
+        strategy = tf.distribute.MirroredStrategy(devices)
+        return TFStrategy("mirrored", "tensorflow", devices, tf_strategy=strategy)
+    return Strategy("default", "tensorflow", (gpus or cpus)[:1])
+
+
+# ----------------------------------------------------------------------------
+# torch
+
+
+@dataclass
+class TorchDDP(Strategy):
+    """DistributedDataParallel, one process per device, started by torchrun.
+
+    `fit` is a plain torch loop around the compiled Keras model, the way the
+    Keras guide "distributed_training_with_torch" runs a Keras model under DDP,
+    but with the model's own loss, optimizer (its constraints included, e.g.
+    the Synapse kernel clip) and metrics:
+
+    - every step takes the same global batch on all ranks (one permutation per
+      epoch, seeded from rank 0); rank r trains on its strided share
+      (batch_size / world_size samples); an epoch's sample order is padded by
+      wrapping around, like `DistributedSampler`, so every share is equal;
+    - DDP averages the gradients during `backward()`, then each rank applies
+      them with `model.optimizer`, so the weights stay identical;
+    - metric states (totals and counts) are summed over ranks at the end of
+      each epoch, and validation (each rank a strided share, summed the same
+      way) gives the `val_` logs, so every rank sees the same epoch logs;
+    - callbacks run through `keras.callbacks.CallbackList`; on non-chief ranks
+      the file-writing ones (`CHIEF_ONLY_CALLBACKS`, or `chief_only = True`)
+      are left out and there is no progress bar. After `on_train_begin` (where
+      BackupAndRestore may restore) rank 0's weights, optimizer state and
+      initial epoch are broadcast; after each epoch rank 0's `stop_training`.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    def fit(
+        self,
+        model,
+        x,
+        y,
+        *,
+        batch_size,
+        epochs,
+        validation_data,
+        callbacks,
+        initial_epoch=0,
+        verbose="auto",
+    ):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._check_batch(batch_size)
+        local_batch = batch_size // self.world_size
+        n = len(x)
+        steps = math.ceil(n / batch_size)
+        model.to(self.device)
+        model._symbolic_build(data_batch=(x[:local_batch], y[:local_batch]))
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+
+        kept = [
+            c
+            for c in callbacks or []
+            if self.is_chief
+            or not (isinstance(c, CHIEF_ONLY_CALLBACKS) or getattr(c, "chief_only", 0))
+        ]
+        verbose = verbose if self.is_chief else 0
+        callback_list = keras.callbacks.CallbackList(
+            kept,
+            add_history=True,
+            add_progbar=verbose != 0,
+            verbose=verbose,
+            epochs=epochs,
+            steps=steps,
+            model=model,
+        )
+        model.stop_training = False
+        callback_list.on_train_begin()
+        initial_epoch = getattr(model, "_initial_epoch", None) or initial_epoch
+        initial_epoch = int(self._broadcast_scalar(initial_epoch))
+        self._broadcast_variables(model)
+        # NumPy's global generator: keras.utils.set_random_seed seeds it.
+        seed = np.random.randint(2**31 - 1)  # noqa: NPY002
+        seed = int(self._broadcast_scalar(seed))
+        ddp = DistributedDataParallel(
+            model, device_ids=[self.local_rank] if self.device != "cpu" else None
+        )
+
+        epoch_logs: dict[str, float] = {}
+        for epoch in range(initial_epoch, epochs):
+            model.reset_metrics()
+            callback_list.on_epoch_begin(epoch)
+            model.train()
+            order = np.random.default_rng([seed, epoch]).permutation(n)
+            order = np.concatenate([order, order[: (-n) % self.world_size]])
+            for step in range(steps):
+                callback_list.on_train_batch_begin(step)
+                part = order[step * batch_size : (step + 1) * batch_size]
+                part = part[self.rank :: self.world_size]
+                logs = self._train_step(ddp, model, x[part], y[part])
+                callback_list.on_train_batch_end(step, logs)
+            epoch_logs = self._reduced_metrics(model)
+            model.eval()
+            if validation_data is not None:
+                val_logs = self._validate(model, validation_data, local_batch)
+                epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            callback_list.on_epoch_end(epoch, epoch_logs)
+            model.stop_training = bool(self._broadcast_scalar(model.stop_training))
+            if model.stop_training:
+                break
+        if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
+            model.optimizer.finalize_variable_values(model.trainable_weights)
+        callback_list.on_train_end(logs=epoch_logs)
+        del ddp
+        return model.history
+
+    def _tensor(self, array):
+        import torch
+
+        return torch.as_tensor(np.asarray(array), device=self.device)
+
+    def _train_step(self, ddp, model, x, y) -> dict:
+        """One step on this rank's share; DDP averages gradients in backward()."""
+        import torch
+
+        x, y = self._tensor(x), self._tensor(y)
+        y_pred = ddp(x, training=True)
+        model.zero_grad()
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        model._loss_tracker.update_state(loss, sample_weight=x.shape[0])
+        loss = model.optimizer.scale_loss(loss)
+        loss.backward()
+        variables = model.trainable_variables
+        with torch.no_grad():
+            model.optimizer.apply([v.value.grad for v in variables], variables)
+        return model.compute_metrics(x, y, y_pred, sample_weight=None)
+
+    def _validate(self, model, data, local_batch: int) -> dict[str, float]:
+        import torch
+
+        model.reset_metrics()
+        xv, yv = (a[self.rank :: self.world_size] for a in data[:2])
+        with torch.no_grad():
+            for start in range(0, len(xv), local_batch):
+                x = self._tensor(xv[start : start + local_batch])
+                y = self._tensor(yv[start : start + local_batch])
+                y_pred = model(x, training=False)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+                model._loss_tracker.update_state(loss, sample_weight=x.shape[0])
+                model.compute_metrics(x, y, y_pred, sample_weight=None)
+        return self._reduced_metrics(model)
+
+    def _reduced_metrics(self, model) -> dict[str, float]:
+        """Sum every metric state over ranks (all Keras built-ins are sums)."""
+        import torch
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for metric in model.metrics:
+                for variable in metric.variables:
+                    value = variable.value.detach().clone()
+                    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+                    variable.assign(value)
+        return {
+            k: float(keras.ops.convert_to_numpy(v))
+            for k, v in model.get_metrics_result().items()
+        }
+
+    def _broadcast_scalar(self, value) -> float:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor.item()
+
+    def _broadcast_variables(self, model) -> None:
+        """Copy rank 0's model and optimizer variables to every rank."""
+        import torch
+        import torch.distributed as dist
+
+        variables = list(model.variables)
+        if model.optimizer is not None:
+            variables += list(model.optimizer.variables)
+        with torch.no_grad():
+            for variable in variables:
+                value = variable.value.detach().clone()
+                dist.broadcast(value, src=0)
+                variable.assign(value)
+
+    def evaluate(self, model, x, y, *, batch_size, verbose=0):
+        """Every rank evaluates all of (x, y) (the weights are the same)."""
+        return super().evaluate(
+            model, x, y, batch_size=batch_size, verbose=verbose if self.is_chief else 0
+        )
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _torch_device_name(torch) -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu:0"
+
+
+def _torch(name: str) -> Strategy:
+    import torch
+
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", "1") or 1)
+    if name == "auto":
+        name = "ddp" if world_size > 1 else "default"
+    if name == "default":
+        return Strategy("default", "torch", [_torch_device_name(torch)])
+    missing = [
+        k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env
+    ]
+    if world_size < 2 or missing:
+        raise ValueError(
+            "'ddp' needs several processes started by torchrun "
+            f"(WORLD_SIZE={world_size}, missing {missing or 'nothing'}); run "
+            "torchrun --nproc_per_node=N training/mnist.py ..., or use 'default'."
+        )
+    import torch.distributed as dist
+
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"'ddp' LOCAL_RANK {local_rank} has no GPU "
+                f"({torch.cuda.device_count()} visible); use --nproc_per_node <= that."
+            )
+        torch.cuda.set_device(local_rank)  # Keras's "cuda" device follows this
+        backend, device, kind = "nccl", f"cuda:{local_rank}", "cuda"
+    else:
+        backend, device, kind = "gloo", "cpu", "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    strategy = TorchDDP(
+        "ddp",
+        "torch",
+        [f"{kind}:{r}" for r in range(world_size)],
+        is_chief=rank == 0,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        device=device,
+    )
+    atexit.register(strategy.close)  # the CLI may also call close() itself
+    return strategy
+
+
+# ----------------------------------------------------------------------------
+
+
+_RESOLVERS = {"jax": _jax, "tensorflow": _tensorflow, "torch": _torch}
 
 
 def resolve(name: str = "auto") -> Strategy:
     """The strategy called `name` ("auto" picks the best one available)."""
-    if name not in ("auto", "default"):
+    backend = keras.backend.backend()
+    if name not in NAMES:
         raise ValueError(
-            f"Unknown distribution {name!r}; this build supports 'auto' and 'default'."
+            f"Unknown distribution {name!r}; accepted: auto, default, data_parallel "
+            "(jax), mirrored, tpu (tensorflow), ddp (torch)."
         )
-    return Strategy("default", keras.backend.backend(), ["cpu:0"])
+    allowed = BACKEND_NAMES.get(backend, ("default",))
+    if name != "auto" and name not in allowed:
+        raise ValueError(
+            f"Distribution {name!r} does not run on the {backend} backend; "
+            f"accepted there: auto, {', '.join(allowed)}."
+        )
+    if backend not in _RESOLVERS:
+        return Strategy("default", backend, ["cpu:0"])
+    return _RESOLVERS[backend](name)
