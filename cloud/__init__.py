@@ -1,0 +1,1 @@
+"""Run training/mnist.py on Cloud TPU slices through the gcloud CLI."""

@@ -1,0 +1,212 @@
+"""Input checks for Cloud TPU runs, done before any gcloud command.
+
+Every check raises `ValueError` with one line: what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BACKENDS = ("jax", "tensorflow")
+PROVISIONING = ("on-demand", "spot", "reserved")
+
+# Per TPU generation: what the number in "<generation>-<N>" counts, how many of
+# them one host (TPU VM) holds in a multi-host slice, and the default runtime
+# version (from /work/shared/FACTS.md). Assumptions, used for messages and input
+# checks only (gcloud has the final word):
+# - v2, v3, v4, v5p: N counts TensorCores, 2 per chip, 4 chips per host, so 8 per
+#   host: v4-8 and v5p-8 are single-host, v4-32 has 4 hosts.
+# - v5litepod (v5e), v6e: N counts chips; -1, -4 and -8 are single-host, larger
+#   slices (-16 and up, powers of two) have 4 chips per host: v5litepod-32 has 8.
+GENERATIONS: dict[str, tuple[str, int, str]] = {
+    "v2": ("TensorCores", 8, "tpu-ubuntu2204-base"),
+    "v3": ("TensorCores", 8, "tpu-ubuntu2204-base"),
+    "v4": ("TensorCores", 8, "tpu-ubuntu2204-base"),
+    "v5p": ("TensorCores", 8, "v2-alpha-tpuv5"),
+    "v5litepod": ("chips", 4, "v2-alpha-tpuv5-lite"),
+    "v6e": ("chips", 4, "v2-alpha-tpuv6e"),
+}
+SINGLE_HOST_CHIP_COUNTS = (1, 4, 8)
+
+_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+_PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_ACCELERATOR = re.compile(r"([a-z0-9]+)-([0-9]+)")
+_RUNTIME = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+_EXTRA = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_DURATION = re.compile(r"(?:[0-9]+[smhd])+|[0-9]+")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """A parsed accelerator type such as v5litepod-8."""
+
+    name: str
+    generation: str
+    count: int
+    hosts: int
+
+    @property
+    def multi_host(self) -> bool:
+        return self.hosts > 1
+
+    def describe(self) -> str:
+        unit = GENERATIONS[self.generation][0]
+        hosts = "1 host" if self.hosts == 1 else f"{self.hosts} hosts"
+        return f"{self.name} ({self.count} {unit}, {hosts})"
+
+
+def tpu_name(value: str) -> str:
+    """A TPU (and queued resource) name, per GCP resource naming rules."""
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"TPU name {value!r} is not valid; use 1-63 lowercase letters, digits or "
+            "hyphens, starting with a letter and not ending with a hyphen"
+        )
+    return value
+
+
+def zone(value: str) -> str:
+    if not _ZONE.fullmatch(value):
+        raise ValueError(
+            f"zone {value!r} is not valid; expected REGION-ZONE such as "
+            "us-central2-b, us-west4-a or europe-west4-a"
+        )
+    return value
+
+
+def project(value: str) -> str:
+    if not _PROJECT.fullmatch(value):
+        raise ValueError(
+            f"project {value!r} is not a valid project ID; expected 6-30 lowercase "
+            "letters, digits or hyphens, starting with a letter"
+        )
+    return value
+
+
+def accelerator(value: str) -> Accelerator:
+    """Parse and check an accelerator type; the host count is for messages only."""
+    known = ", ".join(f"{g}-N" for g in GENERATIONS)
+    match = _ACCELERATOR.fullmatch(value)
+    if not match or match.group(1) not in GENERATIONS:
+        raise ValueError(
+            f"accelerator type {value!r} is not valid; expected one of {known}, "
+            "e.g. v5litepod-8, v4-32, v6e-8, v5p-8"
+        )
+    generation, count = match.group(1), int(match.group(2))
+    unit, per_host, _ = GENERATIONS[generation]
+    if unit == "TensorCores":
+        if count < 8 or count % 8:
+            raise ValueError(
+                f"accelerator type {value!r} is not valid; {generation}-N counts "
+                "TensorCores, N is a multiple of 8 (8 per host), e.g. "
+                f"{generation}-8, {generation}-32"
+            )
+        hosts = count // 8
+    else:
+        power_of_two = count & (count - 1) == 0
+        if not (count in SINGLE_HOST_CHIP_COUNTS or (count >= 16 and power_of_two)):
+            raise ValueError(
+                f"accelerator type {value!r} is not valid; {generation}-N counts "
+                "chips, N is 1, 4, 8 (one host) or a power of two from 16 "
+                f"({per_host} chips per host), e.g. {generation}-8, {generation}-32"
+            )
+        hosts = 1 if count in SINGLE_HOST_CHIP_COUNTS else count // per_host
+    return Accelerator(value, generation, count, hosts)
+
+
+def default_runtime(acc: Accelerator) -> str:
+    return GENERATIONS[acc.generation][2]
+
+
+def runtime_version(value: str, acc: Accelerator) -> str:
+    """A runtime version; a known default of another TPU generation is refused."""
+    if not _RUNTIME.fullmatch(value):
+        raise ValueError(
+            f"runtime version {value!r} is not valid; expected lowercase letters, "
+            f"digits, dots and hyphens, e.g. {default_runtime(acc)}"
+        )
+    for generation, (_, _, runtime) in GENERATIONS.items():
+        if value == runtime != default_runtime(acc):
+            raise ValueError(
+                f"runtime version {value!r} is for {generation}, not {acc.name}; "
+                f"use {default_runtime(acc)} (the default) or another runtime for "
+                f"{acc.generation}"
+            )
+    return value
+
+
+def backend(value: str) -> str:
+    if value not in BACKENDS:
+        hint = " (torch on TPU needs torch_xla, which this tool does not set up)"
+        raise ValueError(
+            f"backend {value!r} is not supported on Cloud TPU; use "
+            f"{' or '.join(BACKENDS)}" + (hint if value == "torch" else "")
+        )
+    return value
+
+
+def extra(value: str) -> str:
+    """A package extra installed on the workers besides the backend's."""
+    if not _EXTRA.fullmatch(value):
+        raise ValueError(
+            f"package extra {value!r} is not valid; use a name from pyproject.toml's "
+            "[project.optional-dependencies], e.g. tfds"
+        )
+    return value
+
+
+def duration(value: str) -> int:
+    """Seconds in a duration such as 90, 90s, 30m, 2h or 1h30m (must be > 0)."""
+    text = value.strip().lower()
+    if not _DURATION.fullmatch(text):
+        raise ValueError(
+            f"duration {value!r} is not valid; use seconds or units s, m, h, d, "
+            "e.g. 600, 30m, 2h, 1h30m"
+        )
+    if text.isdigit():
+        seconds = int(text)
+    else:
+        parts = re.findall(r"([0-9]+)([smhd])", text)
+        seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be longer than 0 seconds")
+    return seconds
+
+
+def poll_interval(value: str) -> float:
+    """Seconds between readiness checks (0 allowed, for tests)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"poll interval {value!r} is not valid; use seconds >= 0")
+    return seconds
+
+
+def local_path(value: str, what: str) -> str:
+    """A local path gcloud scp will not mistake for INSTANCE:PATH or a flag."""
+    if not value or ":" in value or "\n" in value:
+        raise ValueError(
+            f"{what} {value!r} is not usable; gcloud scp reads ':' as INSTANCE:PATH, "
+            "use a path without ':' or newlines"
+        )
+    if value.startswith("-"):
+        return "./" + value
+    return value
+
+
+def train_args(args: list[str]) -> list[str]:
+    """Training arguments; the tool sets --output-dir itself."""
+    for arg in args:
+        if arg == "--output-dir" or arg.startswith("--output-dir="):
+            raise ValueError(
+                "do not pass --output-dir to training/mnist.py; give submit "
+                "--output-dir LOCAL_DIR, the tool sets the remote one"
+            )
+        if "\x00" in arg:
+            raise ValueError("training arguments cannot contain NUL characters")
+    return list(args)

@@ -1,0 +1,144 @@
+"""Pure functions that build gcloud argv lists for Cloud TPU (nothing runs here).
+
+The lists go to subprocess as argv, never through a local shell. Remote paths are
+relative to the remote user's home directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GCLOUD = "gcloud"
+QR = ["compute", "tpus", "queued-resources"]
+VM = ["compute", "tpus", "tpu-vm"]
+
+REMOTE_TARBALL = "synann_src.tar.gz"
+REMOTE_DIR = "synann_run"  # src/ (the code), output/, logs/worker-N.log
+
+QR_STATE = "value(state.state)"  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, ...
+VM_STATE = "value(state)"  # CREATING, READY, ...
+NAME_ONLY = "value(name)"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a TPU lives; `queued` says whether it comes from a queued resource."""
+
+    name: str
+    zone: str
+    project: str | None = None
+    queued: bool = True
+
+    def where(self) -> list[str]:
+        flags = [f"--zone={self.zone}"]
+        if self.project:
+            flags.append(f"--project={self.project}")
+        return flags
+
+
+def _provisioning(provisioning: str) -> list[str]:
+    return {"on-demand": [], "spot": ["--spot"], "reserved": ["--reserved"]}[
+        provisioning
+    ]
+
+
+def create(
+    t: Target,
+    accelerator_type: str,
+    runtime_version: str,
+    provisioning: str = "on-demand",
+    valid_for_s: int | None = None,
+) -> list[str]:
+    """Create a queued resource (one node named like it) or a plain TPU VM.
+
+    A queued resource request expires after `valid_for_s`; a TPU VM is created
+    with --async and the caller waits with `describe`.
+    """
+    if t.queued:
+        argv = [GCLOUD, *QR, "create", t.name, f"--node-id={t.name}", *t.where()]
+        argv += [
+            f"--accelerator-type={accelerator_type}",
+            f"--runtime-version={runtime_version}",
+            *_provisioning(provisioning),
+        ]
+        if valid_for_s:
+            argv.append(f"--valid-until-duration={valid_for_s}s")
+        return argv + ["--quiet"]
+    return [
+        GCLOUD,
+        *VM,
+        "create",
+        t.name,
+        *t.where(),
+        f"--accelerator-type={accelerator_type}",
+        f"--version={runtime_version}",
+        *_provisioning(provisioning),
+        "--async",
+        "--quiet",
+    ]
+
+
+def describe(t: Target, fmt: str | None = None) -> list[str]:
+    """Describe the queued resource (or the TPU VM), optionally in a --format."""
+    argv = [GCLOUD, *(QR if t.queued else VM), "describe", t.name, *t.where()]
+    return argv + ([f"--format={fmt}"] if fmt else [])
+
+
+def describe_vm(t: Target, fmt: str | None = None) -> list[str]:
+    """Describe the TPU VM node itself, whatever created it."""
+    argv = [GCLOUD, *VM, "describe", t.name, *t.where()]
+    return argv + ([f"--format={fmt}"] if fmt else [])
+
+
+def ready_state(t: Target) -> str:
+    return "ACTIVE" if t.queued else "READY"
+
+
+def scp_to_all(t: Target, local: str, remote: str) -> list[str]:
+    """Copy a local file to `remote` on every worker."""
+    return [
+        GCLOUD,
+        *VM,
+        "scp",
+        local,
+        f"{t.name}:{remote}",
+        *t.where(),
+        "--worker=all",
+        "--quiet",
+    ]
+
+
+def scp_back(t: Target, remote: str, local_dir: str, worker: str = "0") -> list[str]:
+    """Copy the remote directory `remote` into the existing local directory."""
+    return [
+        GCLOUD,
+        *VM,
+        "scp",
+        "--recurse",
+        f"{t.name}:{remote}",
+        local_dir,
+        *t.where(),
+        f"--worker={worker}",
+        "--quiet",
+    ]
+
+
+def ssh(t: Target, command: str, worker: str = "all") -> list[str]:
+    """Run the remote shell string `command` on one worker or on all at once."""
+    return [
+        GCLOUD,
+        *VM,
+        "ssh",
+        t.name,
+        *t.where(),
+        f"--worker={worker}",
+        f"--command={command}",
+        "--quiet",
+    ]
+
+
+def delete(t: Target) -> list[str]:
+    """Delete the queued resource with its TPU (--force), or the TPU VM."""
+    if t.queued:
+        return [GCLOUD, *QR, "delete", t.name, *t.where(), "--force", "--quiet"]
+    return [GCLOUD, *VM, "delete", t.name, *t.where(), "--quiet"]

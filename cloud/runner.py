@@ -1,0 +1,130 @@
+"""Run gcloud argv lists (never through a shell) and turn signals into exceptions.
+
+SIGINT and SIGTERM stop the running command and raise `Interrupted`, so the
+caller's cleanup runs. During cleanup (`protect()`), commands run in their own
+session, out of reach of a terminal's Ctrl-C; the first signal only warns, a
+second one abandons the cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import subprocess
+import sys
+
+
+class Interrupted(Exception):
+    """A signal asked the tool to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def say(message: str) -> None:
+    print(f"[tpu] {message}", file=sys.stderr, flush=True)
+
+
+class Runner:
+    """Runs one command at a time and stops it when a signal arrives."""
+
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+        self.cleaning = False
+        self.warned = False
+
+    # -- signals ---------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self.cleaning and not self.warned:
+            self.warned = True
+            say(
+                "cleanup in progress, please wait; "
+                "send the signal again to abandon it (the TPU may keep running)"
+            )
+            return
+        self._terminate()
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def handle_signals(self):
+        """Install the SIGINT/SIGTERM handlers for the duration of the block."""
+        old = {s: signal.signal(s, self._on_signal) for s in _SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def protect(self):
+        """Cleanup mode: commands run in their own session; one signal warns."""
+        self.cleaning, self.warned = True, False
+        try:
+            yield self
+        finally:
+            self.cleaning = False
+
+    # -- processes -------------------------------------------------------------
+    def _terminate(self):
+        # Only sends the signal: waiting here could deadlock inside Popen.wait.
+        child = self.child
+        if child is not None and child.poll() is None:
+            with contextlib.suppress(OSError):
+                child.terminate()
+
+    def _reap(self):
+        child, self.child = self.child, None
+        if child is None or child.poll() is not None:
+            return
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        capture: bool = False,
+        echo: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[int, str, str]:
+        """Run argv; returns (exit code, stdout, stderr), output captured or not.
+
+        Without `capture` the command writes straight to this process's stdout
+        and stderr (live streaming). A missing program gives 127, a timeout 124.
+        """
+        if echo:
+            say("$ " + shlex.join(argv))
+        pipe = subprocess.PIPE if capture else None
+        try:
+            self.child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=pipe,
+                stderr=pipe,
+                text=True,
+                start_new_session=self.cleaning,
+            )
+        except OSError as error:
+            say(f"cannot run {argv[0]}: {error.strerror}")
+            return 127, "", ""
+        try:
+            out, err = self.child.communicate(timeout=timeout)
+            return self.child.returncode, out or "", err or ""
+        except subprocess.TimeoutExpired:
+            say(f"{argv[0]} did not finish within {timeout:.0f}s; stopped it")
+            return 124, "", ""
+        finally:
+            self._reap()
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
