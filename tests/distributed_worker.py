@@ -3,7 +3,8 @@
 Run by tests/test_distribute.py in a subprocess (or under torchrun), with the
 environment that gives the wanted devices:
 
-    python tests/distributed_worker.py NAME [--out DIR] [--epochs E] [--batch B]
+    python tests/distributed_worker.py NAME [--out DIR] [--epochs E]
+        [--initial-epoch I] [--batch B]
 
 The chief prints one line, `RESULT {...}`: strategy name, devices, replica
 count, the history, the final validation accuracy, whether tensorflow was
@@ -68,11 +69,13 @@ def main() -> None:
     with strategy.scope():
         model = build_model()
     callbacks = []
-    if args.out:
+    if args.out:  # one folder per rank, to see which ranks wrote files
+        out = os.path.join(args.out, "rank" + os.environ.get("RANK", "0"))
+        os.makedirs(out, exist_ok=True)
         callbacks = [
-            keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv")),
+            keras.callbacks.CSVLogger(os.path.join(out, "log.csv")),
             keras.callbacks.ModelCheckpoint(
-                os.path.join(args.out, "m.weights.h5"), save_weights_only=True
+                os.path.join(out, "m.weights.h5"), save_weights_only=True
             ),
         ]
     history = strategy.fit(

@@ -1,0 +1,241 @@
+"""training/distribute.py: name checks, and 1 vs several devices per backend.
+
+Multi-device runs happen in subprocesses (tests/distributed_worker.py) whose
+environment gives the devices before the backend starts: jax with 4 simulated
+CPU devices, tensorflow with 2 logical CPUs under MirroredStrategy, torch with
+2 gloo processes under torchrun. Each backend's tests run only under that
+backend, so a jax or torch test process never imports tensorflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from training import distribute
+
+BACKEND = keras.backend.backend()
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# Same global batch and seed on 1 and on N devices: the final validation
+# accuracies must agree this closely (jax and tensorflow agree to float noise;
+# torch DDP shuffles differently from model.fit, so only within noise).
+ACCURACY_TOLERANCE = 0.04
+# Epochs 1..3 of 4: each run trains 3 epochs and must honour initial_epoch.
+WORKER_ARGS = ["--epochs", "4", "--initial-epoch", "1"]
+
+only = {
+    name: pytest.mark.skipif(BACKEND != name, reason=f"{name} backend only")
+    for name in ("jax", "tensorflow", "torch")
+}
+
+
+def run_worker(args: list[str], env: dict[str, str], launcher=()) -> dict:
+    """Run the worker (optionally under a launcher) and parse its RESULT line."""
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", distribute.ENV_TF_LOGICAL_CPUS, "WORLD_SIZE")
+    }
+    full_env.update(
+        KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", **env
+    )
+    command = [sys.executable, *launcher, str(WORKER), *args, *WORKER_ARGS]
+    proc = subprocess.run(
+        command, env=full_env, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def assert_parity(single: dict, multi: dict, replicas: int) -> None:
+    assert single["num_replicas"] == 1
+    assert multi["num_replicas"] == replicas == len(multi["devices"])
+    assert single["epochs_run"] == multi["epochs_run"] == [1, 2, 3]
+    acc_1 = single["history"]["val_accuracy"][-1]
+    acc_n = multi["history"]["val_accuracy"][-1]
+    assert acc_1 > 0.8, single["history"]  # it learned something
+    assert abs(acc_1 - acc_n) <= ACCURACY_TOLERANCE, (acc_1, acc_n)
+    assert multi["evaluation"]["accuracy"] == pytest.approx(acc_n, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Names and small pieces (every backend)
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="Unknown distribution 'nccl'"):
+        distribute.resolve("nccl")
+
+
+def test_name_of_another_backend():
+    other = {"jax": "mirrored", "tensorflow": "ddp", "torch": "data_parallel"}
+    with pytest.raises(ValueError, match=f"does not run on the {BACKEND} backend"):
+        distribute.resolve(other.get(BACKEND, "ddp"))
+
+
+def test_default_is_one_device():
+    strategy = distribute.resolve("default")
+    assert (strategy.name, strategy.backend) == ("default", BACKEND)
+    assert strategy.num_replicas == 1 and strategy.is_chief
+
+
+def test_global_batch_must_split_over_replicas():
+    strategy = distribute.JaxDataParallel("data_parallel", "jax", ["cpu:0"] * 4)
+    with pytest.raises(ValueError, match="multiple of the 4 replicas"):
+        strategy.fit(
+            None,
+            np.zeros((8, 2)),
+            np.zeros(8),
+            batch_size=30,
+            epochs=1,
+            validation_data=None,
+            callbacks=[],
+        )
+
+
+def test_trim_drops_the_remainder_with_a_warning():
+    x, y = np.arange(10), np.arange(10)
+    with pytest.warns(UserWarning, match="last 2 of 10"):
+        tx, ty = distribute._trim((x, y), 4, "training")
+    assert len(tx) == len(ty) == 8
+    assert distribute._trim((x[:8], y[:8]), 4, "training")[0] is not None
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, False),
+        ({"SYNANN_MULTIHOST": "1"}, True),
+        ({"SYNANN_MULTIHOST": "0", "KERAS_DISTRIBUTION_NUM_PROCESSES": "4"}, False),
+        ({"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, True),
+        ({"KERAS_DISTRIBUTION_NUM_PROCESSES": "1"}, False),
+        ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1,10.0.0.2:1"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+        ({"MEGASCALE_NUM_SLICES": "2"}, True),
+    ],
+)
+def test_jax_multihost_detection(monkeypatch, env, expected):
+    for key in (
+        "SYNANN_MULTIHOST",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES",
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "MEGASCALE_NUM_SLICES",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distribute._jax_multihost_requested() is expected
+
+
+# ----------------------------------------------------------------------------
+# jax
+
+
+@only["jax"]
+def test_jax_resolve_on_one_device():
+    import jax
+
+    if len(jax.devices()) > 1:
+        pytest.skip("this process already has several jax devices")
+    assert distribute.resolve("auto").name == "default"
+    with pytest.raises(ValueError, match="'data_parallel' needs more than one"):
+        distribute.resolve("data_parallel")
+
+
+@only["jax"]
+def test_jax_data_parallel_matches_one_device():
+    single = run_worker(["default"], {})
+    flags = "--xla_force_host_platform_device_count=4"
+    multi = run_worker(["auto"], {"XLA_FLAGS": flags})
+    assert multi["name"] == "data_parallel"
+    assert multi["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    assert not multi["tensorflow_imported"]
+    assert_parity(single, multi, 4)
+    # The same computation, split 4 ways: equal up to float summation order.
+    assert multi["weights_sum"] == pytest.approx(single["weights_sum"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# tensorflow
+
+
+@only["tensorflow"]
+def test_tensorflow_resolve_errors(monkeypatch):
+    monkeypatch.delenv(distribute.ENV_TF_LOGICAL_CPUS, raising=False)
+    if distribute._tpu_hint():
+        pytest.skip("this machine may have a TPU")
+    with pytest.raises(ValueError, match="'tpu' needs a TPU"):
+        distribute.resolve("tpu")
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("GPU")) < 2:
+        with pytest.raises(ValueError, match="'mirrored' needs several GPUs"):
+            distribute.resolve("mirrored")
+        assert distribute.resolve("auto").name == "default"
+
+
+@only["tensorflow"]
+def test_tensorflow_logical_cpus_value_is_checked(monkeypatch):
+    monkeypatch.setenv(distribute.ENV_TF_LOGICAL_CPUS, "two")
+    with pytest.raises(ValueError, match="expected a positive integer"):
+        distribute.resolve("auto")
+
+
+@only["tensorflow"]
+def test_tensorflow_mirrored_matches_one_device():
+    single = run_worker(["default"], {})
+    multi = run_worker(["auto"], {distribute.ENV_TF_LOGICAL_CPUS: "2"})
+    assert multi["name"] == "mirrored"
+    assert_parity(single, multi, 2)
+    assert multi["weights_sum"] == pytest.approx(single["weights_sum"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# torch
+
+
+@only["torch"]
+def test_torch_resolve_without_torchrun(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert distribute.resolve("auto").name == "default"
+    with pytest.raises(ValueError, match="'ddp' needs several processes"):
+        distribute.resolve("ddp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="missing \\['RANK'"):
+        distribute.resolve("ddp")
+
+
+@only["torch"]
+def test_torch_ddp_matches_one_device(tmp_path):
+    single = run_worker(["default"], {})
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    multi = run_worker(["auto", "--out", str(tmp_path)], {}, launcher=torchrun)
+    assert multi["name"] == "ddp"
+    assert multi["devices"] == ["cpu:0", "cpu:1"]
+    assert not multi["tensorflow_imported"]
+    assert_parity(single, multi, 2)
+    # Both ranks end with the same weights and the same (all-reduced) logs.
+    ranks = multi["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    # Only the chief ran the file-writing callbacks.
+    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == [
+        "log.csv",
+        "m.weights.h5",
+    ]
+    assert not any((tmp_path / "rank1").iterdir())
+    csv = (tmp_path / "rank0" / "log.csv").read_text().splitlines()
+    assert csv[0].startswith("epoch") and len(csv) == 4
