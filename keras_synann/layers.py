@@ -63,6 +63,8 @@ class Synapse(keras.layers.Layer):
         zero_diagonal: fix beta_ii = 0 (no self-inhibition, as the paper
             allows). The diagonal of the kernel is then ignored.
         chunk_size: input units processed at once (memory/speed trade-off).
+        implementation: "auto", "ops" or "torch"; see
+            `keras_synann.ops.log_inhibition`. All give the same results.
         **kwargs: base layer keywords (`name`, `dtype`, `trainable`, ...).
 
     Input shape: `(..., n)`. Output shape: `(..., n)`, of the compute dtype;
@@ -80,6 +82,7 @@ class Synapse(keras.layers.Layer):
         alpha_constraint="default",
         zero_diagonal: bool = False,
         chunk_size: int = synann_ops.DEFAULT_CHUNK_SIZE,
+        implementation: str = "auto",
         **kwargs,
     ):
         output_dim = kwargs.pop("output_dim", None)
@@ -115,7 +118,13 @@ class Synapse(keras.layers.Layer):
             alpha_constraint = ValueRange(1e-6, 1e6)
         self.alpha_constraint = constraints.get(alpha_constraint)
         self.zero_diagonal = bool(zero_diagonal)
+        if implementation not in ("auto", "ops", "torch"):
+            raise ValueError(
+                "`implementation` must be 'auto', 'ops' or 'torch'. "
+                f"Received: implementation={implementation!r}"
+            )
         self.chunk_size = chunk_size
+        self.implementation = implementation
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -164,7 +173,11 @@ class Synapse(keras.layers.Layer):
     def call(self, inputs):
         alpha = None if self.alpha is None else ops.convert_to_tensor(self.alpha)
         y = synann_ops.synapse_graph(
-            inputs, self._effective_kernel(), alpha=alpha, chunk_size=self.chunk_size
+            inputs,
+            self._effective_kernel(),
+            alpha=alpha,
+            chunk_size=self.chunk_size,
+            implementation=self.implementation,
         )
         return ops.cast(y, self.compute_dtype)
 
@@ -184,5 +197,6 @@ class Synapse(keras.layers.Layer):
             "alpha_constraint": constraints.serialize(self.alpha_constraint),
             "zero_diagonal": self.zero_diagonal,
             "chunk_size": self.chunk_size,
+            "implementation": self.implementation,
         }
         return {**base_config, **config}

@@ -74,13 +74,19 @@ def log_inhibition_reference(x, kernel):
     return ops.sum(ops.log(ops.maximum(1.0 - t, FACTOR_FLOOR)), axis=-2)
 
 
-def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def log_inhibition(
+    x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE, implementation: str = "auto"
+):
     """Per-sample log inhibition `s_i = sum_j log(1 - beta_ij * x_j)`.
 
     Args:
         x: a (batch, n_in) float tensor (the inhibitory inputs x_j).
         kernel: an (n_in, n_out) float tensor W with beta_ij = W[j, i].
         chunk_size: input units per chunk; memory is O(chunk * batch * n_out).
+        implementation: "ops" (keras.ops, every backend), "torch" (a torch
+            kernel with reused buffers, torch backend only) or "auto" (the
+            torch kernel under torch, keras.ops elsewhere). Both give the
+            same values and gradients.
 
     Returns:
         A (batch, n_out) tensor. Each factor is floored at `FACTOR_FLOOR`.
@@ -97,8 +103,25 @@ def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
         raise ValueError(
             f"`chunk_size` must be a positive integer. Received: {chunk_size}"
         )
+    backend = keras.backend.backend()
+    if implementation not in ("auto", "ops", "torch"):
+        raise ValueError(
+            "`implementation` must be 'auto', 'ops' or 'torch'. "
+            f"Received: implementation={implementation!r}"
+        )
+    if implementation == "torch" and backend != "torch":
+        raise ValueError(
+            "implementation='torch' needs the torch backend. "
+            f"Received: implementation='torch' with backend {backend!r}"
+        )
     n_in, n_out = kernel.shape
     chunk = min(int(chunk_size), int(n_in))
+    if implementation == "torch" or (implementation == "auto" and backend == "torch"):
+        from keras_synann import _torch_kernel
+
+        return _torch_kernel.log_inhibition(
+            x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
+        )
     num_chunks = math.ceil(n_in / chunk)
     pad = num_chunks * chunk - n_in
 
@@ -160,7 +183,13 @@ def log_inhibition(x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE):
     return _log_inhibition(x, kernel)
 
 
-def synapse_graph(x, kernel, alpha=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def synapse_graph(
+    x,
+    kernel,
+    alpha=None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    implementation: str = "auto",
+):
     """The fully connected synapse graph, per sample over the last axis.
 
         y_i = alpha_i * x_i * prod_j (1 - beta_ij * x_j),   beta_ij = W[j, i]
@@ -173,7 +202,7 @@ def synapse_graph(x, kernel, alpha=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
             finite output.
         kernel: an (n, n) tensor W (beta in [0, 1) for the paper's domain).
         alpha: optional (n,) tensor of per-output excitation scales.
-        chunk_size: see `log_inhibition`.
+        chunk_size, implementation: see `log_inhibition`.
 
     Returns:
         A (..., n) tensor of the dtype of the computation (float32 or wider;
@@ -185,7 +214,12 @@ def synapse_graph(x, kernel, alpha=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     dtype = _accumulation_dtype(x.dtype)
     flat = ops.reshape(ops.cast(x, dtype), (-1, n))
     flat = ops.clip(flat, 0.0, 1.0)
-    s = log_inhibition(flat, ops.cast(kernel, dtype), chunk_size=chunk_size)
+    s = log_inhibition(
+        flat,
+        ops.cast(kernel, dtype),
+        chunk_size=chunk_size,
+        implementation=implementation,
+    )
     y = flat * ops.exp(s)
     if alpha is not None:
         y = y * ops.cast(alpha, dtype)

@@ -173,6 +173,37 @@ def test_underflowing_product_gives_zero_output_and_finite_gradient():
     assert np.all(np.isfinite(ops.convert_to_numpy(d_kernel)))
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch kernel")
+@pytest.mark.parametrize("shape", [(5, 13), (33, 40)])
+def test_torch_kernel_matches_keras_ops_path(shape):
+    x, kernel = _data(*shape, beta_max=0.99)
+    x[0, :3] = 1.0
+    kernel[:2, :] = 1.0  # floored factors: no gradient through them
+    upstream = np.random.default_rng(4).normal(size=shape).astype("float32")
+    results = {}
+    for implementation in ("ops", "torch"):
+
+        def loss(x, kernel, implementation=implementation):
+            out = synann_ops.synapse_graph(
+                x, kernel, chunk_size=6, implementation=implementation
+            )
+            return ops.sum(out * ops.convert_to_tensor(upstream))
+
+        value, grads = value_and_grad(loss)(x, kernel)
+        results[implementation] = [ops.convert_to_numpy(a) for a in (value, *grads)]
+    for ours, reference in zip(results["torch"], results["ops"], strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_implementation_argument():
+    x, kernel = _data(2, 3)
+    with pytest.raises(ValueError, match="implementation='fused'"):
+        synann_ops.log_inhibition(x, kernel, implementation="fused")
+    if keras.backend.backend() != "torch":
+        with pytest.raises(ValueError, match="needs the torch backend"):
+            synann_ops.log_inhibition(x, kernel, implementation="torch")
+
+
 def test_bad_chunk_size():
     x, kernel = _data(2, 3)
     with pytest.raises(ValueError, match="chunk_size"):

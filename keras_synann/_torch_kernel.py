@@ -1,0 +1,77 @@
+"""A torch kernel for `keras_synann.ops.log_inhibition` (torch backend only).
+
+Same math and chunking as the keras.ops path, written with preallocated
+buffers and in-place torch ops: eager torch cannot fuse the keras.ops
+formulation, so each chunk there allocates several fresh (chunk, batch, n)
+temporaries; here one buffer per role is reused across chunks. That makes it
+faster and keeps memory at O(chunk * batch * n_out), without the heap
+fragmentation that many same-sized short-lived tensors cause under glibc.
+
+    s[b, i] = sum_j log(max(1 - W[j, i] x[b, j], floor))
+    ds/dW[j, i] = -x[b, j] / f[b, j, i],  ds/dx[b, j] = -W[j, i] / f[b, j, i]
+    (0 where the factor f was floored)
+
+keras_synann.ops.log_inhibition dispatches here under the torch backend;
+tests check it against the keras.ops path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _factors(xt, kernel, start, stop, out):
+    """out[:c] = 1 - x[:, j] * W[j, :] for j in [start, stop), shape (c, batch, n_out)."""
+    f = out[: stop - start]
+    torch.mul(xt[start:stop, :, None], kernel[start:stop, None, :], out=f)
+    return f.neg_().add_(1.0)
+
+
+class _LogInhibition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, chunk, floor, product_floor):
+        n_in = x.shape[1]
+        xt = x.detach().t()
+        kernel_d = kernel.detach()
+        total = x.new_zeros((x.shape[0], kernel.shape[1]))
+        buffer = x.new_empty((chunk, x.shape[0], kernel.shape[1]))
+        partial = torch.empty_like(total)
+        for start in range(0, n_in, chunk):
+            stop = min(start + chunk, n_in)
+            f = _factors(xt, kernel_d, start, stop, buffer).clamp_min_(floor)
+            torch.prod(f, dim=0, out=partial)
+            total.add_(partial.clamp_min_(product_floor).log_())
+        ctx.save_for_backward(x, kernel)
+        ctx.chunk, ctx.floor = chunk, floor
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, upstream):
+        x, kernel = ctx.saved_tensors
+        chunk, floor = ctx.chunk, ctx.floor
+        batch, n_in = x.shape
+        n_out = kernel.shape[1]
+        xt = x.t()
+        d_w = torch.empty_like(kernel)
+        d_xt = x.new_empty((n_in, batch))
+        factors = x.new_empty((chunk, batch, n_out))
+        q = torch.empty_like(factors)
+        floored = torch.empty(factors.shape, dtype=torch.bool, device=x.device)
+        for start in range(0, n_in, chunk):
+            stop = min(start + chunk, n_in)
+            c = stop - start
+            f = _factors(xt, kernel, start, stop, factors)
+            torch.le(f, floor, out=floored[:c])
+            qc = torch.div(upstream, f, out=q[:c]).masked_fill_(floored[:c], 0.0)
+            # d_w[j, i] = -sum_b x[b, j] q[j, b, i]
+            torch.bmm(xt[start:stop, None, :], qc, out=d_w[start:stop, None, :])
+            # d_x[b, j] = -sum_i q[j, b, i] W[j, i]   (reuses the factors buffer)
+            torch.mul(qc, kernel[start:stop, None, :], out=f)
+            torch.sum(f, dim=-1, out=d_xt[start:stop])
+        return d_xt.t().neg_(), d_w.neg_(), None, None, None
+
+
+def log_inhibition(x, kernel, chunk: int, floor: float, product_floor: float):
+    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for torch tensors."""
+    return _LogInhibition.apply(x, kernel, chunk, floor, product_floor)
