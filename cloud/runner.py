@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 
 class Interrupted(Exception):
@@ -35,7 +36,7 @@ class Runner:
     """Runs one command at a time and stops it when a signal arrives."""
 
     def __init__(self):
-        self.child: subprocess.Popen | None = None
+        self.children: list[subprocess.Popen] = []
         self.cleaning = False
         self.warned = False
 
@@ -72,22 +73,40 @@ class Runner:
 
     # -- processes -------------------------------------------------------------
     def _terminate(self):
-        # Only sends the signal: waiting here could deadlock inside Popen.wait.
-        child = self.child
-        if child is not None and child.poll() is None:
-            with contextlib.suppress(OSError):
-                child.terminate()
+        # Only sends signals: waiting here could deadlock inside Popen.wait.
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(OSError):
+                    child.terminate()
 
     def _reap(self):
-        child, self.child = self.child, None
-        if child is None or child.poll() is not None:
-            return
-        child.terminate()
+        children, self.children = self.children, []
+        for child in children:
+            if child.poll() is not None:
+                continue
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _start(self, argv, capture):
+        pipe = subprocess.PIPE if capture else None
         try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=pipe,
+                stderr=pipe,
+                text=True,
+                start_new_session=self.cleaning,
+            )
+        except OSError as error:
+            say(f"cannot run {argv[0]}: {error.strerror}")
+            return None
+        self.children.append(child)
+        return child
 
     def run(
         self,
@@ -104,27 +123,43 @@ class Runner:
         """
         if echo:
             say("$ " + shlex.join(argv))
-        pipe = subprocess.PIPE if capture else None
         try:
-            self.child = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=pipe,
-                stderr=pipe,
-                text=True,
-                start_new_session=self.cleaning,
-            )
-        except OSError as error:
-            say(f"cannot run {argv[0]}: {error.strerror}")
-            return 127, "", ""
-        try:
-            out, err = self.child.communicate(timeout=timeout)
-            return self.child.returncode, out or "", err or ""
+            child = self._start(argv, capture)
+            if child is None:
+                return 127, "", ""
+            out, err = child.communicate(timeout=timeout)
+            return child.returncode, out or "", err or ""
         except subprocess.TimeoutExpired:
             say(f"{argv[0]} did not finish within {timeout:.0f}s; stopped it")
             return 124, "", ""
         finally:
             self._reap()
+
+    def run_parallel(
+        self, commands: list[list[str]], *, batch: int = 8, timeout: float = 300
+    ) -> list[int]:
+        """Run commands `batch` at a time (output not captured); their exit codes."""
+        codes = []
+        for first in range(0, len(commands), batch):
+            group = commands[first : first + batch]
+            try:
+                children = []
+                for argv in group:
+                    say("$ " + shlex.join(argv))
+                    children.append(self._start(argv, capture=False))
+                deadline = time.monotonic() + timeout
+                for child in children:
+                    if child is None:
+                        codes.append(127)
+                        continue
+                    try:
+                        left = max(0.0, deadline - time.monotonic())
+                        codes.append(child.wait(timeout=left))
+                    except subprocess.TimeoutExpired:
+                        codes.append(124)
+            finally:
+                self._reap()
+        return codes
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)

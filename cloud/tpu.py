@@ -87,6 +87,11 @@ class Submission:
                 )
             )
         state = gcloud.QR_STATE if t.queued else gcloud.VM_STATE
+        hosts = (
+            "the single host"
+            if self.acc.hosts == 1
+            else f"all {self.acc.hosts} hosts at once"
+        )
         install = remote.install_command(self.backend, self.python, self.extras)
         run = remote.run_command(
             self.backend, self.train_args, self.python, self.run_timeout_s
@@ -125,8 +130,7 @@ class Submission:
             ),
             Step(
                 "run",
-                f"train on all {self.acc.hosts} worker(s) at once, "
-                "streaming worker 0's log",
+                f"train on {hosts}, streaming worker 0's log",
                 gcloud.ssh(t, run),
                 run,
             ),
@@ -144,15 +148,19 @@ class Submission:
     def wait_s(self) -> int | None:
         return self.wait_timeout_s if self.target.queued else None
 
-    def logs_step(self) -> Step:
-        return Step(
-            "logs",
-            f"copy every worker's log into {self.output_dir}/logs (once training "
-            "has started, also after a failure)",
-            gcloud.scp_back(
-                self.target, f"{gcloud.REMOTE_DIR}/logs", self.output_dir, "all"
-            ),
-        )
+    def logs_steps(self) -> list[Step]:
+        """One copy per worker: gcloud scp cannot copy from several at once."""
+        return [
+            Step(
+                "logs",
+                f"copy worker {w}'s log into {self.output_dir}/logs (in parallel; "
+                "once training has started, also after a failure)",
+                gcloud.scp_back(
+                    self.target, f"{gcloud.REMOTE_DIR}/logs", self.output_dir, str(w)
+                ),
+            )
+            for w in range(self.acc.hosts)
+        ]
 
     def delete_step(self) -> Step:
         return Step(
@@ -232,7 +240,7 @@ def print_plan(sub: Submission) -> None:
             print(f"#    on the workers: {step.remote}")
         if step.argv:
             print(shlex.join(step.argv))
-    for step in (sub.logs_step(), sub.delete_step()):
+    for step in [*sub.logs_steps(), sub.delete_step()]:
         if step.name == "delete" and sub.keep:
             print("# --keep: the TPU is left running (and billing); delete it with:")
             print("# " + shlex.join(step.argv))
@@ -350,10 +358,12 @@ def _finish(sub: Submission, runner: Runner, code, created, started) -> int:
     try:
         with runner.protect():
             if started:
-                say(f"logs: {sub.logs_step().about}")
-                rc, _, _ = runner.run(sub.logs_step().argv, timeout=LOGS_TIMEOUT_S)
-                if rc != 0:
-                    say(f"could not copy the logs (gcloud exit code {rc})")
+                say(f"logs: copy every worker's log into {sub.output_dir}/logs")
+                argvs = [step.argv for step in sub.logs_steps()]
+                codes = runner.run_parallel(argvs, timeout=LOGS_TIMEOUT_S)
+                missing = [str(w) for w, rc in enumerate(codes) if rc != 0]
+                if missing:
+                    say(f"could not copy the logs of worker(s) {', '.join(missing)}")
             if not created:
                 return code
             if sub.keep:

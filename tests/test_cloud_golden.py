@@ -1,0 +1,77 @@
+"""Golden tests: the exact gcloud command sequence `submit --dry-run` prints.
+
+Regenerate after an intended change with UPDATE_GOLDEN=1 and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cloud import tpu
+
+GOLDEN = Path(__file__).parent / "golden" / "cloud"
+
+CASES = {
+    "single_host": [
+        "--name=synann-v5e",
+        "--zone=us-west4-a",
+        "--accelerator-type=v5litepod-8",
+        "--",
+        "--epochs",
+        "3",
+    ],
+    "multi_host": [
+        "--name=synann-v4",
+        "--zone=us-central2-b",
+        "--project=my-project",
+        "--accelerator-type=v4-32",
+        "--provisioning=spot",
+        "--wait-timeout=2h",
+        "--",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "1024",
+    ],
+    "tensorflow": [
+        "--name=synann-tf",
+        "--zone=us-west4-a",
+        "--accelerator-type=v5litepod-8",
+        "--backend=tensorflow",
+        "--tpu-vm",
+        "--provisioning=reserved",
+        "--",
+        "--epochs",
+        "1",
+    ],
+    "keep": [
+        "--name=synann-v6e",
+        "--zone=us-east5-b",
+        "--accelerator-type=v6e-8",
+        "--keep",
+        "--run-timeout=3h",
+        "--extra=tfds",
+        "--output-dir=runs/keep test",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dry_run_matches_golden(case, tmp_path, monkeypatch, capsys):
+    (tmp_path / "src" / "training").mkdir(parents=True)
+    (tmp_path / "src" / "training" / "mnist.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    args = CASES[case]
+    cut = args.index("--") if "--" in args else len(args)
+    argv = ["submit", *args[:cut], "--source=src", "--dry-run", *args[cut:]]
+    assert tpu.main(argv) == 0
+    printed = capsys.readouterr().out
+    golden = GOLDEN / f"{case}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(printed)
+    assert printed == golden.read_text()
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
