@@ -8,7 +8,7 @@ environment that gives the wanted devices:
 
 The chief prints one line, `RESULT {...}`: strategy name, devices, replica
 count, the history, the final validation accuracy, whether tensorflow was
-imported by `resolve()`, and (for DDP) what each rank ran.
+imported by `resolve()`, predictions, and (for DDP) what each rank ran.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def main() -> None:
         verbose=0,
     )
     evaluation = strategy.evaluate(model, xv, yv, batch_size=args.batch)
+    predictions = strategy.predict(model, xv, batch_size=args.batch)
+    small = strategy.predict(model, xv[:29], batch_size=args.batch)  # odd, < batch
     weights_sum = float(sum(np.abs(w).sum() for w in model.get_weights()))
     result = {
         "name": strategy.name,
@@ -101,6 +103,8 @@ def main() -> None:
         "epochs_run": list(history.epoch),
         "evaluation": {k: float(v) for k, v in evaluation.items()},
         "weights_sum": weights_sum,
+        "predict_accuracy": float(np.mean(np.argmax(predictions, axis=1) == yv)),
+        "predict_small_matches": bool(np.allclose(small, predictions[:29], atol=1e-5)),
         "tensorflow_imported": tf_imported,
     }
     if strategy.name == "ddp":

@@ -63,7 +63,11 @@ def assert_parity(single: dict, multi: dict, replicas: int) -> None:
     acc_n = multi["history"]["val_accuracy"][-1]
     assert acc_1 > 0.8, single["history"]  # it learned something
     assert abs(acc_1 - acc_n) <= ACCURACY_TOLERANCE, (acc_1, acc_n)
-    assert multi["evaluation"]["accuracy"] == pytest.approx(acc_n, abs=1e-6)
+    for result in (single, multi):
+        accuracy = result["history"]["val_accuracy"][-1]
+        assert result["evaluation"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert result["predict_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert result["predict_small_matches"]
 
 
 # ----------------------------------------------------------------------------

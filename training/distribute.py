@@ -111,6 +111,10 @@ class Strategy:
             x, y, batch_size=batch_size, verbose=verbose, return_dict=True
         )
 
+    def predict(self, model, x, *, batch_size, verbose=0) -> np.ndarray:
+        """`model.predict` on all of x, the same on every process."""
+        return model.predict(x, batch_size=batch_size, verbose=verbose)
+
     def close(self) -> None:
         """Release what the strategy holds (the torch process group)."""
 
@@ -149,8 +153,9 @@ class JaxDataParallel(Strategy):
     is built and stays set for `fit`). The global batch must be a multiple of
     the device count; training and validation arrays are trimmed to a multiple
     of it (at most devices - 1 samples, with a warning) because every batch,
-    the last one included, is sharded evenly. `evaluate` runs with the
-    distribution lifted, so it sees every sample.
+    the last one included, is sharded evenly. `evaluate` and `predict` run
+    with the distribution lifted (weights stay replicated), so they see every
+    sample.
 
     Several processes (multi-host): each process feeds its own strided part
     of the arrays with batch_size / process_count samples per step; Keras
@@ -204,12 +209,27 @@ class JaxDataParallel(Strategy):
     def _local(self, arrays):
         return tuple(a[self.process_index :: self.process_count] for a in arrays)
 
-    def evaluate(self, model, x, y, *, batch_size, verbose=0):
+    @contextlib.contextmanager
+    def _undistributed(self):
+        """Lift the distribution: batches of any size, on replicated weights."""
+        if self.process_count > 1:
+            raise ValueError(
+                "evaluate/predict with several jax processes is not supported here; "
+                "accepted: single-process runs (or model.evaluate on even shards)."
+            )
         keras.distribution.set_distribution(None)
         try:
-            return super().evaluate(model, x, y, batch_size=batch_size, verbose=verbose)
+            yield
         finally:
             keras.distribution.set_distribution(self.distribution)
+
+    def evaluate(self, model, x, y, *, batch_size, verbose=0):
+        with self._undistributed():
+            return super().evaluate(model, x, y, batch_size=batch_size, verbose=verbose)
+
+    def predict(self, model, x, *, batch_size, verbose=0):
+        with self._undistributed():
+            return super().predict(model, x, batch_size=batch_size, verbose=verbose)
 
 
 def _jax_multihost_requested() -> bool:
@@ -271,7 +291,8 @@ class TFStrategy(Strategy):
 
     Keras 3.15 fails when the first batch does not split evenly over the
     replicas, so arrays smaller than one batch are trimmed to a multiple of the
-    replica count (with a warning); larger ones are left whole.
+    replica count (with a warning; `predict` pads instead and drops the extra
+    predictions); larger ones are left whole.
     """
 
     tf_strategy: Any = None
@@ -313,6 +334,13 @@ class TFStrategy(Strategy):
         if len(x) < batch_size:
             x, y = _trim((x, y), self.num_replicas, "evaluation")
         return super().evaluate(model, x, y, batch_size=batch_size, verbose=verbose)
+
+    def predict(self, model, x, *, batch_size, verbose=0):
+        n = len(x)
+        pad = (-n) % self.num_replicas if n < batch_size else 0
+        if pad:  # repeat the first samples, then drop their predictions
+            x = np.concatenate([x, x[:pad]])
+        return super().predict(model, x, batch_size=batch_size, verbose=verbose)[:n]
 
 
 def _tf_logical_cpus(tf) -> int:
@@ -591,6 +619,11 @@ class TorchDDP(Strategy):
         return super().evaluate(
             model, x, y, batch_size=batch_size, verbose=verbose if self.is_chief else 0
         )
+
+    def predict(self, model, x, *, batch_size, verbose=0):
+        """Every rank predicts all of x (the weights are the same)."""
+        verbose = verbose if self.is_chief else 0
+        return super().predict(model, x, batch_size=batch_size, verbose=verbose)
 
     def close(self) -> None:
         import torch.distributed as dist
