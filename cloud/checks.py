@@ -199,6 +199,19 @@ def local_path(value: str, what: str) -> str:
     return value
 
 
+def env_var(value: str) -> tuple[str, str]:
+    """A KEY=VALUE pair for the training process on the workers."""
+    key, sep, val = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise ValueError(
+            f"--env {value!r} is not valid; use KEY=VALUE with KEY made of letters, "
+            "digits and underscores, e.g. XLA_FLAGS=--xla_dump_to=/tmp/xla"
+        )
+    if key == "KERAS_BACKEND":
+        raise ValueError("--env cannot set KERAS_BACKEND; use --backend")
+    return key, val
+
+
 def train_args(args: list[str]) -> list[str]:
     """Training arguments; the tool sets --output-dir itself."""
     for arg in args:

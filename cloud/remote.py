@@ -60,13 +60,19 @@ def run_command(
     train_args: list[str],
     python: str = "python3",
     timeout_s: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Run training on this worker; log to ~/synann_run/logs/worker-N.log.
 
     Worker 0 also writes the log to stdout (streamed by gcloud); the others only
-    to their file. The exit status is the training script's (124 on timeout).
+    to their file. `env` adds environment variables (names must be identifiers).
+    The exit status is the training script's (124 on timeout).
     """
     train = [f"KERAS_BACKEND={q(backend)}", "PYTHONUNBUFFERED=1"]
+    for key, value in (env or {}).items():
+        if not key.isidentifier() or not key.isascii():
+            raise ValueError(f"environment variable name {key!r} is not valid")
+        train.append(f"{key}={q(value)}")
     if timeout_s:
         train += ["timeout", "--signal=TERM", str(int(timeout_s))]
     train += [q(python), "training/mnist.py", *(q(a) for a in train_args)]

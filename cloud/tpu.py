@@ -63,6 +63,14 @@ class Submission:
     run_timeout_s: int | None
     keep: bool
     train_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run_env(self) -> dict[str, str]:
+        """Worker environment: multi-host jax runs must join one jax cluster."""
+        env = {}
+        if self.backend == "jax" and self.acc.multi_host:
+            env["SYNANN_MULTIHOST"] = "1"  # see training/distribute.py
+        return {**env, **self.env}
 
     @property
     def tarball(self) -> str:
@@ -94,7 +102,11 @@ class Submission:
         )
         install = remote.install_command(self.backend, self.python, self.extras)
         run = remote.run_command(
-            self.backend, self.train_args, self.python, self.run_timeout_s
+            self.backend,
+            self.train_args,
+            self.python,
+            self.run_timeout_s,
+            self.run_env(),
         )
         return [
             *free,
@@ -228,6 +240,7 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
         run_timeout_s=checks.duration(args.run_timeout) if args.run_timeout else None,
         keep=args.keep,
         train_args=checks.train_args(train_args),
+        env=dict(checks.env_var(e) for e in args.env),
     )
 
 
@@ -555,7 +568,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="another package extra to install on the workers, e.g. tfds",
     )
     p.add_argument(
-        "--python", default="python3", help="interpreter on the workers (python3)"
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for training on every worker (repeatable; "
+        "printed, so not for secrets)",
+    )
+    p.add_argument(
+        "--python",
+        default="python3",
+        help="interpreter on the workers (default python3; an absolute path for a "
+        "virtual environment)",
     )
     p.add_argument(
         "--keep",

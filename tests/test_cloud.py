@@ -348,7 +348,8 @@ FAKE_PYTHON = """\
 #!/bin/sh
 # stands in for python3 on a worker: records its argv, one JSON string per line
 "{python}" -c 'import json, os, sys
-print(json.dumps([os.environ["KERAS_BACKEND"]] + sys.argv[1:]))' "$@" > "$ARGV_OUT"
+e = os.environ
+print(json.dumps([e["KERAS_BACKEND"], e.get("MY_VAR")] + sys.argv[1:]))' "$@" > "$ARGV_OUT"
 echo "trained"
 """
 
@@ -377,11 +378,13 @@ def run_remote(tmp_path, command, worker):
 
 @pytest.mark.parametrize("worker", [0, 3])
 def test_hostile_training_args_reach_python_intact(tmp_path, worker):
-    command = remote.run_command("jax", HOSTILE)
+    hostile_env = {"MY_VAR": "x; touch pwned $(touch pwned) 'q'"}
+    command = remote.run_command("jax", HOSTILE, env=hostile_env)
     result = run_remote(tmp_path, command, worker)
     assert result.returncode == 0, result.stderr
     argv = json.loads((tmp_path / "argv.json").read_text())
-    assert argv == ["jax", "training/mnist.py", *HOSTILE, "--output-dir", "../output"]
+    assert argv[:2] == ["jax", hostile_env["MY_VAR"]]
+    assert argv[2:] == ["training/mnist.py", *HOSTILE, "--output-dir", "../output"]
     assert not list(tmp_path.rglob("pwned"))
     log = tmp_path / f"home/synann_run/logs/worker-{worker}.log"
     assert log.read_text() == "trained\n"
@@ -419,6 +422,9 @@ def test_remote_values_are_quoted():
         (["--wait-timeout", "soon"], "duration"),
         (["--runtime-version", "v2-alpha-tpuv6e"], "is for v6e"),
         (["--", "--output-dir", "x"], "--output-dir"),
+        (["--env", "A B=1"], "--env"),
+        (["--env", "NOVALUE"], "--env"),
+        (["--env", "KERAS_BACKEND=torch"], "--backend"),
     ],
 )
 def test_hostile_or_bad_inputs_are_refused(tmp_path, source, capsys, args, message):

@@ -55,6 +55,7 @@ CASES = {
         "--run-timeout=3h",
         "--extra=tfds",
         "--output-dir=runs/keep test",
+        "--env=XLA_FLAGS=--xla_dump_to=/tmp/x y",
     ],
 }
 
