@@ -49,6 +49,8 @@ class Runner:
                 "send the signal again to abandon it (the TPU may keep running)"
             )
             return
+        # Cleanup starts now: from here on, one more signal only warns.
+        self.cleaning = True
         self._terminate()
         raise Interrupted(signum)
 
@@ -65,11 +67,11 @@ class Runner:
     @contextlib.contextmanager
     def protect(self):
         """Cleanup mode: commands run in their own session; one signal warns."""
-        self.cleaning, self.warned = True, False
+        self.cleaning = True
         try:
             yield self
         finally:
-            self.cleaning = False
+            self.cleaning, self.warned = False, False
 
     # -- processes -------------------------------------------------------------
     def _terminate(self):

@@ -53,7 +53,9 @@ if s == os.environ.get("FAKE_GCLOUD_FAIL"):
     print(f"ERROR: fake failure at {{s}}", file=sys.stderr)
     sys.exit(1)
 if s == os.environ.get("FAKE_GCLOUD_SIGNAL_AT"):
-    os.kill(os.getppid(), getattr(signal, os.environ["FAKE_GCLOUD_SIGNAL"]))
+    for _ in range(int(os.environ.get("FAKE_GCLOUD_SIGNAL_COUNT", "1"))):
+        os.kill(os.getppid(), getattr(signal, os.environ["FAKE_GCLOUD_SIGNAL"]))
+        time.sleep(0.2)
     time.sleep(float(os.environ.get("FAKE_GCLOUD_SLEEP", "30")))
     sys.exit(0 if s == "delete" else 1)
 if s == "exists":
@@ -277,6 +279,20 @@ def test_one_signal_during_delete_does_not_stop_it(tmp_path, source, fake):
     assert result.returncode == 0, result.stderr
     assert "cleanup in progress" in result.stderr
     assert "deleted synann-test" in result.stderr
+
+
+def test_second_signal_abandons_cleanup_and_says_how(tmp_path, source, fake):
+    env = {
+        "FAKE_GCLOUD_SIGNAL_AT": "delete",
+        "FAKE_GCLOUD_SIGNAL": "SIGINT",
+        "FAKE_GCLOUD_SIGNAL_COUNT": "2",
+    }
+    start = time.monotonic()
+    result = submit(tmp_path, source, env=env)
+    assert time.monotonic() - start < 20
+    assert result.returncode == 130
+    assert "cleanup abandoned" in result.stderr
+    assert "queued-resources delete synann-test" in result.stderr.splitlines()[-1]
 
 
 def test_keep_skips_delete_and_prints_it(tmp_path, source, fake):
