@@ -256,7 +256,8 @@ def _jax(name: str) -> Strategy:
     import jax
 
     if name != "default" and _jax_multihost_requested():
-        if not jax.distributed.is_initialized():
+        is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+        if not is_initialized():
             keras.distribution.initialize()
     devices = keras.distribution.list_devices()
     is_chief = jax.process_index() == 0
@@ -452,7 +453,11 @@ class TorchDDP(Strategy):
       the file-writing ones (`CHIEF_ONLY_CALLBACKS`, or `chief_only = True`)
       are left out and there is no progress bar. After `on_train_begin` (where
       BackupAndRestore may restore) rank 0's weights, optimizer state and
-      initial epoch are broadcast; after each epoch rank 0's `stop_training`.
+      initial epoch are broadcast; after each epoch rank 0's `stop_training`
+      (so a stop asked for mid-epoch takes effect at the epoch's end).
+
+    Like Keras's own torch trainer it uses `model._symbolic_build` and
+    `model._loss_tracker`. `devices` has one entry per process.
     """
 
     rank: int = 0
