@@ -111,6 +111,11 @@ class Submission:
         return [
             *free,
             Step(
+                "pack",
+                f"pack {_shown(self.source)} into {self.tarball} (local; without "
+                ".git, caches, build outputs, runs/; with training/data/)",
+            ),
+            Step(
                 "create",
                 f"create {kind} {t.name}: {self.acc.describe()}, {self.provisioning},"
                 f" runtime {self.runtime}",
@@ -123,11 +128,6 @@ class Submission:
                 f"wait until it is {gcloud.ready_state(t)} (a check every "
                 f"{self.poll_s:g}s, at most {_hms(self.wait_timeout_s)})",
                 gcloud.describe(t, state),
-            ),
-            Step(
-                "pack",
-                f"pack {_shown(self.source)} into {self.tarball} (local; without "
-                ".git, caches, build outputs, runs/; with training/data/)",
             ),
             Step(
                 "copy",
@@ -214,11 +214,14 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
     default_dir = f"runs/{target.name}"
     output_dir = checks.local_path(args.output_dir or default_dir, "--output-dir")
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"--output-dir {output_dir} already exists and is not an empty "
-            "directory; choose a new one so old results cannot pass for new ones"
-        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file; give a directory")
+    for old in ("output", "logs"):
+        if (out / old).exists():
+            raise ValueError(
+                f"--output-dir {output_dir} already holds {old}/ from an earlier run; "
+                "choose a new directory so old results cannot pass for new ones"
+            )
     source = Path(args.source or REPO_ROOT)
     if not (source / "training" / "mnist.py").is_file():
         raise ValueError(

@@ -327,11 +327,10 @@ def test_bad_input_never_calls_gcloud(tmp_path, source, fake):
 
 
 def test_output_dir_must_be_new(tmp_path, source, fake):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "metrics.json").write_text("{}")
+    (tmp_path / "out" / "output").mkdir(parents=True)
     result = submit(tmp_path, source)
     assert result.returncode == 2 and fake() == []
-    assert "already exists" in result.stderr
+    assert "already holds output/ from an earlier run" in result.stderr
 
 
 def test_runs_as_a_script_too(tmp_path, source, fake):
