@@ -33,7 +33,7 @@ def say(message: str) -> None:
 
 
 class Runner:
-    """Runs one command at a time and stops it when a signal arrives."""
+    """Runs commands (one, or a batch in parallel); stops them on a signal."""
 
     def __init__(self):
         self.children: list[subprocess.Popen] = []

@@ -406,7 +406,7 @@ def cmd_submit(args, train_args: list[str]) -> int:
     if sub.backend == "tensorflow" and sub.acc.multi_host:
         say(
             "note: tensorflow on a multi-host slice relies on the training script's "
-            "TPUStrategy setup for pods; jax is the tested multi-host path"
+            "TPUStrategy setup for pods; jax is the main multi-host path"
         )
     if args.dry_run:
         print_plan(sub)
