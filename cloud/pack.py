@@ -40,6 +40,10 @@ SKIP_PATTERNS = (
     "*.pem",
     "*.p12",
     "*.key",
+    "*credentials*.json",
+    "*service-account*.json",
+    "*service_account*.json",
+    "client_secret*.json",
 )
 
 

@@ -103,6 +103,7 @@ def source(tmp_path):
         "keras_synann.egg-info/PKG-INFO": "",
         ".env": "TOKEN=secret",
         "key.pem": "secret",
+        "sa/my-service-account.json": "{}",
     }
     for name, text in files.items():
         path = src / name
@@ -509,7 +510,7 @@ def test_pack_leaves_out_caches_outputs_and_secrets(source):
     assert files == {"pyproject.toml", "training/mnist.py", "keras_synann/__init__.py"}
     files = {p.as_posix() for p in pack.select_files(source)}
     assert "training/data/mnist/train-images-idx3-ubyte.gz" in files
-    assert not {".env", "key.pem", ".git/HEAD"} & files
+    assert not {".env", "key.pem", ".git/HEAD", "sa/my-service-account.json"} & files
 
 
 def test_no_shell_anywhere():
