@@ -1,0 +1,209 @@
+"""training/mnist.py end to end on tiny synthetic IDX files.
+
+Most runs call `main()` in this process (fast); a subprocess runs the script
+as users do (`python training/mnist.py`) and kills it mid-training.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from training import mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "mnist.py"
+METRIC_KEYS = {
+    "test_accuracy",
+    "val_accuracy",
+    "epochs",
+    "model",
+    "backend",
+    "devices",
+    "train_seconds",
+}
+
+
+def _args(mnist_dir, out, *extra):
+    return [
+        "--data-dir", str(mnist_dir), "--output-dir", str(out), "--val-size", "16",
+        "--batch-size", "16", "--verbose", "0", *extra,
+    ]  # fmt: skip
+
+
+def _script(args, env=None, timeout=300):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _epochs(out):
+    return [row["epoch"] for row in json.loads((out / "history.json").read_text())]
+
+
+def test_script_end_to_end(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _script(_args(mnist_dir, out, "--epochs", "2", "--steps-per-epoch", "2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Test accuracy:" in result.stdout and "Predicted" in result.stdout
+    for name in ("best.keras", "history.csv", "history.json", "metrics.json"):
+        assert (out / name).is_file(), name
+    for name in ("accuracy.png", "loss.png", "beta.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["model"] == "lenet" and metrics["epochs"] == 2
+    assert metrics["backend"] == keras.backend.backend()
+    assert metrics["samples"]["train"] == 32  # 2 steps of 16
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["devices"]
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "accuracy", "val_accuracy", "loss", "val_loss"} <= set(header)
+    assert _epochs(out) == [1, 2]
+
+
+def test_mlp_learns_and_leaves_tensorflow_alone(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "mlp"
+    tf_loaded = "tensorflow" in sys.modules
+    code = mnist.main(
+        _args(
+            mnist_dir, out, "--model", "mlp", "--epochs", "6", "--learning-rate", "0.01"
+        )
+    )
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_accuracy"] >= 0.5  # the synthetic classes are easy
+    assert "Test accuracy:" in capsys.readouterr().out
+    if keras.backend.backend() != "tensorflow" and not tf_loaded:
+        assert "tensorflow" not in sys.modules
+
+
+def test_dense_baseline_has_no_beta_heatmap(mnist_dir, tmp_path):
+    out = tmp_path / "dense"
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "1", "--dense-baseline")
+    assert mnist.main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["synapse"] is False
+    assert (out / "accuracy.png").is_file() and not (out / "beta.png").exists()
+
+
+def test_resume_after_kill(mnist_dir, tmp_path):
+    out = tmp_path / "resumed"
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "3")
+    killed = _script(args, env={mnist.KILL_ENV: "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _epochs(out) == [1] and not (out / "metrics.json").exists()
+    first = json.loads((out / "history.json").read_text())[0]
+
+    assert mnist.main([*args, "--resume"]) == 0
+    rows = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert rows[0] == first  # the completed epoch is kept, not re-run
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
+
+    # Resuming a finished run trains nothing more and reports the same run.
+    assert mnist.main([*args, "--resume"]) == 0
+    assert _epochs(out) == [1, 2, 3]
+
+
+def test_fresh_run_ignores_old_backup(mnist_dir, tmp_path):
+    out = tmp_path / "fresh"
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "1")
+    assert mnist.main(args) == 0
+    assert mnist.main(args) == 0  # without --resume: starts again at epoch 1
+    assert _epochs(out) == [1]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--epochs", "-1"], "--epochs must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--learning-rate", "0"], "--learning-rate must be a positive number"),
+        (["--schedule", "wobbly"], "unknown schedule 'wobbly'"),
+        (
+            ["--distribution", "no-such-strategy"],
+            "distribution 'no-such-strategy' cannot run here",
+        ),
+    ],
+)
+def test_bad_arguments(mnist_dir, tmp_path, capsys, extra, message):
+    code = mnist.main(_args(mnist_dir, tmp_path / "bad", *extra))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mnist.main(["--epochs", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value" in err
+
+
+def _corrupt_labels(directory):
+    path = directory / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+
+
+def _label_ten(directory):
+    import hashlib
+
+    from conftest import write_idx
+
+    name = "t10k-labels-idx1-ubyte.gz"
+    write_idx(directory / name, [10] * 32)
+    digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    sums = [
+        line if not line.endswith(name) else f"{digest}  {name}"
+        for line in (directory / "SHA256SUMS").read_text().splitlines()
+    ]
+    (directory / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda d: d.rename(d.with_name("gone")), "does not exist"),
+        (_corrupt_labels, "checksum mismatch"),
+        (lambda d: (d / "SHA256SUMS").unlink(), "SHA256SUMS"),
+        (_label_ten, "test labels out of range"),
+    ],
+)
+def test_bad_data(mnist_dir, tmp_path, capsys, spoil, message):
+    spoil(mnist_dir)
+    code = mnist.main(_args(mnist_dir, tmp_path / "bad", "--model", "mlp"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_script_bad_argument_exit_code(tmp_path):
+    result = _script(["--model", "resnet", "--output-dir", str(tmp_path)], timeout=120)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("mnist.py: error: unknown model")
+    )
+
+
+def test_help_lists_the_options():
+    text = mnist.build_parser().format_help()
+    for flag in (
+        "--model", "--epochs", "--batch-size", "--learning-rate", "--schedule",
+        "--data-dir", "--output-dir", "--seed", "--distribution",
+        "--steps-per-epoch", "--mixed-precision", "--resume", "--source",
+    ):  # fmt: skip
+        assert flag in text

@@ -1,0 +1,98 @@
+"""keras_synann.models: the three reference architectures on every backend."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_synann
+from keras_synann import Synapse, models
+
+
+def _images(n=4, seed=0):
+    return np.random.default_rng(seed).random((n, 28, 28, 1)).astype("float32")
+
+
+def _synapse_layers(model):
+    return [layer for layer in model.layers if isinstance(layer, Synapse)]
+
+
+@pytest.mark.parametrize("name, units", [("synacnn", 784), ("lenet", 64), ("mlp", 280)])
+def test_builders_output_logits_with_one_synapse(name, units):
+    model = models.get_model(name)
+    assert model.name == name
+    (synapse,) = _synapse_layers(model)
+    assert synapse.units == units
+    logits = keras.ops.convert_to_numpy(model(_images(2), training=False))
+    assert logits.shape == (2, 10) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["synacnn", "lenet", "mlp"])
+def test_synapse_is_fed_probabilities(name):
+    """What feeds the Synapse layer lies in [0, 1] (the layer clips outside)."""
+    model = models.get_model(name)
+    (synapse,) = _synapse_layers(model)
+    probe = keras.Model(model.inputs, synapse.input)
+    x = keras.ops.convert_to_numpy(probe([_images(3) * 4.0 - 1.0], training=False))
+    assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+def test_dense_baseline_replaces_the_synapse(name):
+    model = models.get_model(name, synapse=False)
+    assert not _synapse_layers(model)
+    synapse_model = models.get_model(name)
+    (synapse,) = _synapse_layers(synapse_model)
+    dense = model.get_layer("synapse_dense")
+    assert dense.units == synapse.units
+    assert model.output.shape == synapse_model.output.shape
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="Unknown model 'resnet'; expected one of"):
+        models.get_model("resnet")
+
+
+def test_public_api_exports_the_builders():
+    for name in ("synacnn", "lenet", "mlp", "get_model", "MODELS"):
+        assert name in keras_synann.__all__
+    assert keras_synann.get_model is models.get_model
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+def test_trains_a_step_and_round_trips_through_keras_file(name, tmp_path):
+    model = models.get_model(name)
+    model.compile(
+        "adam",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    x, y = _images(16), np.arange(16) % 10
+    before = keras.ops.convert_to_numpy(_synapse_layers(model)[0].beta)
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    beta = keras.ops.convert_to_numpy(_synapse_layers(model)[0].beta)
+    assert not np.array_equal(before, beta)
+    assert beta.min() >= 0.0 and beta.max() < 1.0
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(restored.predict(x, verbose=0)),
+        keras.ops.convert_to_numpy(model.predict(x, verbose=0)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_mixed_precision_keeps_float32_logits():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = models.mlp()
+    assert model.get_layer("logits").compute_dtype == "float32"
+    logits = model(_images(2), training=False)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+
+
+def test_lenet_reference_widths():
+    model = models.lenet(filters=(10, 20))
+    assert model.get_layer("conv1").filters == 10
+    assert model.get_layer("conv2").filters == 20
