@@ -164,7 +164,7 @@ def log_inhibition(
                 # the factor is a constant and passes no gradient.
                 q = ops.where(f > FACTOR_FLOOR, upstream / f, 0.0)
                 d_w = -ops.einsum("jb,jbi->ji", xk, q)
-                d_x = -ops.sum(q * ops.expand_dims(wk, 1), axis=-1)
+                d_x = -ops.einsum("jbi,ji->jb", q, wk)
                 # The carry only mirrors the outputs' shapes (the tensorflow
                 # backend's scan requires outputs shaped like the carry).
                 return (d_w, d_x), (d_w, d_x)
