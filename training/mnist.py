@@ -34,7 +34,7 @@ from training import data, distribute, plots
 
 DEFAULTS = {
     "model": "lenet",
-    "epochs": 12,
+    "epochs": 10,
     "batch_size": 128,
     "learning_rate": 2e-3,
     "schedule": "cosine",
