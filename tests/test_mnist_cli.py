@@ -96,6 +96,35 @@ def test_dense_baseline_has_no_beta_heatmap(mnist_dir, tmp_path):
     assert (out / "accuracy.png").is_file() and not (out / "beta.png").exists()
 
 
+def test_mixed_precision_run(mnist_dir, tmp_path):
+    out = tmp_path / "bf16"
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "1", "--mixed-precision")
+    assert mnist.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mixed_precision"] == "bfloat16"
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_tfds_source(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = tmp_path / "tfds"
+    args = ["--source", "tfds", "--val-size", "8", "--batch-size", "16"]
+    args += [
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(out),
+        "--verbose",
+        "0",
+    ]
+    with tfds.testing.mock_data(num_examples=40):
+        assert mnist.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["source"] == "tfds" and metrics["samples"]["test"] == 40
+
+
 def test_resume_after_kill(mnist_dir, tmp_path):
     out = tmp_path / "resumed"
     args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "3")
