@@ -274,7 +274,6 @@ def run(args) -> dict:
             f"distribution {args.distribution!r} cannot run here: {' '.join(str(e).split())}"
         ) from None
     splits = load_data(args)
-    set_seed(args.seed)
     x_train, y_train = splits.x_train, splits.y_train
     if args.steps_per_epoch is not None:
         n = min(len(y_train), args.steps_per_epoch * args.batch_size)
@@ -292,6 +291,10 @@ def run(args) -> dict:
         print(f"Resuming {out} after epoch {initial_epoch} of {args.epochs}.")
     elif strategy.is_chief and backup_dir.exists():
         shutil.rmtree(backup_dir)  # a fresh run must not restore an old state
+    # A resumed run draws new random numbers (shuffles, dropout masks) rather
+    # than replaying those of its first epochs; it matches an uninterrupted
+    # run within noise, not bit for bit.
+    set_seed(args.seed + initial_epoch)
     if initial_epoch > args.epochs:
         raise UsageError(
             f"{out} already holds {initial_epoch} epochs; --epochs {args.epochs} is fewer"
