@@ -63,81 +63,95 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Default: lenet, 10 epochs, Adam 2e-3 with cosine decay, batch 128, "
-            "55,000/5,000 train/validation split: ~99.2%% test accuracy in about "
+            "55,000/5,000 train/validation split: ~99.2% test accuracy in about "
             "3 minutes on a 2-core CPU with jax (up to ~7 when the CPU is shared)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model", default=DEFAULTS["model"], help=f"one of: {', '.join(MODELS)}"
+    add = p.add_argument
+    add(
+        "--model",
+        default=DEFAULTS["model"],
+        help=f"one of: {', '.join(MODELS)} (default: %(default)s)",
     )
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument(
+    add("--epochs", type=int, default=DEFAULTS["epochs"], help="(default: %(default)s)")
+    add(
         "--batch-size",
         type=int,
         default=DEFAULTS["batch_size"],
-        help="global batch size (split across replicas)",
+        help="global batch size, split across replicas (default: %(default)s)",
     )
-    p.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
-    p.add_argument(
+    add(
+        "--learning-rate",
+        type=float,
+        default=DEFAULTS["learning_rate"],
+        help="Adam's (initial) learning rate (default: %(default)s)",
+    )
+    add(
         "--schedule",
         default=DEFAULTS["schedule"],
         help="learning-rate schedule: cosine (decay to 1%% over the run), step "
         "(/10 at 40%% and again at 80%% of the epochs), constant, or plateau "
-        "(x0.2 after 5 epochs without validation-loss progress, as the reference)",
+        "(x0.2 after 5 epochs without validation-loss progress, as the "
+        "reference) (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--source",
         default="idx",
         choices=("idx", "tfds"),
-        help="idx: the MNIST IDX files in --data-dir; tfds: tensorflow-datasets",
+        help="idx: the MNIST IDX files in --data-dir; tfds: tensorflow-datasets "
+        "(default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--data-dir",
-        default=None,
-        help=f"IDX files with a SHA256SUMS (default: ${data.DATA_DIR_ENV}, else the "
-        "carried training/data/mnist); for tfds, its data_dir (e.g. gs://...)",
+        help=f"IDX files with a SHA256SUMS (default: ${data.DATA_DIR_ENV}, else "
+        "the carried training/data/mnist); for tfds, its data_dir (e.g. gs://...)",
     )
-    p.add_argument("--val-size", type=int, default=5000, help="validation samples")
-    p.add_argument(
-        "--output-dir", default=None, help="artifacts (default: runs/<model>-<backend>)"
+    add(
+        "--val-size",
+        type=int,
+        default=5000,
+        help="validation samples carved from the training set (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+    add("--output-dir", help="artifacts (default: runs/<model>-<backend>)")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds weights, shuffling and the validation split (default: %(default)s)",
+    )
+    add(
         "--distribution",
         default="auto",
-        help="distribution strategy (see training/distribute.py); auto picks one",
+        help="distribution strategy (training/distribute.py) (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--steps-per-epoch",
         type=int,
-        default=None,
         help="train on only this many batches per epoch (smoke runs)",
     )
-    p.add_argument(
+    add(
         "--mixed-precision",
         nargs="?",
         const="bfloat16",
-        default=None,
         choices=tuple(MIXED_POLICIES),
         help="compute in bfloat16 (or float16), keep weights in float32",
     )
-    p.add_argument(
+    add(
         "--dense-baseline",
         action="store_true",
-        help="put keras.layers.Dense where the Synapse layer is",
+        help="put keras.layers.Dense where the Synapse layer is (for comparisons)",
     )
-    p.add_argument(
+    add(
         "--resume",
         action="store_true",
         help="continue from the last completed epoch in --output-dir",
     )
-    p.add_argument(
+    add(
         "--verbose",
         type=int,
         default=1,
         choices=(0, 1, 2),
-        help="Keras fit verbosity (1: progress bar)",
+        help="Keras fit verbosity; 1: progress bar (default: %(default)s)",
     )
     return p
 
