@@ -1,0 +1,1 @@
+"""The training scripts and their helpers: data, distribution, plots."""
