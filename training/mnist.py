@@ -277,16 +277,26 @@ def load_data(args) -> data.Splits:
     return data.load_mnist(args.data_dir, val_size=args.val_size, seed=args.seed)
 
 
-def run(args) -> dict:
-    """Trains, restores the best checkpoint, evaluates on test, writes artifacts."""
+def resolve_strategy(args) -> distribute.Strategy:
+    """Sets the dtype policy and resolves --distribution (one-line errors)."""
     if args.mixed_precision:
         keras.config.set_dtype_policy(MIXED_POLICIES[args.mixed_precision])
     try:
-        strategy = distribute.resolve(args.distribution)
+        return distribute.resolve(args.distribution)
     except Exception as e:
+        message = " ".join(str(e).split())
         raise UsageError(
-            f"distribution {args.distribution!r} cannot run here: {' '.join(str(e).split())}"
+            f"distribution {args.distribution!r} cannot run here: {message}"
         ) from None
+
+
+def run(args, strategy: distribute.Strategy) -> dict:
+    """Trains, restores the best checkpoint, evaluates on test, writes artifacts."""
+    if args.batch_size % strategy.num_replicas:
+        raise UsageError(
+            f"--batch-size {args.batch_size} must be a multiple of the "
+            f"{strategy.num_replicas} replicas of distribution {strategy.name!r}"
+        )
     splits = load_data(args)
     x_train, y_train = splits.x_train, splits.y_train
     if args.steps_per_epoch is not None:
@@ -363,22 +373,22 @@ def run(args) -> dict:
         verbose=args.verbose,
     )
 
-    if best_path.is_file():
+    # The chief reports the best checkpoint; other processes (whose numbers
+    # are not written) may not see its file.
+    if strategy.is_chief and best_path.is_file():
         with strategy.scope():
             model = keras.saving.load_model(best_path)
-    val = model.evaluate(
-        splits.x_val, splits.y_val, batch_size=512, verbose=0, return_dict=True
-    )
-    test = model.evaluate(
-        splits.x_test, splits.y_test, batch_size=512, verbose=0, return_dict=True
-    )
+    eval_batch = 512 * strategy.num_replicas
+    val = strategy.evaluate(model, splits.x_val, splits.y_val, batch_size=eval_batch)
+    test = strategy.evaluate(model, splits.x_test, splits.y_test, batch_size=eval_batch)
     best_epoch = (
         max(rows, key=lambda r: r.get("val_accuracy", -1.0))["epoch"] if rows else 0
     )
     print(f"Best epoch (validation): {best_epoch}; val accuracy {val['accuracy']:.4%}")
     print(f"Test accuracy: {test['accuracy']:.4%} (loss {test['loss']:.4f})")
     sample = slice(0, 10)
-    predicted = np.argmax(model.predict(splits.x_test[sample], verbose=0), axis=-1)
+    logits = strategy.predict(model, splits.x_test[sample], batch_size=eval_batch)
+    predicted = np.argmax(logits, axis=-1)
     print(
         f"Predicted {predicted.tolist()} for test samples 0-9 labelled {splits.y_test[sample].tolist()}"
     )
@@ -430,12 +440,17 @@ def write_artifacts(out: Path, model, rows: list[dict], metrics: dict) -> None:
 
 
 def main(argv=None) -> int:
+    strategy = None
     try:
         args = parse_args(argv)
-        run(args)
+        strategy = resolve_strategy(args)
+        run(args, strategy)
     except (UsageError, data.DataError) as e:
         print(f"mnist.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    finally:
+        if strategy is not None:
+            strategy.close()
     return 0
 
 
