@@ -58,7 +58,7 @@ def beta_heatmap(beta, path: str | Path, title: str = "learned beta") -> Path | 
     ax.set_xlabel("inhibitory input j")
     ax.set_ylabel("output i")
     ax.set_title(f"{title} (n={beta.shape[0]}, max {beta.max():.3g})")
-    fig.colorbar(image, ax=ax, label="beta_ij")
+    fig.colorbar(image, ax=ax, label=r"$\beta_{ij}$")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
