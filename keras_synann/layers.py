@@ -118,7 +118,7 @@ class Synapse(keras.layers.Layer):
             alpha_constraint = ValueRange(1e-6, 1e6)
         self.alpha_constraint = constraints.get(alpha_constraint)
         self.zero_diagonal = bool(zero_diagonal)
-        if implementation not in ("auto", "ops", "torch"):
+        if implementation not in synann_ops.IMPLEMENTATIONS:
             raise ValueError(
                 "`implementation` must be 'auto', 'ops' or 'torch'. "
                 f"Received: implementation={implementation!r}"

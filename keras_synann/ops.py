@@ -23,6 +23,8 @@ FACTOR_FLOOR = 1e-6
 #: Smallest partial product kept before its log is taken (float32's smallest
 #: normal number). Below it the output is 0 to float32 precision anyway.
 _PRODUCT_FLOOR = 1.1754944e-38
+#: Ways to compute `log_inhibition` (see its docstring).
+IMPLEMENTATIONS = ("auto", "ops", "torch")
 #: Inputs are processed in chunks of this many input units: memory is
 #: O(chunk * batch * n_out), never batch * n_in * n_out.
 DEFAULT_CHUNK_SIZE = 16
@@ -65,15 +67,6 @@ def bose_einstein(gamma, v):
     return 1.0 / ops.expm1(ops.convert_to_tensor(gamma) + v)
 
 
-def log_inhibition_reference(x, kernel):
-    """`s_i = sum_j log(1 - beta_ij * x_j)` by broadcasting, for checks only.
-
-    Materialises a (batch, n_in, n_out) tensor: use `log_inhibition` instead.
-    """
-    t = ops.expand_dims(x, -1) * kernel
-    return ops.sum(ops.log(ops.maximum(1.0 - t, FACTOR_FLOOR)), axis=-2)
-
-
 def log_inhibition(
     x, kernel, chunk_size: int = DEFAULT_CHUNK_SIZE, implementation: str = "auto"
 ):
@@ -104,7 +97,7 @@ def log_inhibition(
             f"`chunk_size` must be a positive integer. Received: {chunk_size}"
         )
     backend = keras.backend.backend()
-    if implementation not in ("auto", "ops", "torch"):
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             "`implementation` must be 'auto', 'ops' or 'torch'. "
             f"Received: implementation={implementation!r}"
