@@ -17,6 +17,8 @@ tests check it against the keras.ops path.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -25,6 +27,38 @@ def _factors(xt, kernel, start, stop, out):
     f = out[: stop - start]
     torch.mul(xt[start:stop, :, None], kernel[start:stop, None, :], out=f)
     return f.neg_().add_(1.0)
+
+
+#: Running products are kept within [1e-30, 1e30]: far from float32's limits.
+_SAFE_LOG = math.log(1e30)
+
+
+def _bounds(x, kernel, floor, chunk) -> tuple[bool, int]:
+    """(may_floor, chunks_per_log) from the ranges of x and the kernel.
+
+    Inputs are in [0, 1] (synapse_graph clips them), so every factor lies
+    between 1 - max(W) max(x) and 1 - min(W, 0) max(x). `may_floor` says whether
+    any factor can reach the floor (else the floor's passes are skipped: the
+    usual case, betas being small); `chunks_per_log` how many chunk products
+    can be multiplied before one log without any risk of under- or overflow
+    (logs are the costly op of eager torch on CPU).
+    """
+    if x.numel() == 0 or kernel.numel() == 0:
+        return False, 1
+    x_max, x_min = x.max().item(), x.min().item()
+    w_max, w_min = kernel.max().item(), kernel.min().item()
+    if x_min < 0.0:
+        return True, 1
+    t_max, t_min = w_max * x_max, min(w_min, 0.0) * x_max
+    may_floor = t_max >= 1.0 - floor
+    if may_floor or not math.isfinite(t_max + t_min):
+        return may_floor, 1
+    factors = x.shape[1]
+    if t_max > 0.0:
+        factors = min(factors, int(_SAFE_LOG / -math.log1p(-t_max)))
+    if t_min < 0.0:
+        factors = min(factors, int(_SAFE_LOG / math.log1p(-t_min)))
+    return False, max(1, factors // chunk)
 
 
 class _LogInhibition(torch.autograd.Function):
@@ -36,20 +70,37 @@ class _LogInhibition(torch.autograd.Function):
         total = x.new_zeros((x.shape[0], kernel.shape[1]))
         buffer = x.new_empty((chunk, x.shape[0], kernel.shape[1]))
         partial = torch.empty_like(total)
+        running = torch.empty_like(total)
+        may_floor, chunks_per_log = _bounds(x.detach(), kernel_d, floor, chunk)
+        pending = 0  # chunk products multiplied into `running`, not yet logged
         for start in range(0, n_in, chunk):
             stop = min(start + chunk, n_in)
-            f = _factors(xt, kernel_d, start, stop, buffer).clamp_min_(floor)
+            f = _factors(xt, kernel_d, start, stop, buffer)
+            if may_floor:
+                f.clamp_min_(floor)
             torch.prod(f, dim=0, out=partial)
-            total.add_(partial.clamp_min_(product_floor).log_())
+            if chunks_per_log == 1:
+                total.add_(partial.clamp_min_(product_floor).log_())
+                continue
+            if pending:
+                running.mul_(partial)
+            else:
+                running.copy_(partial)
+            pending += 1
+            if pending == chunks_per_log:
+                total.add_(running.log_())
+                pending = 0
+        if pending:
+            total.add_(running.log_())
         ctx.save_for_backward(x, kernel)
-        ctx.chunk, ctx.floor = chunk, floor
+        ctx.chunk, ctx.floor, ctx.may_floor = chunk, floor, may_floor
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, upstream):
         x, kernel = ctx.saved_tensors
-        chunk, floor = ctx.chunk, ctx.floor
+        chunk, floor, may_floor = ctx.chunk, ctx.floor, ctx.may_floor
         batch, n_in = x.shape
         n_out = kernel.shape[1]
         xt = x.t()
@@ -57,13 +108,16 @@ class _LogInhibition(torch.autograd.Function):
         d_xt = x.new_empty((n_in, batch))
         factors = x.new_empty((chunk, batch, n_out))
         q = torch.empty_like(factors)
-        floored = torch.empty(factors.shape, dtype=torch.bool, device=x.device)
+        if may_floor:
+            floored = torch.empty(factors.shape, dtype=torch.bool, device=x.device)
         for start in range(0, n_in, chunk):
             stop = min(start + chunk, n_in)
             c = stop - start
             f = _factors(xt, kernel, start, stop, factors)
-            torch.le(f, floor, out=floored[:c])
-            qc = torch.div(upstream, f, out=q[:c]).masked_fill_(floored[:c], 0.0)
+            qc = torch.div(upstream, f, out=q[:c])
+            if may_floor:
+                torch.le(f, floor, out=floored[:c])
+                qc.masked_fill_(floored[:c], 0.0)
             # d_w[j, i] = -sum_b x[b, j] q[j, b, i]
             torch.bmm(xt[start:stop, None, :], qc, out=d_w[start:stop, None, :])
             # d_x[b, j] = -sum_i q[j, b, i] W[j, i]   (reuses the factors buffer)

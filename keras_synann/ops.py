@@ -96,6 +96,7 @@ def log_inhibition(
         raise ValueError(
             f"`chunk_size` must be a positive integer. Received: {chunk_size}"
         )
+    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
     backend = keras.backend.backend()
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(

@@ -174,11 +174,23 @@ def test_underflowing_product_gives_zero_output_and_finite_gradient():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch kernel")
-@pytest.mark.parametrize("shape", [(5, 13), (33, 40)])
-def test_torch_kernel_matches_keras_ops_path(shape):
-    x, kernel = _data(*shape, beta_max=0.99)
-    x[0, :3] = 1.0
-    kernel[:2, :] = 1.0  # floored factors: no gradient through them
+@pytest.mark.parametrize(
+    "shape, case",
+    [
+        ((5, 13), "floored"),  # factors at the floor: no gradient through them
+        ((33, 40), "floored"),
+        ((6, 300), "small"),  # small betas: several chunk products per log
+        ((6, 300), "negative"),  # negative betas: factors above 1
+        ((4, 500), "large"),  # betas near 1: one log per chunk, products underflow
+    ],
+)
+def test_torch_kernel_matches_keras_ops_path(shape, case):
+    x, kernel = _data(*shape, beta_max={"small": 0.05, "large": 0.999}.get(case, 0.99))
+    if case == "floored":
+        x[0, :3] = 1.0
+        kernel[:2, :] = 1.0
+    if case == "negative":
+        kernel -= 0.03
     upstream = np.random.default_rng(4).normal(size=shape).astype("float32")
     results = {}
     for implementation in ("ops", "torch"):
@@ -191,6 +203,8 @@ def test_torch_kernel_matches_keras_ops_path(shape):
 
         value, grads = value_and_grad(loss)(x, kernel)
         results[implementation] = [ops.convert_to_numpy(a) for a in (value, *grads)]
+        s = synann_ops.log_inhibition(x, kernel, 6, implementation=implementation)
+        results[implementation].append(ops.convert_to_numpy(s))
     for ours, reference in zip(results["torch"], results["ops"], strict=True):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
