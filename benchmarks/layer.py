@@ -2,6 +2,7 @@
 
     python benchmarks/layer.py                      # all installed backends
     python benchmarks/layer.py --backends jax --batch 4096 --n 1024
+    python benchmarks/layer.py --implementations ops,torch,triton,pallas
 
 Prints a table (backend, shape, synapse ms, dense ms, ratio, first-call s,
 peak MB, max relative error against float64 NumPy, reference-formula ms) and
@@ -12,6 +13,10 @@ peak RSS; on a GPU: the device's peak memory in use).
 
 Timing: median of --repeats calls after two warm-up calls, jitted where the
 backend jits (jax.jit, tf.function(jit_compile=True)); torch runs eagerly.
+Each call waits for the device (block_until_ready, cuda.synchronize); the
+first call's time includes compilation. --implementations runs each listed
+implementation of the layer that applies to the backend (see
+keras_synann.ops.log_inhibition); "auto" is what the layer uses by default.
 The loss is sum(g * y) for a fixed random g, so both layers do a full
 forward and backward to their input and weights.
 """
@@ -29,18 +34,59 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make keras_synann importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def _block(tree):
+    """Waits until every tensor in `tree` is computed (on any device)."""
     import keras
 
-    leaves = tree if isinstance(tree, list | tuple) else [tree]
-    for leaf in leaves:
-        if isinstance(leaf, list | tuple):
-            _block(leaf)
-        else:
-            keras.ops.convert_to_numpy(leaf)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        jax.block_until_ready(tree)
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    else:
+        leaves = tree if isinstance(tree, list | tuple) else [tree]
+        for leaf in leaves:
+            if isinstance(leaf, list | tuple):
+                _block(leaf)
+            else:
+                keras.ops.convert_to_numpy(leaf)
+
+
+#: Implementations that apply to each backend.
+APPLIES = {
+    "jax": ("auto", "ops", "pallas"),
+    "tensorflow": ("auto", "ops"),
+    "torch": ("auto", "ops", "torch", "triton"),
+}
+
+
+def _device_name() -> str:
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return "cpu" if device.platform == "cpu" else device.device_kind
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    import tensorflow as tf
+
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
 
 
 def _time(step, args, repeats):
@@ -87,8 +133,10 @@ def worker(args) -> dict:
     x_t, k_t, b_t = (ops.convert_to_tensor(a) for a in (x, kernel, bias))
     jit = keras.backend.backend() != "torch"
 
+    impl = args.implementation
+
     def synapse_loss(x, kernel):
-        return ops.sum(synann_ops.synapse_graph(x, kernel) * g)
+        return ops.sum(synann_ops.synapse_graph(x, kernel, implementation=impl) * g)
 
     def dense_loss(x, kernel, bias):
         return ops.sum((ops.matmul(x, kernel) + bias) * g)
@@ -104,7 +152,11 @@ def worker(args) -> dict:
     m = min(b, 16)
     g_m = rng.normal(size=(m, n))
     g_m_t = ops.convert_to_tensor(g_m.astype("float32"))
-    step = value_and_grad(lambda x, k: ops.sum(synann_ops.synapse_graph(x, k) * g_m_t))
+    step = value_and_grad(
+        lambda x, k: ops.sum(
+            synann_ops.synapse_graph(x, k, implementation=impl) * g_m_t
+        )
+    )
     value, (d_x, d_k) = step(ops.convert_to_tensor(x[:m]), k_t)
     exp_dx, exp_dk = numpy_synapse_graph_grads(x[:m], kernel, g_m)
     exp_value = float((numpy_synapse_graph(x[:m], kernel) * g_m).sum())
@@ -128,6 +180,9 @@ def worker(args) -> dict:
 
     return {
         "backend": keras.backend.backend(),
+        "implementation": synann_ops.resolve_implementation(impl, x_t, k_t)
+        + (" (auto)" if impl == "auto" else ""),
+        "device": _device_name(),
         "batch": b,
         "n": n,
         "synapse_ms": round(synapse_ms, 2),
@@ -152,8 +207,12 @@ def memory_worker(args) -> dict:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (args.memory_batch, args.n)).astype("float32")
     kernel = rng.uniform(0, 0.01, (args.n, args.n)).astype("float32")
-    step = value_and_grad(lambda x, k: ops.sum(synann_ops.synapse_graph(x, k)))
-    step(x[:2, :8], kernel[:8, :8])  # load the runtime's own kernels first
+    impl = args.implementation
+    step = value_and_grad(
+        lambda x, k: ops.sum(synann_ops.synapse_graph(x, k, implementation=impl))
+    )
+    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+    _block(step(x[:2, :8], kernel[:8, :8]))  # load the runtime's own kernels first
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _block(step(x, kernel))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -197,22 +256,24 @@ def _run_worker(backend, mode, argv) -> dict:
         [sys.executable, __file__, mode, *argv], env=env, capture_output=True, text=True
     )
     if result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{backend} {mode} failed: {tail[0]}")
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        print("\n".join(lines[-20:]), file=sys.stderr)
+        raise RuntimeError(f"{backend} {mode} failed: {lines[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _table(rows) -> str:
     header = (
-        "| backend | batch x n | synapse ms | dense ms | ratio | first call s "
-        "| peak MB (batch) | max rel err | reference ms |"
+        "| backend | implementation | device | batch x n | synapse ms | dense ms "
+        "| ratio | first call s | peak MB (batch) | max rel err | reference ms |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = "-" if r["reference_ms"] is None else f"{r['reference_ms']:.0f}"
         lines.append(
-            f"| {r['backend']} | {r['batch']} x {r['n']} | {r['synapse_ms']:.1f} "
-            f"| {r['dense_ms']:.1f} | {r['ratio']:.1f}x | {r['first_call_s']:.1f} "
+            f"| {r['backend']} | {r['implementation']} | {r['device']} "
+            f"| {r['batch']} x {r['n']} | {r['synapse_ms']:.2f} "
+            f"| {r['dense_ms']:.2f} | {r['ratio']:.1f}x | {r['first_call_s']:.1f} "
             f"| {r['peak_mb']:.0f} ({r['memory_batch']}) | {r['max_rel_error']:.1e} | {ref} |"
         )
     return "\n".join(lines)
@@ -227,6 +288,13 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=784)
     parser.add_argument("--memory-batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--implementations",
+        default="auto",
+        help="comma-separated, each run where it applies: "
+        + "; ".join(f"{b}: {', '.join(i)}" for b, i in APPLIES.items()),
+    )
+    parser.add_argument("--implementation", default="auto", help=argparse.SUPPRESS)
     parser.add_argument(
         "--no-reference",
         dest="reference",
@@ -253,21 +321,36 @@ def main(argv=None) -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         parser.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    implementations = [i.strip() for i in args.implementations.split(",") if i.strip()]
+    known = sorted({i for impls in APPLIES.values() for i in impls})
+    bad = [i for i in implementations if i not in known]
+    if bad:
+        parser.error(f"unknown implementation(s) {bad}; choose from {', '.join(known)}")
     passthrough = [
         f"--batch={args.batch}",
         f"--n={args.n}",
         f"--memory-batch={args.memory_batch}",
         f"--repeats={args.repeats}",
     ] + ([] if args.reference else ["--no-reference"])
-    rows = []
+    rows, failed = [], []
     for backend in backends:
         if importlib.util.find_spec(backend) is None:
             print(f"skipping {backend}: not installed", file=sys.stderr)
             continue
-        print(f"measuring {backend} ...", file=sys.stderr, flush=True)
-        row = _run_worker(backend, "worker", passthrough)
-        row.update(_run_worker(backend, "memory", passthrough))
-        rows.append(row)
+        for impl in implementations:
+            if impl not in APPLIES[backend]:
+                continue
+            print(f"measuring {backend} {impl} ...", file=sys.stderr, flush=True)
+            argv = [*passthrough, f"--implementation={impl}"]
+            try:
+                row = _run_worker(backend, "worker", argv)
+                row.update(_run_worker(backend, "memory", argv))
+            except RuntimeError as e:  # one failing path must not hide the rest
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(f"{backend} {impl}")
+                continue
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     if not rows:
         print("error: none of the requested backends is installed", file=sys.stderr)
         return 1
@@ -277,6 +360,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"\n{machine}; wrote {out}")
+    if failed:
+        print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -87,7 +87,7 @@ def benchmark(args) -> list[dict]:
             for model in args.models:
                 settings = dict(SETTINGS[model])
                 for key in ("epochs", "learning_rate", "schedule", "batch_size",
-                            "steps_per_epoch"):  # fmt: skip
+                            "steps_per_epoch", "implementation"):  # fmt: skip
                     if getattr(args, key) is not None:
                         settings[key] = getattr(args, key)
                 runs = []
@@ -95,7 +95,8 @@ def benchmark(args) -> list[dict]:
                     out = Path(tmp) / f"{backend}-{model}-{seed}"
                     runs.append(train(backend, model, settings, seed, out))
                     print(f"# {backend} {model} seed {seed}: test "
-                          f"{runs[-1]['test_accuracy']:.4f}", flush=True)  # fmt: skip
+                          f"{runs[-1]['test_accuracy']:.4f}, "
+                          f"{runs[-1]['epoch_seconds']:.2f} s/epoch", flush=True)  # fmt: skip
                 runs.sort(key=lambda m: m["val_accuracy"])
                 median = runs[len(runs) // 2]
                 row = {
@@ -116,6 +117,8 @@ def benchmark(args) -> list[dict]:
                     dense = train(backend, model, dense_settings, args.seeds[0],
                                   Path(tmp) / f"{backend}-{model}-dense", dense=True)  # fmt: skip
                     row["dense_s_per_epoch"] = round(dense["epoch_seconds"], 2)
+                    print(f"# {backend} {model} Dense: "
+                          f"{dense['epoch_seconds']:.2f} s/epoch", flush=True)  # fmt: skip
                     row["ratio"] = round(row["s_per_epoch"] / dense["epoch_seconds"], 2)
                 rows.append(row)
     return rows
@@ -153,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="smoke runs")
+    p.add_argument(
+        "--implementation", default=None, help="the Synapse layer's (default: auto)"
+    )
     p.add_argument("--dense-epochs", type=int, default=2, help="0: no Dense baseline")
     p.add_argument(
         "--output", default=str(ROOT / "benchmarks" / "results" / "mnist.json")

@@ -63,7 +63,7 @@ class Synapse(keras.layers.Layer):
         zero_diagonal: fix beta_ii = 0 (no self-inhibition, as the paper
             allows). The diagonal of the kernel is then ignored.
         chunk_size: input units processed at once (memory/speed trade-off).
-        implementation: "auto", "ops" or "torch"; see
+        implementation: "auto", "ops", "torch" or "triton"; see
             `keras_synann.ops.log_inhibition`. All give the same results.
         **kwargs: base layer keywords (`name`, `dtype`, `trainable`, ...).
 
@@ -120,7 +120,8 @@ class Synapse(keras.layers.Layer):
         self.zero_diagonal = bool(zero_diagonal)
         if implementation not in synann_ops.IMPLEMENTATIONS:
             raise ValueError(
-                "`implementation` must be 'auto', 'ops' or 'torch'. "
+                "`implementation` must be one of "
+                f"{', '.join(map(repr, synann_ops.IMPLEMENTATIONS))}. "
                 f"Received: implementation={implementation!r}"
             )
         self.chunk_size = chunk_size

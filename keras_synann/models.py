@@ -25,9 +25,9 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-def _synapse_or_dense(units: int, synapse: bool, name: str):
+def _synapse_or_dense(units: int, synapse: bool, name: str, implementation: str):
     if synapse:
-        return Synapse(units, name=name)
+        return Synapse(units, implementation=implementation, name=name)
     return layers.Dense(units, name=f"{name}_dense")
 
 
@@ -40,6 +40,7 @@ def synacnn(
     num_classes: int = 10,
     dropout: float = 0.25,
     synapse: bool = True,
+    implementation: str = "auto",
     name: str = "synacnn",
 ) -> keras.Model:
     """The reference TensorFlow CNN with a `Synapse(784)` head.
@@ -58,7 +59,7 @@ def synacnn(
     x = layers.Conv2D(784, 7, activation="sigmoid", name="conv4")(x)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout1")(x)
-    x = _synapse_or_dense(784, synapse, "synapse")(x)
+    x = _synapse_or_dense(784, synapse, "synapse", implementation)(x)
     x = layers.Dropout(dropout, name="dropout2")(x)
     return keras.Model(inputs, _logits(num_classes)(x), name=name)
 
@@ -71,6 +72,7 @@ def lenet(
     dropout: float = 0.25,
     squash: str = "softmax",
     synapse: bool = True,
+    implementation: str = "auto",
     name: str = "lenet",
 ) -> keras.Model:
     """The reference PyTorch LeNet-style net with a `Synapse(hidden)` layer.
@@ -100,7 +102,7 @@ def lenet(
     x = layers.Dense(hidden, activation="relu", name="fc1")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Activation(squash, name=squash)(x)
-    x = _synapse_or_dense(hidden, synapse, "synapse")(x)
+    x = _synapse_or_dense(hidden, synapse, "synapse", implementation)(x)
     x = layers.BatchNormalization(name="batch_norm")(x)
     return keras.Model(inputs, _logits(num_classes)(x), name=name)
 
@@ -112,6 +114,7 @@ def mlp(
     dropout: float = 0.25,
     input_dropout: float = 0.2,
     synapse: bool = True,
+    implementation: str = "auto",
     name: str = "mlp",
 ) -> keras.Model:
     """The paper's SynaMLP: Dense(hidden) -> Synapse(hidden) -> dropout -> logits.
@@ -127,7 +130,7 @@ def mlp(
     if input_dropout:
         x = layers.Dropout(input_dropout, name="input_dropout")(x)
     x = layers.Dense(hidden, activation="sigmoid", name="fc1")(x)
-    x = _synapse_or_dense(hidden, synapse, "synapse")(x)
+    x = _synapse_or_dense(hidden, synapse, "synapse", implementation)(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     return keras.Model(inputs, _logits(num_classes)(x), name=name)
 
@@ -137,7 +140,11 @@ MODELS = {"synacnn": synacnn, "lenet": lenet, "mlp": mlp}
 
 
 def get_model(name: str, **kwargs) -> keras.Model:
-    """Builds the model called `name` (one of `MODELS`) with `kwargs`."""
+    """Builds the model called `name` (one of `MODELS`) with `kwargs`.
+
+    Every builder takes `synapse` (False: a Dense layer in the Synapse layer's
+    place, for comparisons) and `implementation` (the Synapse layer's).
+    """
     if name not in MODELS:
         raise ValueError(
             f"Unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}."

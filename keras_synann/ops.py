@@ -24,7 +24,7 @@ FACTOR_FLOOR = 1e-6
 #: normal number). Below it the output is 0 to float32 precision anyway.
 _PRODUCT_FLOOR = 1.1754944e-38
 #: Ways to compute `log_inhibition` (see its docstring).
-IMPLEMENTATIONS = ("auto", "ops", "torch")
+IMPLEMENTATIONS = ("auto", "ops", "torch", "triton", "pallas")
 #: Inputs are processed in chunks of this many input units: memory is
 #: O(chunk * batch * n_out), never batch * n_in * n_out.
 DEFAULT_CHUNK_SIZE = 16
@@ -77,9 +77,14 @@ def log_inhibition(
         kernel: an (n_in, n_out) float tensor W with beta_ij = W[j, i].
         chunk_size: input units per chunk; memory is O(chunk * batch * n_out).
         implementation: "ops" (keras.ops, every backend), "torch" (a torch
-            kernel with reused buffers, torch backend only) or "auto" (the
-            torch kernel under torch, keras.ops elsewhere). Both give the
-            same values and gradients.
+            kernel with reused buffers, torch backend only), "triton" (fused
+            GPU kernels, torch backend, float32, CUDA tensors or Triton's
+            interpreter), "pallas" (the same fused kernels in Pallas, jax
+            backend, float32, GPUs; Pallas's interpreter on CPU) or "auto":
+            under torch, "triton" for float32 CUDA tensors when Triton is
+            installed, else "torch"; under jax, "pallas" for float32 on a
+            single GPU, else "ops"; "ops" under tensorflow. All give the
+            same values and gradients (to float32 rounding).
 
     Returns:
         A (batch, n_out) tensor. Each factor is floored at `FACTOR_FLOOR`.
@@ -100,17 +105,31 @@ def log_inhibition(
     backend = keras.backend.backend()
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            "`implementation` must be 'auto', 'ops' or 'torch'. "
+            f"`implementation` must be one of {', '.join(map(repr, IMPLEMENTATIONS))}. "
             f"Received: implementation={implementation!r}"
         )
-    if implementation == "torch" and backend != "torch":
+    if implementation in ("torch", "triton") and backend != "torch":
         raise ValueError(
-            "implementation='torch' needs the torch backend. "
-            f"Received: implementation='torch' with backend {backend!r}"
+            f"implementation={implementation!r} needs the torch backend. "
+            f"Received: implementation={implementation!r} with backend {backend!r}"
+        )
+    if implementation == "pallas" and backend != "jax":
+        raise ValueError(
+            "implementation='pallas' needs the jax backend. "
+            f"Received: implementation='pallas' with backend {backend!r}"
         )
     n_in, n_out = kernel.shape
     chunk = min(int(chunk_size), int(n_in))
-    if implementation == "torch" or (implementation == "auto" and backend == "torch"):
+    implementation = resolve_implementation(implementation, x, kernel)
+    if implementation == "pallas":
+        from keras_synann import _pallas_kernel
+
+        return _pallas_kernel.log_inhibition(x, kernel, FACTOR_FLOOR, _PRODUCT_FLOOR)
+    if implementation == "triton":
+        from keras_synann import _triton_kernel
+
+        return _triton_kernel.log_inhibition(x, kernel, FACTOR_FLOOR, _PRODUCT_FLOOR)
+    if implementation == "torch":
         from keras_synann import _torch_kernel
 
         return _torch_kernel.log_inhibition(
@@ -175,6 +194,43 @@ def log_inhibition(
         return total, grad
 
     return _log_inhibition(x, kernel)
+
+
+def resolve_implementation(implementation: str, x, kernel) -> str:
+    """The implementation `log_inhibition` runs for these tensors ("auto" resolved)."""
+    if implementation != "auto":
+        return implementation
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return "pallas" if _pallas_applies(x, kernel) else "ops"
+    if backend == "torch":
+        return "triton" if _triton_applies(x, kernel) else "torch"
+    return "ops"
+
+
+def _pallas_applies(x, kernel) -> bool:
+    """Whether "auto" takes the Pallas kernels: float32 on a single GPU.
+
+    With several devices the keras.ops path stays, since XLA can partition
+    it across a sharded batch but not a Pallas call.
+    """
+    import jax
+
+    if x.dtype != "float32" or kernel.dtype != "float32":
+        return False
+    devices = jax.devices()
+    return len(devices) == 1 and devices[0].platform == "gpu"
+
+
+def _triton_applies(x, kernel) -> bool:
+    """Whether "auto" takes the Triton kernels: float32 CUDA tensors, Triton installed."""
+    if not (x.is_cuda and str(x.dtype) == "torch.float32"):
+        return False
+    if str(kernel.dtype) != "torch.float32":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def synapse_graph(

@@ -30,6 +30,7 @@ import numpy as np
 
 from keras_synann import Synapse
 from keras_synann.models import MODELS, get_model
+from keras_synann.ops import IMPLEMENTATIONS
 from training import data, distribute, plots
 
 DEFAULTS = {
@@ -140,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dense-baseline",
         action="store_true",
         help="put keras.layers.Dense where the Synapse layer is (for comparisons)",
+    )
+    add(
+        "--implementation",
+        default="auto",
+        choices=IMPLEMENTATIONS,
+        help="how the Synapse layer computes (default: %(default)s, the fastest "
+        "measured for the device; see keras_synann.ops.log_inhibition)",
     )
     add(
         "--resume",
@@ -325,7 +333,11 @@ def run(args, strategy: distribute.Strategy) -> dict:
         )
 
     with strategy.scope():
-        model = get_model(args.model, synapse=not args.dense_baseline)
+        model = get_model(
+            args.model,
+            synapse=not args.dense_baseline,
+            implementation=args.implementation,
+        )
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -1,0 +1,202 @@
+"""Fused Triton kernels for `keras_synann.ops.log_inhibition` (torch on a GPU).
+
+Each kernel computes a tile of its output in registers and loops over the
+reduced axis, so no (batch, n_in, n_out) tensor and no chunk buffer exists:
+
+    forward  s[b, i]  = sum_j log(max(1 - W[j, i] x[b, j], floor))
+                        (one log per CHUNK factors; products floored at
+                        float32's smallest normal number, as in the ops path)
+    backward dx[b, j] = -sum_i g[b, i] W[j, i] / f[b, j, i]
+             dW[j, i] = -sum_b g[b, i] x[b, j] / f[b, j, i]
+                        (0 where the factor f = 1 - W[j, i] x[b, j] is floored)
+
+float32 only. The keras.ops path is the reference: tests run these kernels in
+Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Output tile of the forward and of both gradients, and the number of factors
+#: multiplied per log. Measured on an H100: benchmarks/results/gpu/README.md.
+BLOCK = (16, 64)
+CHUNK = 16
+NUM_WARPS = 4
+#: The weight gradient splits the batch into slices of this many rows, each
+#: summed by its own programs (more parallel work), then adds the slices.
+GRAD_W_ROWS = 256
+
+
+@triton.jit
+def _forward(
+    xt_ptr, w_ptr, s_ptr, batch, n_pad, n_out, floor, product_floor,
+    BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    # xt is x transposed, (n_pad, batch), so each j's column loads
+    # contiguously; xt and w are zero-padded to n_pad = a multiple of CHUNK
+    # input units (a padded factor is exactly 1).
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_b, in_i = rb < batch, ri < n_out
+    total = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
+    for start in range(0, n_pad, CHUNK):
+        product = tl.full((BLOCK_B, BLOCK_I), 1.0, dtype=tl.float32)
+        for k in tl.static_range(CHUNK):
+            j = start + k
+            xj = tl.load(xt_ptr + j * batch + rb, mask=in_b, other=0.0)
+            wj = tl.load(w_ptr + j * n_out + ri, mask=in_i, other=0.0)
+            factor = 1.0 - xj[:, None] * wj[None, :]
+            product = product * tl.maximum(factor, floor)
+        total += tl.log(tl.maximum(product, product_floor))
+    tl.store(
+        s_ptr + rb[:, None] * n_out + ri[None, :],
+        total,
+        mask=in_b[:, None] & in_i[None, :],
+    )
+
+
+@triton.jit
+def _grad_x(
+    x_ptr, wt_ptr, gt_ptr, dx_ptr, batch, n_in, n_pad, floor,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    # gt and wt are the upstream gradient and W transposed, (n_pad, batch) and
+    # (n_pad, n_in), zero-padded to n_pad = a multiple of CHUNK output units
+    # (padded units have g = 0: no contribution).
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    in_b, in_j = rb < batch, rj < n_in
+    x = tl.load(
+        x_ptr + rb[:, None] * n_in + rj[None, :],
+        mask=in_b[:, None] & in_j[None, :],
+        other=0.0,
+    )
+    acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    for start in range(0, n_pad, CHUNK):
+        for k in tl.static_range(CHUNK):
+            i = start + k
+            gi = tl.load(gt_ptr + i * batch + rb, mask=in_b, other=0.0)
+            wi = tl.load(wt_ptr + i * n_in + rj, mask=in_j, other=0.0)
+            factor = 1.0 - x * wi[None, :]
+            q = tl.where(factor > floor, gi[:, None] / factor, 0.0)
+            acc += q * wi[None, :]
+    tl.store(
+        dx_ptr + rb[:, None] * n_in + rj[None, :],
+        -acc,
+        mask=in_b[:, None] & in_j[None, :],
+    )
+
+
+@triton.jit
+def _grad_w(
+    x_ptr, w_ptr, g_ptr, dw_ptr, n_in, n_out, floor, rows,
+    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    # Program (j, i, slice) sums batch rows [slice * rows, (slice + 1) * rows)
+    # into dw[slice]; the caller adds the slices. x and g are zero-padded to
+    # a whole number of slices, `rows` a multiple of CHUNK (g = 0: no
+    # contribution).
+    rj = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    part = tl.program_id(2)
+    in_j, in_i = rj < n_in, ri < n_out
+    w = tl.load(
+        w_ptr + rj[:, None] * n_out + ri[None, :],
+        mask=in_j[:, None] & in_i[None, :],
+        other=0.0,
+    )
+    acc = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
+    for start in range(part * rows, part * rows + rows, CHUNK):
+        for k in tl.static_range(CHUNK):
+            b = start + k
+            xb = tl.load(x_ptr + b * n_in + rj, mask=in_j, other=0.0)
+            gb = tl.load(g_ptr + b * n_out + ri, mask=in_i, other=0.0)
+            factor = 1.0 - xb[:, None] * w
+            q = tl.where(factor > floor, gb[None, :] / factor, 0.0)
+            acc += q * xb[:, None]
+    tl.store(
+        dw_ptr + part * n_in * n_out + rj[:, None] * n_out + ri[None, :],
+        -acc,
+        mask=in_j[:, None] & in_i[None, :],
+    )
+
+
+def _grid(*sizes_and_blocks):
+    return tuple(triton.cdiv(size, block) for size, block in sizes_and_blocks)
+
+
+def _padded(t, rows: int):
+    """`t` (2-D) made contiguous with zero rows appended up to `rows` rows."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    out = t.new_zeros((rows, t.shape[1]))
+    out[: t.shape[0]] = t
+    return out
+
+
+class _LogInhibition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, floor, product_floor, config):
+        block, chunk, warps = config
+        x, kernel = x.detach().contiguous(), kernel.detach().contiguous()
+        batch, n_in = x.shape
+        n_out = kernel.shape[1]
+        s = x.new_empty((batch, n_out))
+        n_pad = triton.cdiv(n_in, chunk) * chunk
+        _forward[_grid((batch, block[0]), (n_out, block[1]))](
+            _padded(x.t(), n_pad), _padded(kernel, n_pad), s,
+            batch, n_pad, n_out, floor, product_floor,
+            BLOCK_B=block[0], BLOCK_I=block[1], CHUNK=chunk, num_warps=warps,
+        )  # fmt: skip
+        ctx.save_for_backward(x, kernel)
+        ctx.floor, ctx.config = floor, config
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, upstream):
+        x, kernel = ctx.saved_tensors
+        block, chunk, warps = ctx.config
+        g = upstream.contiguous()
+        batch, n_in = x.shape
+        n_out = kernel.shape[1]
+        dx = torch.empty_like(x)
+        n_pad = triton.cdiv(n_out, chunk) * chunk
+        _grad_x[_grid((batch, block[0]), (n_in, block[1]))](
+            x, _padded(kernel.t(), n_pad), _padded(g.t(), n_pad), dx,
+            batch, n_in, n_pad, ctx.floor,
+            BLOCK_B=block[0], BLOCK_J=block[1], CHUNK=chunk, num_warps=warps,
+        )  # fmt: skip
+        parts = triton.cdiv(batch, GRAD_W_ROWS)
+        rows = triton.cdiv(triton.cdiv(batch, parts), chunk) * chunk
+        dw = x.new_empty((parts, n_in, n_out))
+        _grad_w[_grid((n_in, block[0]), (n_out, block[1])) + (parts,)](
+            _padded(x, parts * rows), kernel, _padded(g, parts * rows), dw,
+            n_in, n_out, ctx.floor, rows,
+            BLOCK_J=block[0], BLOCK_I=block[1], CHUNK=chunk, num_warps=warps,
+        )  # fmt: skip
+        return dx, dw.sum(0) if parts > 1 else dw[0], None, None, None
+
+
+def log_inhibition(x, kernel, floor: float, product_floor: float, config=None):
+    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 torch tensors.
+
+    `config` is (block, chunk, num_warps); the module's defaults when None.
+    """
+    if x.dtype != torch.float32 or kernel.dtype != torch.float32:
+        raise ValueError(
+            "implementation='triton' computes in float32. "
+            f"Received: x of dtype {x.dtype}, kernel of dtype {kernel.dtype}"
+        )
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "implementation='triton' needs CUDA tensors (or Triton's interpreter: "
+            f"TRITON_INTERPRET=1 before import). Received: tensors on {x.device}"
+        )
+    config = config or (BLOCK, CHUNK, NUM_WARPS)
+    return _LogInhibition.apply(x, kernel, float(floor), float(product_floor), config)
