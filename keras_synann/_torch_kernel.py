@@ -22,11 +22,15 @@ import math
 import torch
 
 
-def _factors(xt, kernel, start, stop, out):
-    """out[:c] = 1 - x[:, j] * W[j, :] for j in [start, stop), shape (c, batch, n_out)."""
+def _factors(neg_xt, kernel, start, stop, out):
+    """out[:c] = 1 - x[:, j] * W[j, :] for j in [start, stop), shape (c, batch, n_out).
+
+    `neg_xt` is -x transposed: negating the (n_in, batch) input once saves a
+    pass over every (c, batch, n_out) chunk.
+    """
     f = out[: stop - start]
-    torch.mul(xt[start:stop, :, None], kernel[start:stop, None, :], out=f)
-    return f.neg_().add_(1.0)
+    torch.mul(neg_xt[start:stop, :, None], kernel[start:stop, None, :], out=f)
+    return f.add_(1.0)
 
 
 #: Running products are kept within [1e-30, 1e30]: far from float32's limits.
@@ -65,7 +69,7 @@ class _LogInhibition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, chunk, floor, product_floor):
         n_in = x.shape[1]
-        xt = x.detach().t()
+        neg_xt = x.detach().t().neg()
         kernel_d = kernel.detach()
         total = x.new_zeros((x.shape[0], kernel.shape[1]))
         buffer = x.new_empty((chunk, x.shape[0], kernel.shape[1]))
@@ -75,7 +79,7 @@ class _LogInhibition(torch.autograd.Function):
         pending = 0  # chunk products multiplied into `running`, not yet logged
         for start in range(0, n_in, chunk):
             stop = min(start + chunk, n_in)
-            f = _factors(xt, kernel_d, start, stop, buffer)
+            f = _factors(neg_xt, kernel_d, start, stop, buffer)
             if may_floor:
                 f.clamp_min_(floor)
             torch.prod(f, dim=0, out=partial)
@@ -103,26 +107,28 @@ class _LogInhibition(torch.autograd.Function):
         chunk, floor, may_floor = ctx.chunk, ctx.floor, ctx.may_floor
         batch, n_in = x.shape
         n_out = kernel.shape[1]
-        xt = x.t()
+        xt = x.t().contiguous()  # bmm copies a strided operand on every call
+        neg_xt = xt.neg()
         d_w = torch.empty_like(kernel)
         d_xt = x.new_empty((n_in, batch))
-        factors = x.new_empty((chunk, batch, n_out))
-        q = torch.empty_like(factors)
+        # One buffer, updated in place: factors f, then q = upstream / f, then
+        # q * W (each in-place pass is cheaper than writing a second buffer).
+        buffer = x.new_empty((chunk, batch, n_out))
         if may_floor:
-            floored = torch.empty(factors.shape, dtype=torch.bool, device=x.device)
+            floored = torch.empty(buffer.shape, dtype=torch.bool, device=x.device)
         for start in range(0, n_in, chunk):
             stop = min(start + chunk, n_in)
             c = stop - start
-            f = _factors(xt, kernel, start, stop, factors)
-            qc = torch.div(upstream, f, out=q[:c])
+            f = _factors(neg_xt, kernel, start, stop, buffer)
             if may_floor:
                 torch.le(f, floor, out=floored[:c])
-                qc.masked_fill_(floored[:c], 0.0)
+            q = torch.div(upstream, f, out=f)
+            if may_floor:
+                q.masked_fill_(floored[:c], 0.0)
             # d_w[j, i] = -sum_b x[b, j] q[j, b, i]
-            torch.bmm(xt[start:stop, None, :], qc, out=d_w[start:stop, None, :])
-            # d_x[b, j] = -sum_i q[j, b, i] W[j, i]   (reuses the factors buffer)
-            torch.mul(qc, kernel[start:stop, None, :], out=f)
-            torch.sum(f, dim=-1, out=d_xt[start:stop])
+            torch.bmm(xt[start:stop, None, :], q, out=d_w[start:stop, None, :])
+            # d_x[b, j] = -sum_i q[j, b, i] W[j, i]
+            torch.sum(q.mul_(kernel[start:stop, None, :]), dim=-1, out=d_xt[start:stop])
         return d_xt.t().neg_(), d_w.neg_(), None, None, None
 
 
