@@ -1,7 +1,17 @@
 """Shared pytest setup: report the backend, seed every test."""
 
-import keras
-import pytest
+import os
+
+# Without a CUDA GPU the Triton kernels run in Triton's interpreter. Triton reads
+# this when the kernels are defined, so it is set before anything imports them.
+if os.environ.get("KERAS_BACKEND") == "torch":
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_report_header(config):
