@@ -87,7 +87,8 @@ def benchmark(args) -> list[dict]:
             for model in args.models:
                 settings = dict(SETTINGS[model])
                 for key in ("epochs", "learning_rate", "schedule", "batch_size",
-                            "steps_per_epoch", "implementation"):  # fmt: skip
+                            "steps_per_epoch", "implementation",
+                            "jit_compile"):  # fmt: skip
                     if getattr(args, key) is not None:
                         settings[key] = getattr(args, key)
                 runs = []
@@ -158,6 +159,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="smoke runs")
     p.add_argument(
         "--implementation", default=None, help="the Synapse layer's (default: auto)"
+    )
+    p.add_argument(
+        "--jit-compile",
+        default=None,
+        choices=("auto", "on", "off"),
+        help="see mnist.py",
     )
     p.add_argument("--dense-epochs", type=int, default=2, help="0: no Dense baseline")
     p.add_argument(

@@ -157,36 +157,38 @@ def log_inhibition(
             # (chunk, batch, n_out): 1 - beta_ij * x_bj for the chunk's j.
             return 1.0 - ops.expand_dims(xk, -1) * ops.expand_dims(wk, 1)
 
-        def forward_step(total, inputs):
-            xk, wk = inputs
+        # The backward writes whole-size accumulators in place rather than
+        # stacking per-chunk outputs (see `_over_chunks`).
+        def forward_step(k, total, xk, wk):
             f = ops.maximum(factors(xk, wk), FACTOR_FLOOR)
             partial = ops.maximum(ops.prod(f, axis=0), _PRODUCT_FLOOR)
-            return total + ops.log(partial), None
+            return total + ops.log(partial)
 
         zeros = ops.zeros((batch, n_out), dtype=x.dtype)
-        total, _ = ops.scan(forward_step, zeros, (xc, wc))
+        total = _over_chunks(forward_step, zeros, xc, wc)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
 
-            def backward_step(carry, inputs):
-                xk, wk = inputs
+            def backward_step(k, grads, xk, wk):
+                d_w_all, d_x_all = grads
                 f = factors(xk, wk)
                 # q = upstream / f, except where the factor was floored: there
                 # the factor is a constant and passes no gradient.
                 q = ops.where(f > FACTOR_FLOOR, upstream / f, 0.0)
                 d_w = -ops.einsum("jb,jbi->ji", xk, q)
                 d_x = -ops.einsum("jbi,ji->jb", q, wk)
-                # The carry only mirrors the outputs' shapes (the tensorflow
-                # backend's scan requires outputs shaped like the carry).
-                return (d_w, d_x), (d_w, d_x)
+                return (
+                    ops.slice_update(d_w_all, (k, 0, 0), d_w[None]),
+                    ops.slice_update(d_x_all, (k, 0, 0), d_x[None]),
+                )
 
             init = (
-                ops.zeros((chunk, n_out), dtype=x.dtype),
-                ops.zeros((chunk, batch), dtype=x.dtype),
+                ops.zeros((num_chunks, chunk, n_out), dtype=x.dtype),
+                ops.zeros((num_chunks, chunk, batch), dtype=x.dtype),
             )
-            _, (d_w, d_x) = ops.scan(backward_step, init, (xc, wc))
+            d_w, d_x = _over_chunks(backward_step, init, xc, wc)
             d_w = ops.reshape(d_w, (num_chunks * chunk, n_out))[:n_in]
             d_x = ops.transpose(ops.reshape(d_x, (num_chunks * chunk, batch))[:n_in])
             return d_x, d_w
@@ -194,6 +196,29 @@ def log_inhibition(
         return total, grad
 
     return _log_inhibition(x, kernel)
+
+
+def _over_chunks(step, init, xc, wc):
+    """`carry = step(k, carry, xc[k], wc[k])` for every chunk k; the last carry.
+
+    jax and torch scan over the stacked chunks. Under tensorflow a while loop
+    indexes them instead: XLA (a train step with jit_compile, TPUs) cannot
+    compile tensorflow's scan, whose lists of chunks have the batch size in
+    their shape, when that size is unknown while tracing.
+    """
+    if keras.backend.backend() == "tensorflow":
+
+        def body(k, carry):
+            return step(k, carry, ops.take(xc, k, axis=0), ops.take(wc, k, axis=0))
+
+        return ops.fori_loop(0, xc.shape[0], body, init)
+
+    def scan_step(carry, inputs):
+        k, inner = carry
+        return (k + 1, step(k, inner, *inputs)), None
+
+    (_, carry), _ = ops.scan(scan_step, (0, init), (xc, wc))
+    return carry
 
 
 def resolve_implementation(implementation: str, x, kernel) -> str:

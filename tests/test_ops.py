@@ -252,3 +252,30 @@ def test_memory_stays_linear_in_batch(tmp_path):
     )
     grown_mb = float(result.stdout.strip().splitlines()[-1])
     assert grown_mb < 600, f"peak RSS grew by {grown_mb:.0f} MB"
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tensorflow's XLA tracing"
+)
+def test_compiles_with_xla_when_the_batch_size_is_unknown():
+    # A tensorflow train step with jit_compile (and TPUStrategy) traces with an
+    # unknown batch size; tensorflow's scan cannot be compiled then.
+    import tensorflow as tf
+
+    x, kernel = _data(6, 40, beta_max=0.5)
+    kernel_t = tf.constant(kernel)
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec((None, 40))])
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel_t])
+            value = tf.reduce_sum(synann_ops.synapse_graph(x, kernel_t))
+        return value, tape.gradient(value, [x, kernel_t])
+
+    value, (d_x, d_kernel) = step(tf.constant(x))
+    exp_dx, exp_dkernel = numpy_synapse_graph_grads(x, kernel, np.ones((6, 40)))
+    np.testing.assert_allclose(
+        float(value), numpy_synapse_graph(x, kernel).sum(), rtol=1e-5
+    )
+    np.testing.assert_allclose(d_x.numpy(), exp_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_kernel.numpy(), exp_dkernel, rtol=1e-4, atol=1e-5)

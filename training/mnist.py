@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         "measured for the device; see keras_synann.ops.log_inhibition)",
     )
     add(
+        "--jit-compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="compile the train step (XLA on jax and tensorflow, torch.compile on "
+        "torch); auto: Keras's choice, which leaves tensorflow on CPU and torch "
+        "uncompiled (default: %(default)s)",
+    )
+    add(
         "--resume",
         action="store_true",
         help="continue from the last completed epoch in --output-dir",
@@ -342,6 +350,7 @@ def run(args, strategy: distribute.Strategy) -> dict:
             optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
+            jit_compile={"auto": "auto", "on": True, "off": False}[args.jit_compile],
         )
     best_path = out / "best.keras"
     best_so_far = max((row.get("val_accuracy", -1.0) for row in rows), default=None)
