@@ -12,6 +12,7 @@ README.md, "Divergence from the reference code").
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -135,67 +136,121 @@ def log_inhibition(
         return _torch_kernel.log_inhibition(
             x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
         )
-    num_chunks = math.ceil(n_in / chunk)
-    pad = num_chunks * chunk - n_in
+    forward = functools.partial(_chunked_forward, chunk=chunk)
+    backward = functools.partial(_chunked_backward, chunk=chunk)
+    if backend == "tensorflow":
+        forward, backward = _tensorflow_xla(n_in, n_out, chunk, str(x.dtype.name))
 
     @ops.custom_gradient
     def _log_inhibition(x, kernel):
-        batch = ops.shape(x)[0]
         # The gradient is `grad` below; stop_gradient keeps tensorflow's eager
         # tape from also recording (and holding on to) every chunk's factors.
         x, kernel = ops.stop_gradient(x), ops.stop_gradient(kernel)
-        # x_j = 0 and a zero kernel row contribute a factor of exactly 1.
-        xt = ops.transpose(x)  # (n_in, batch)
-        w = kernel
-        if pad:
-            xt = ops.pad(xt, ((0, pad), (0, 0)))
-            w = ops.pad(w, ((0, pad), (0, 0)))
-        xc = ops.reshape(xt, (num_chunks, chunk, batch))
-        wc = ops.reshape(w, (num_chunks, chunk, n_out))
-
-        def factors(xk, wk):
-            # (chunk, batch, n_out): 1 - beta_ij * x_bj for the chunk's j.
-            return 1.0 - ops.expand_dims(xk, -1) * ops.expand_dims(wk, 1)
-
-        # The backward writes whole-size accumulators in place rather than
-        # stacking per-chunk outputs (see `_over_chunks`).
-        def forward_step(k, total, xk, wk):
-            f = ops.maximum(factors(xk, wk), FACTOR_FLOOR)
-            partial = ops.maximum(ops.prod(f, axis=0), _PRODUCT_FLOOR)
-            return total + ops.log(partial)
-
-        zeros = ops.zeros((batch, n_out), dtype=x.dtype)
-        total = _over_chunks(forward_step, zeros, xc, wc)
+        total = forward(x, kernel)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-
-            def backward_step(k, grads, xk, wk):
-                d_w_all, d_x_all = grads
-                f = factors(xk, wk)
-                # q = upstream / f, except where the factor was floored: there
-                # the factor is a constant and passes no gradient.
-                q = ops.where(f > FACTOR_FLOOR, upstream / f, 0.0)
-                d_w = -ops.einsum("jb,jbi->ji", xk, q)
-                d_x = -ops.einsum("jbi,ji->jb", q, wk)
-                return (
-                    ops.slice_update(d_w_all, (k, 0, 0), d_w[None]),
-                    ops.slice_update(d_x_all, (k, 0, 0), d_x[None]),
-                )
-
-            init = (
-                ops.zeros((num_chunks, chunk, n_out), dtype=x.dtype),
-                ops.zeros((num_chunks, chunk, batch), dtype=x.dtype),
-            )
-            d_w, d_x = _over_chunks(backward_step, init, xc, wc)
-            d_w = ops.reshape(d_w, (num_chunks * chunk, n_out))[:n_in]
-            d_x = ops.transpose(ops.reshape(d_x, (num_chunks * chunk, batch))[:n_in])
-            return d_x, d_w
+            return backward(x, kernel, upstream)
 
         return total, grad
 
     return _log_inhibition(x, kernel)
+
+
+def _chunks(x, kernel, chunk):
+    """x transposed and W, zero-padded and split into chunks of input units:
+    (num_chunks, chunk, batch) and (num_chunks, chunk, n_out). x_j = 0 and a
+    zero kernel row contribute a factor of exactly 1."""
+    n_in, n_out = kernel.shape
+    batch = ops.shape(x)[0]
+    num_chunks = math.ceil(n_in / chunk)
+    pad = num_chunks * chunk - n_in
+    xt, w = ops.transpose(x), kernel
+    if pad:
+        xt = ops.pad(xt, ((0, pad), (0, 0)))
+        w = ops.pad(w, ((0, pad), (0, 0)))
+    xc = ops.reshape(xt, (num_chunks, chunk, batch))
+    return xc, ops.reshape(w, (num_chunks, chunk, n_out))
+
+
+def _factors(xk, wk):
+    """(chunk, batch, n_out): 1 - beta_ij * x_bj for the chunk's j."""
+    return 1.0 - ops.expand_dims(xk, -1) * ops.expand_dims(wk, 1)
+
+
+def _chunked_forward(x, kernel, chunk):
+    """s (batch, n_out): one log per chunk's product of floored factors."""
+
+    def step(k, total, xk, wk):
+        f = ops.maximum(_factors(xk, wk), FACTOR_FLOOR)
+        partial = ops.maximum(ops.prod(f, axis=0), _PRODUCT_FLOOR)
+        return total + ops.log(partial)
+
+    xc, wc = _chunks(x, kernel, chunk)
+    zeros = ops.zeros((ops.shape(x)[0], kernel.shape[1]), dtype=x.dtype)
+    return _over_chunks(step, zeros, xc, wc)
+
+
+def _chunked_backward(x, kernel, upstream, chunk):
+    """(d x, d W) of sum(upstream * s), chunk by chunk, in closed form.
+
+    Each chunk's gradients are written into whole-size accumulators rather
+    than stacked as per-chunk outputs (see `_over_chunks`).
+    """
+
+    def step(k, grads, xk, wk):
+        d_w_all, d_x_all = grads
+        f = _factors(xk, wk)
+        # q = upstream / f, except where the factor was floored: there the
+        # factor is a constant and passes no gradient.
+        q = ops.where(f > FACTOR_FLOOR, upstream / f, 0.0)
+        d_w = -ops.einsum("jb,jbi->ji", xk, q)
+        d_x = -ops.einsum("jbi,ji->jb", q, wk)
+        return (
+            ops.slice_update(d_w_all, (k, 0, 0), d_w[None]),
+            ops.slice_update(d_x_all, (k, 0, 0), d_x[None]),
+        )
+
+    n_in, n_out = kernel.shape
+    batch = ops.shape(x)[0]
+    xc, wc = _chunks(x, kernel, chunk)
+    num_chunks = xc.shape[0]
+    init = (
+        ops.zeros((num_chunks, chunk, n_out), dtype=x.dtype),
+        ops.zeros((num_chunks, chunk, batch), dtype=x.dtype),
+    )
+    d_w, d_x = _over_chunks(step, init, xc, wc)
+    d_w = ops.reshape(d_w, (num_chunks * chunk, n_out))[:n_in]
+    d_x = ops.transpose(ops.reshape(d_x, (num_chunks * chunk, batch))[:n_in])
+    return d_x, d_w
+
+
+@functools.cache
+def _tensorflow_xla(n_in: int, n_out: int, chunk: int, dtype: str):
+    """The chunked forward and backward, compiled with XLA by tensorflow.
+
+    Keras leaves a tensorflow train step uncompiled on CPU-only machines and
+    under tf.distribute; the chunk loops would then run op by op. Compiled on
+    their own they run as fused loops wherever the step runs (inside an
+    XLA-compiled step they are inlined). One pair per layer shape, any batch.
+    """
+    import tensorflow as tf
+
+    x = tf.TensorSpec((None, n_in), dtype)
+    w = tf.TensorSpec((n_in, n_out), dtype)
+    g = tf.TensorSpec((None, n_out), dtype)
+    forward = tf.function(
+        functools.partial(_chunked_forward, chunk=chunk),
+        input_signature=[x, w],
+        jit_compile=True,
+    )
+    backward = tf.function(
+        functools.partial(_chunked_backward, chunk=chunk),
+        input_signature=[x, w, g],
+        jit_compile=True,
+    )
+    return forward, backward
 
 
 def _over_chunks(step, init, xc, wc):
