@@ -26,6 +26,8 @@ FACTOR_FLOOR = 1e-6
 _PRODUCT_FLOOR = 1.1754944e-38
 #: Ways to compute `log_inhibition` (see its docstring).
 IMPLEMENTATIONS = ("auto", "ops", "torch", "triton", "pallas")
+#: The backend each backend-specific implementation needs.
+_BACKEND_OF = {"torch": "torch", "triton": "torch", "pallas": "jax"}
 #: Inputs are processed in chunks of this many input units: memory is
 #: O(chunk * batch * n_out), never batch * n_in * n_out.
 DEFAULT_CHUNK_SIZE = 16
@@ -109,15 +111,11 @@ def log_inhibition(
             f"`implementation` must be one of {', '.join(map(repr, IMPLEMENTATIONS))}. "
             f"Received: implementation={implementation!r}"
         )
-    if implementation in ("torch", "triton") and backend != "torch":
+    needs = _BACKEND_OF.get(implementation)
+    if needs is not None and backend != needs:
         raise ValueError(
-            f"implementation={implementation!r} needs the torch backend. "
+            f"implementation={implementation!r} needs the {needs} backend. "
             f"Received: implementation={implementation!r} with backend {backend!r}"
-        )
-    if implementation == "pallas" and backend != "jax":
-        raise ValueError(
-            "implementation='pallas' needs the jax backend. "
-            f"Received: implementation='pallas' with backend {backend!r}"
         )
     n_in, n_out = kernel.shape
     chunk = min(int(chunk_size), int(n_in))
