@@ -29,8 +29,9 @@ jax.devices()[0].device_kind, '| torch', torch.__version__, '| triton', \
 triton.__version__, '| keras', keras.__version__)" 2>&1 | tail -1
 } | tee "$out/env.txt"
 
-# The keras.ops path is left out here: under jax it did not finish within 100 s
-# at this shape on an H100 (benchmarks/results/gpu/README.md).
+# The keras.ops path is left out here: under jax it had not finished one
+# measurement at this shape on an H100 when the run hit its time limit
+# (benchmarks/results/gpu/README.md).
 part layer 200 "$py" benchmarks/layer.py --backends torch,jax \
     --implementations triton,pallas,torch --batch 4096 --n 1024 \
     --memory-batch 4096 --no-reference --json "$out/layer.json"
