@@ -7,7 +7,8 @@ Public API:
     load_legacy_weights load such a file's weights into a Keras 3 model
     synacnn, lenet, mlp the reference MNIST models (get_model(name), MODELS)
     ops                 the math on keras.ops tensors (synapse, synapse_graph,
-                        log_inhibition, surprisal helpers)
+                        log_inhibition, log_inhibition_series,
+                        series_error_bound, surprisal helpers)
 """
 
 from keras_synann import ops

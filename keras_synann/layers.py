@@ -63,8 +63,14 @@ class Synapse(keras.layers.Layer):
         zero_diagonal: fix beta_ii = 0 (no self-inhibition, as the paper
             allows). The diagonal of the kernel is then ignored.
         chunk_size: input units processed at once (memory/speed trade-off).
-        implementation: "auto", "ops", "torch" or "triton"; see
+        implementation: "auto", "ops", "torch", "triton" or "pallas"; see
             `keras_synann.ops.log_inhibition`. All give the same results.
+        series_order: None (default): the exact layer. A positive int K:
+            approximate `sum_j log(1 - beta_ij x_j)` by its Taylor series to
+            order K, computed as matmuls (about K Dense layers' cost; see
+            `keras_synann.ops.log_inhibition_series` for the error bound).
+            An opt-in for speed where beta * x stays well below 1; it does
+            not combine with `implementation` (leave that "auto").
         **kwargs: base layer keywords (`name`, `dtype`, `trainable`, ...).
 
     Input shape: `(..., n)`. Output shape: `(..., n)`, of the compute dtype;
@@ -83,6 +89,7 @@ class Synapse(keras.layers.Layer):
         zero_diagonal: bool = False,
         chunk_size: int = synann_ops.DEFAULT_CHUNK_SIZE,
         implementation: str = "auto",
+        series_order: int | None = None,
         **kwargs,
     ):
         output_dim = kwargs.pop("output_dim", None)
@@ -124,8 +131,26 @@ class Synapse(keras.layers.Layer):
                 f"{', '.join(map(repr, synann_ops.IMPLEMENTATIONS))}. "
                 f"Received: implementation={implementation!r}"
             )
+        if series_order is not None:
+            if (
+                isinstance(series_order, bool)
+                or not isinstance(series_order, int)
+                or series_order < 1
+            ):
+                raise ValueError(
+                    "`series_order` must be a positive integer or None. "
+                    f"Received: series_order={series_order!r}"
+                )
+            if implementation != "auto":
+                raise ValueError(
+                    "`implementation` selects a kernel for the exact layer and "
+                    "does not apply with `series_order`; leave it 'auto'. "
+                    f"Received: implementation={implementation!r}, "
+                    f"series_order={series_order}"
+                )
         self.chunk_size = chunk_size
         self.implementation = implementation
+        self.series_order = series_order
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -179,6 +204,7 @@ class Synapse(keras.layers.Layer):
             alpha=alpha,
             chunk_size=self.chunk_size,
             implementation=self.implementation,
+            series_order=self.series_order,
         )
         return ops.cast(y, self.compute_dtype)
 
@@ -199,5 +225,6 @@ class Synapse(keras.layers.Layer):
             "zero_diagonal": self.zero_diagonal,
             "chunk_size": self.chunk_size,
             "implementation": self.implementation,
+            "series_order": self.series_order,
         }
         return {**base_config, **config}

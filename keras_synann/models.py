@@ -25,9 +25,13 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-def _synapse_or_dense(units: int, synapse: bool, name: str, implementation: str):
+def _synapse_or_dense(
+    units: int, synapse: bool, name: str, implementation: str, series_order
+):
     if synapse:
-        return Synapse(units, implementation=implementation, name=name)
+        return Synapse(
+            units, implementation=implementation, series_order=series_order, name=name
+        )
     return layers.Dense(units, name=f"{name}_dense")
 
 
@@ -41,6 +45,7 @@ def synacnn(
     dropout: float = 0.25,
     synapse: bool = True,
     implementation: str = "auto",
+    series_order: int | None = None,
     name: str = "synacnn",
 ) -> keras.Model:
     """The reference TensorFlow CNN with a `Synapse(784)` head.
@@ -59,7 +64,7 @@ def synacnn(
     x = layers.Conv2D(784, 7, activation="sigmoid", name="conv4")(x)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout1")(x)
-    x = _synapse_or_dense(784, synapse, "synapse", implementation)(x)
+    x = _synapse_or_dense(784, synapse, "synapse", implementation, series_order)(x)
     x = layers.Dropout(dropout, name="dropout2")(x)
     return keras.Model(inputs, _logits(num_classes)(x), name=name)
 
@@ -73,6 +78,7 @@ def lenet(
     squash: str = "softmax",
     synapse: bool = True,
     implementation: str = "auto",
+    series_order: int | None = None,
     name: str = "lenet",
 ) -> keras.Model:
     """The reference PyTorch LeNet-style net with a `Synapse(hidden)` layer.
@@ -102,7 +108,7 @@ def lenet(
     x = layers.Dense(hidden, activation="relu", name="fc1")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Activation(squash, name=squash)(x)
-    x = _synapse_or_dense(hidden, synapse, "synapse", implementation)(x)
+    x = _synapse_or_dense(hidden, synapse, "synapse", implementation, series_order)(x)
     x = layers.BatchNormalization(name="batch_norm")(x)
     return keras.Model(inputs, _logits(num_classes)(x), name=name)
 
@@ -115,6 +121,7 @@ def mlp(
     input_dropout: float = 0.2,
     synapse: bool = True,
     implementation: str = "auto",
+    series_order: int | None = None,
     name: str = "mlp",
 ) -> keras.Model:
     """The paper's SynaMLP: Dense(hidden) -> Synapse(hidden) -> dropout -> logits.
@@ -130,7 +137,7 @@ def mlp(
     if input_dropout:
         x = layers.Dropout(input_dropout, name="input_dropout")(x)
     x = layers.Dense(hidden, activation="sigmoid", name="fc1")(x)
-    x = _synapse_or_dense(hidden, synapse, "synapse", implementation)(x)
+    x = _synapse_or_dense(hidden, synapse, "synapse", implementation, series_order)(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     return keras.Model(inputs, _logits(num_classes)(x), name=name)
 
@@ -143,7 +150,8 @@ def get_model(name: str, **kwargs) -> keras.Model:
     """Builds the model called `name` (one of `MODELS`) with `kwargs`.
 
     Every builder takes `synapse` (False: a Dense layer in the Synapse layer's
-    place, for comparisons) and `implementation` (the Synapse layer's).
+    place, for comparisons), and `implementation` and `series_order` (the
+    Synapse layer's).
     """
     if name not in MODELS:
         raise ValueError(

@@ -311,12 +311,83 @@ def _triton_applies(x, kernel) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def log_inhibition_series(x, kernel, order: int):
+    """An approximation of `log_inhibition` by matmuls: its Taylor series.
+
+        s_i = sum_j log(1 - a_ij)  ~  -sum_{k=1..K} (x^k @ W^k)_i / k,
+        a_ij = beta_ij x_j,  x^k and W^k elementwise powers,  K = order
+
+    computed as one matmul of (batch, K n_in) by (K n_in, n_out), so it costs
+    about K matmuls of a Dense layer's size forward and backward (the
+    gradient is the matmuls' own). Not exact: an explicit opt-in.
+
+    Error: for |a_ij| < 1 the truncation error of each term is at most
+    |a|^(K+1) / ((K+1) (1 - |a|)), and for a >= 0 the series overestimates
+    (the approximate s is never below the exact one, so y is never below
+    the exact y). `series_error_bound` sums that bound over j. The series
+    diverges for |a| >= 1 and is poor as a approaches 1: use it where beta x
+    stays well below 1 (for example with `ValueRange(0, 0.5)` on the kernel).
+
+    Args:
+        x: a (batch, n_in) float tensor.
+        kernel: an (n_in, n_out) float tensor W with beta_ij = W[j, i].
+        order: K, the number of series terms (a positive int).
+
+    Returns:
+        A (batch, n_out) tensor.
+    """
+    _check_order(order)
+    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+    x_powers, w_powers = [x], [kernel]
+    for _ in range(order - 1):
+        x_powers.append(x_powers[-1] * x)
+        w_powers.append(w_powers[-1] * kernel)
+    w_terms = [w / float(k) for k, w in enumerate(w_powers, start=1)]
+    stacked_x = ops.concatenate(x_powers, axis=-1)
+    stacked_w = ops.concatenate(w_terms, axis=0)
+    return -ops.matmul(stacked_x, stacked_w)
+
+
+def series_error_bound(x, kernel, order: int):
+    """An upper bound on `|log_inhibition_series - log_inhibition|`, per output.
+
+        bound_bi = (|x_b|^(K+1) @ |W|^(K+1))_i / ((K+1) (1 - m_b)),
+        m_b = max_j |x_bj| * max |W|
+
+    (the per-term bound |a|^(K+1) / ((K+1) (1 - |a|)) with 1 - |a| bounded
+    below by 1 - m_b). Infinite where m_b >= 1, where the series may diverge.
+
+    Args:
+        x, kernel, order: as for `log_inhibition_series`.
+
+    Returns:
+        A (batch, n_out) tensor: a bound on the error of s, hence of log y.
+    """
+    _check_order(order)
+    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+    power = float(order + 1)
+    numerator = ops.matmul(
+        ops.power(ops.abs(x), power), ops.power(ops.abs(kernel), power)
+    )
+    largest = ops.max(ops.abs(x), axis=-1, keepdims=True) * ops.max(ops.abs(kernel))
+    bound = numerator / (power * (1.0 - largest))
+    return ops.where(largest < 1.0, bound, float("inf"))
+
+
+def _check_order(order) -> None:
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(
+            f"`series_order` must be a positive integer or None. Received: {order!r}"
+        )
+
+
 def synapse_graph(
     x,
     kernel,
     alpha=None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     implementation: str = "auto",
+    series_order: int | None = None,
 ):
     """The fully connected synapse graph, per sample over the last axis.
 
@@ -331,6 +402,10 @@ def synapse_graph(
         kernel: an (n, n) tensor W (beta in [0, 1) for the paper's domain).
         alpha: optional (n,) tensor of per-output excitation scales.
         chunk_size, implementation: see `log_inhibition`.
+        series_order: None (default) for the exact layer; a positive int K to
+            compute s with `log_inhibition_series` of order K instead (an
+            approximation by matmuls; `chunk_size` and `implementation` then
+            do not apply).
 
     Returns:
         A (..., n) tensor of the dtype of the computation (float32 or wider;
@@ -342,12 +417,13 @@ def synapse_graph(
     dtype = _accumulation_dtype(x.dtype)
     flat = ops.reshape(ops.cast(x, dtype), (-1, n))
     flat = ops.clip(flat, 0.0, 1.0)
-    s = log_inhibition(
-        flat,
-        ops.cast(kernel, dtype),
-        chunk_size=chunk_size,
-        implementation=implementation,
-    )
+    kernel = ops.cast(kernel, dtype)
+    if series_order is None:
+        s = log_inhibition(
+            flat, kernel, chunk_size=chunk_size, implementation=implementation
+        )
+    else:
+        s = log_inhibition_series(flat, kernel, series_order)
     y = flat * ops.exp(s)
     if alpha is not None:
         y = y * ops.cast(alpha, dtype)

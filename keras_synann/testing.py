@@ -49,6 +49,38 @@ def numpy_synapse_graph_grads(x, kernel, upstream):
     return d_x, d_kernel
 
 
+def numpy_series_log_inhibition(x, kernel, order: int) -> np.ndarray:
+    """The order-K Taylor series of `s_i = sum_j log(1 - a_ij)`, a_ij = beta_ij x_j:
+    `-sum_j sum_{k=1..K} a_ij^k / k` per sample, in float64 (term by term, as
+    written, not as the matmuls keras_synann uses)."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    rows = []
+    for row in x:
+        a = row[:, None] * kernel  # (j, i)
+        rows.append(-sum((a**k / k).sum(axis=0) for k in range(1, order + 1)))
+    return np.stack(rows)
+
+
+def numpy_series_log_inhibition_grads(x, kernel, upstream, order: int):
+    """Gradients of `sum(upstream * s)` for the order-K series s, in float64:
+
+    ds_i/dx_j     = -sum_k beta_ij^k x_j^(k-1)
+    ds_i/dbeta_ij = -sum_k x_j^k beta_ij^(k-1)
+
+    Returns (d_x, d_kernel).
+    """
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    g = np.asarray(upstream, np.float64)
+    d_x = np.zeros_like(x)
+    d_kernel = np.zeros_like(kernel)
+    for k in range(1, order + 1):
+        d_x -= np.einsum("bi,ji,bj->bj", g, kernel**k, x ** (k - 1))
+        d_kernel -= np.einsum("bi,bj,ji->ji", g, x**k, kernel ** (k - 1))
+    return d_x, d_kernel
+
+
 def numpy_reference_code_synapse(x, kernel) -> np.ndarray:
     """What the reference SynaNN code computes (the batch-mixing defect).
 

@@ -16,6 +16,7 @@ from keras_synann.testing import numpy_synapse_graph, run_layer_test
         {"units": 12},
         {"use_alpha": True, "zero_diagonal": True, "chunk_size": 5},
         {"kernel_regularizer": "l2", "kernel_constraint": None},
+        {"series_order": 3, "use_alpha": True},
     ],
 )
 def test_layer_basics(init_kwargs, tmp_path):
