@@ -88,7 +88,7 @@ def benchmark(args) -> list[dict]:
                 settings = dict(SETTINGS[model])
                 for key in ("epochs", "learning_rate", "schedule", "batch_size",
                             "steps_per_epoch", "implementation",
-                            "jit_compile"):  # fmt: skip
+                            "series_order", "jit_compile"):  # fmt: skip
                     if getattr(args, key) is not None:
                         settings[key] = getattr(args, key)
                 runs = []
@@ -114,7 +114,8 @@ def benchmark(args) -> list[dict]:
                     "settings": settings,
                 }
                 if args.dense_epochs:
-                    dense_settings = {**settings, "epochs": args.dense_epochs}
+                    dense_settings = {**settings, "epochs": args.dense_epochs,
+                                      "series_order": None}  # fmt: skip
                     dense = train(backend, model, dense_settings, args.seeds[0],
                                   Path(tmp) / f"{backend}-{model}-dense", dense=True)  # fmt: skip
                     row["dense_s_per_epoch"] = round(dense["epoch_seconds"], 2)
@@ -132,9 +133,11 @@ def table(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        order = r["settings"].get("series_order")
+        model = f"{r['model']} (series {order})" if order else r["model"]
         tests = "/".join(f"{100 * t:.2f}" for t in r["test_accuracies"])
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['devices']} | {r['epochs']} | "
+            f"| {model} | {r['backend']} | {r['devices']} | {r['epochs']} | "
             f"{100 * r['val_accuracy']:.2f}% | {100 * r['test_accuracy']:.2f}%"
             f"{f' ({tests})' if len(r['test_accuracies']) > 1 else ''} | "
             f"{r['s_per_epoch']} | {r.get('dense_s_per_epoch', '-')} | "
@@ -159,6 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="smoke runs")
     p.add_argument(
         "--implementation", default=None, help="the Synapse layer's (default: auto)"
+    )
+    p.add_argument(
+        "--series-order",
+        type=int,
+        default=None,
+        help="the Synapse layer's Taylor-series approximation (default: exact)",
     )
     p.add_argument(
         "--jit-compile",

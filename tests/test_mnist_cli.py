@@ -96,6 +96,18 @@ def test_dense_baseline_has_no_beta_heatmap(mnist_dir, tmp_path):
     assert (out / "accuracy.png").is_file() and not (out / "beta.png").exists()
 
 
+def test_series_order_run(mnist_dir, tmp_path):
+    out = tmp_path / "series"
+    args = _args(
+        mnist_dir, out, "--model", "mlp", "--epochs", "1", "--series-order", "3"
+    )
+    assert mnist.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["series_order"] == 3 and metrics["synapse"] is True
+    model = keras.saving.load_model(out / "best.keras")
+    assert model.get_layer("synapse").series_order == 3
+
+
 def test_mixed_precision_run(mnist_dir, tmp_path):
     out = tmp_path / "bf16"
     args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "1", "--mixed-precision")
@@ -160,6 +172,12 @@ def test_fresh_run_ignores_old_backup(mnist_dir, tmp_path):
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--learning-rate", "0"], "--learning-rate must be a positive number"),
         (["--schedule", "wobbly"], "unknown schedule 'wobbly'"),
+        (["--series-order", "0"], "--series-order must be >= 1"),
+        (
+            ["--series-order", "2", "--implementation", "ops"],
+            "does not combine with --series-order",
+        ),
+        (["--series-order", "2", "--dense-baseline"], "not --dense-baseline"),
         (
             ["--distribution", "no-such-strategy"],
             "distribution 'no-such-strategy' cannot run here",
@@ -234,5 +252,6 @@ def test_help_lists_the_options():
         "--model", "--epochs", "--batch-size", "--learning-rate", "--schedule",
         "--data-dir", "--output-dir", "--seed", "--distribution",
         "--steps-per-epoch", "--mixed-precision", "--resume", "--source",
+        "--series-order",
     ):  # fmt: skip
         assert flag in text

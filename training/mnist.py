@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         "measured for the device; see keras_synann.ops.log_inhibition)",
     )
     add(
+        "--series-order",
+        type=int,
+        default=None,
+        metavar="K",
+        help="approximate the Synapse layer's log-sum by its Taylor series to "
+        "order K, computed as matmuls (faster, not exact; see "
+        "keras_synann.ops.log_inhibition_series); default: exact",
+    )
+    add(
         "--jit-compile",
         default="auto",
         choices=("auto", "on", "off"),
@@ -187,8 +196,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
             )
-    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
-        raise UsageError(f"--steps-per-epoch must be >= 1, got {args.steps_per_epoch}")
+    for name in ("steps_per_epoch", "series_order"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.series_order is not None and args.implementation != "auto":
+        raise UsageError(
+            "--implementation selects a kernel for the exact layer; it does not "
+            f"combine with --series-order (got --implementation {args.implementation})"
+        )
+    if args.series_order is not None and args.dense_baseline:
+        raise UsageError(
+            "--series-order applies to the Synapse layer, not --dense-baseline"
+        )
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise UsageError(
             f"--learning-rate must be a positive number, got {args.learning_rate}"
@@ -345,6 +365,7 @@ def run(args, strategy: distribute.Strategy) -> dict:
             args.model,
             synapse=not args.dense_baseline,
             implementation=args.implementation,
+            series_order=args.series_order,
         )
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
@@ -424,6 +445,7 @@ def run(args, strategy: distribute.Strategy) -> dict:
         "epochs": len(rows),
         "model": args.model,
         "synapse": not args.dense_baseline,
+        "series_order": args.series_order,
         "backend": keras.backend.backend(),
         "distribution": strategy.name,
         "devices": list(strategy.devices),
