@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU numbers in the README, in one run (jax and torch on one CUDA GPU):
 # the layer at batch 4096, n = 1024 with every implementation, the fused
-# kernels' tile sweep, and MNIST seconds per epoch against Dense.
+# kernels' tile sweep, the opt-in series, and MNIST seconds per epoch
+# against Dense.
 #
 #   bash benchmarks/gpu.sh [OUTPUT_DIR]      (default benchmarks/results/gpu)
 #
@@ -37,6 +38,12 @@ part layer 200 "$py" benchmarks/layer.py --backends torch,jax \
     --memory-batch 4096 --no-reference --json "$out/layer.json"
 part sweep_torch 50 env KERAS_BACKEND=torch "$py" benchmarks/fused_sweep.py
 part sweep_jax 50 env KERAS_BACKEND=jax "$py" benchmarks/fused_sweep.py
+# The opt-in Taylor series (not exact): its cost at the same shape.
+for backend in torch jax; do
+    part "series_$backend" 45 env KERAS_BACKEND=$backend "$py" benchmarks/series.py \
+        --orders 2 3 4 --beta-max 0.1 --shapes 4096x1024 --repeats 10 \
+        --output "$out/series_$backend.json"
+done
 part mnist 180 "$py" benchmarks/mnist.py --models lenet mlp --backends torch jax \
     --epochs 3 --dense-epochs 3 --output "$out/mnist.json"
 part mnist_ops 90 "$py" benchmarks/mnist.py --models lenet mlp --backends jax \
