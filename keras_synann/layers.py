@@ -132,15 +132,7 @@ class Synapse(keras.layers.Layer):
                 f"Received: implementation={implementation!r}"
             )
         if series_order is not None:
-            if (
-                isinstance(series_order, bool)
-                or not isinstance(series_order, int)
-                or series_order < 1
-            ):
-                raise ValueError(
-                    "`series_order` must be a positive integer or None. "
-                    f"Received: series_order={series_order!r}"
-                )
+            synann_ops.check_series_order(series_order)
             if implementation != "auto":
                 raise ValueError(
                     "`implementation` selects a kernel for the exact layer and "

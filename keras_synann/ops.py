@@ -336,7 +336,7 @@ def log_inhibition_series(x, kernel, order: int):
     Returns:
         A (batch, n_out) tensor.
     """
-    _check_order(order)
+    check_series_order(order)
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
     x_powers, w_powers = [x], [kernel]
     for _ in range(order - 1):
@@ -363,7 +363,7 @@ def series_error_bound(x, kernel, order: int):
     Returns:
         A (batch, n_out) tensor: a bound on the error of s, hence of log y.
     """
-    _check_order(order)
+    check_series_order(order)
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
     power = float(order + 1)
     numerator = ops.matmul(
@@ -374,10 +374,12 @@ def series_error_bound(x, kernel, order: int):
     return ops.where(largest < 1.0, bound, float("inf"))
 
 
-def _check_order(order) -> None:
+def check_series_order(order) -> None:
+    """Raises ValueError unless `order` is a positive int (a series order)."""
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(
-            f"`series_order` must be a positive integer or None. Received: {order!r}"
+            "`series_order` must be a positive integer or None. "
+            f"Received: series_order={order!r}"
         )
 
 
