@@ -20,6 +20,7 @@ Prints Markdown tables and writes JSON (--output).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -36,14 +37,14 @@ def error_rows(orders, beta_maxes, batch, n) -> list[dict]:
     from keras import ops
 
     from keras_synann import ops as synann_ops
+    from keras_synann.testing import numpy_log_inhibition
 
     rows = []
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 1.0, (batch, n)).astype("float32")
     for beta_max in beta_maxes:
         kernel = rng.uniform(0.0, beta_max, (n, n)).astype("float32")
-        x64, k64 = x.astype(np.float64), kernel.astype(np.float64)
-        exact = np.stack([np.log1p(-row[:, None] * k64).sum(axis=0) for row in x64])
+        exact = numpy_log_inhibition(x, kernel)
         for order in orders:
             s = ops.convert_to_numpy(synann_ops.log_inhibition_series(x, kernel, order))
             bound = ops.convert_to_numpy(
@@ -97,9 +98,7 @@ def speed_rows(orders, shapes, repeats) -> list[dict]:
         _, dense_ms = _time(value_and_grad(dense_loss, jit=jit), (x, kernel), repeats)
         variants = [("exact", None)] + [(f"series {k}", k) for k in orders]
         for name, order in variants:
-            step = value_and_grad(
-                lambda x, k, order=order, loss=synapse_loss: loss(x, k, order), jit=jit
-            )
+            step = value_and_grad(functools.partial(synapse_loss, order=order), jit=jit)
             _, ms = _time(step, (x, kernel), repeats)
             rows.append(
                 {

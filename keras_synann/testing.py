@@ -13,6 +13,14 @@ import keras
 import numpy as np
 
 
+def numpy_log_inhibition(x, kernel) -> np.ndarray:
+    """`s_i = sum_j log(1 - beta_ij x_j)` per sample of a 2-D x, in float64."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    # One sample at a time: the straightforward statement of the formula.
+    return np.stack([np.log1p(-row[:, None] * kernel).sum(axis=0) for row in x])
+
+
 def numpy_synapse_graph(x, kernel, alpha=None) -> np.ndarray:
     """`y_i = alpha_i x_i prod_j (1 - beta_ij x_j)` per sample, in float64.
 
@@ -20,11 +28,8 @@ def numpy_synapse_graph(x, kernel, alpha=None) -> np.ndarray:
     call it with x in [0, 1] and beta in [0, 1).
     """
     x = np.asarray(x, np.float64)
-    kernel = np.asarray(kernel, np.float64)
     flat = x.reshape(-1, x.shape[-1])
-    # One sample at a time: the straightforward statement of the formula.
-    s = np.stack([np.log1p(-row[:, None] * kernel).sum(axis=0) for row in flat])
-    y = flat * np.exp(s)
+    y = flat * np.exp(numpy_log_inhibition(flat, kernel))
     if alpha is not None:
         y = y * np.asarray(alpha, np.float64)
     return y.reshape(x.shape)
