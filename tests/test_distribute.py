@@ -19,10 +19,12 @@ import keras
 import numpy as np
 import pytest
 
+from cloud.local_gcloud import cluster_env, free_ports
 from training import distribute
 
 BACKEND = keras.backend.backend()
 WORKER = Path(__file__).with_name("distributed_worker.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "training" / "mnist.py"
 # Same global batch and seed on 1 and on N devices: the final validation
 # accuracies must agree this closely (jax and tensorflow agree to float noise;
 # torch DDP shuffles differently from model.fit, so only within noise).
@@ -105,12 +107,53 @@ def test_global_batch_must_split_over_replicas():
         )
 
 
-def test_trim_drops_the_remainder_with_a_warning():
-    x, y = np.arange(10), np.arange(10)
+def test_trim_drops_the_remainder_with_a_warning(recwarn):
+    x, y = np.arange(10), np.arange(10) * 2
     with pytest.warns(UserWarning, match="last 2 of 10"):
         tx, ty = distribute._trim((x, y), 4, "training")
-    assert len(tx) == len(ty) == 8
-    assert distribute._trim((x[:8], y[:8]), 4, "training")[0] is not None
+    np.testing.assert_array_equal(tx, x[:8])
+    np.testing.assert_array_equal(ty, y[:8])
+    recwarn.clear()
+    kept = distribute._trim((x[:8], y[:8]), 4, "training")  # already even
+    assert not recwarn.list
+    np.testing.assert_array_equal(kept[0], x[:8])
+    np.testing.assert_array_equal(kept[1], y[:8])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_batches_do_not_depend_on_the_process_count(shuffle):
+    """Stacking every process's part of step k gives one process's step k."""
+    x = np.arange(100, dtype="float32")[:, None] * [1.0, -1.0]
+    y = np.arange(100)
+
+    def batches(processes, index):
+        keras.utils.set_random_seed(7)  # as every process does
+        data = distribute.GlobalBatches(
+            x, y, 16, 4, process_index=index, process_count=processes, shuffle=shuffle
+        )
+        epochs = []
+        for _ in range(2):
+            epochs.append([data[k] for k in range(len(data))])
+            data.on_epoch_end()
+        return epochs
+
+    one = batches(1, 0)
+    parts = [batches(2, p) for p in (0, 1)]
+    assert len(one[0]) == 7  # ceil(100 / 16); the last batch has 4 samples
+    for epoch in range(2):
+        for k, (xb, yb) in enumerate(one[epoch]):
+            stacked = np.concatenate([parts[p][epoch][k][1] for p in (0, 1)])
+            np.testing.assert_array_equal(stacked, yb)
+            np.testing.assert_array_equal(xb[:, 0], yb)  # x rows travel with y
+            assert len(parts[0][epoch][k][1]) == len(yb) // 2
+    seen = np.sort(np.concatenate([yb for _, yb in one[0]]))
+    np.testing.assert_array_equal(seen, y)  # every sample once per epoch
+    first = [yb for _, yb in one[0]]
+    second = [yb for _, yb in one[1]]
+    reshuffled = any(
+        not np.array_equal(a, b) for a, b in zip(first, second, strict=True)
+    )
+    assert reshuffled == shuffle
 
 
 @pytest.mark.parametrize(
@@ -168,6 +211,98 @@ def test_jax_data_parallel_matches_one_device():
     assert_parity(single, multi, 4)
     # The same computation, split 4 ways: equal up to float summation order.
     assert multi["weights_sum"] == pytest.approx(single["weights_sum"], rel=1e-4)
+
+
+def start_script(args: list[str], env: dict[str, str], launcher=()):
+    """Start training/mnist.py (optionally under a launcher) as users do."""
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "WORLD_SIZE") and not k.startswith("KERAS_DIST")
+    }
+    full_env.update(KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3", **env)
+    return subprocess.Popen(
+        [sys.executable, *launcher, str(SCRIPT), *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish_all(procs, timeout: float = 300) -> list[str]:
+    """Wait for every process (killing all at the timeout); their outputs.
+    Each must exit 0."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-3000:]
+    return outputs
+
+
+def printed_test_accuracy(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.startswith("Test accuracy:")]
+    assert len(lines) == 1, output[-3000:]
+    return lines[0]
+
+
+def cli_args(mnist_dir, out) -> list[str]:
+    return [
+        "--model", "mlp", "--epochs", "2", "--batch-size", "16", "--val-size",
+        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+
+
+@only["jax"]
+def test_jax_two_processes_train_like_one(mnist_dir, tmp_path):
+    """2 processes x 2 devices over loopback (one cluster) against 1 process x
+    4 devices: same global batches, so the same history and test accuracy."""
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    one = tmp_path / "one"
+    (single_out,) = finish_all([start_script(cli_args(mnist_dir, one), flags)])
+    ports = free_ports(2)
+    procs = [
+        start_script(cli_args(mnist_dir, tmp_path / f"p{i}"), cluster_env(i, ports, 2))
+        for i in range(2)
+    ]
+    outputs = finish_all(procs)
+
+    metrics = json.loads((tmp_path / "p0" / "metrics.json").read_text())
+    single = json.loads((one / "metrics.json").read_text())
+    assert metrics["process_count"] == 2 and single["process_count"] == 1
+    assert len(metrics["devices"]) == len(set(metrics["devices"])) == 4
+    assert metrics["distribution"] == single["distribution"] == "data_parallel"
+    assert not (tmp_path / "p1").exists()  # only process 0 writes
+    # Every process evaluated and predicted, and printed the same numbers.
+    assert printed_test_accuracy(outputs[0]) == printed_test_accuracy(outputs[1])
+    assert outputs[0].count("Predicted") == outputs[1].count("Predicted") == 1
+    history = json.loads((tmp_path / "p0" / "history.json").read_text())
+    history_1 = json.loads((one / "history.json").read_text())
+    for row, row_1 in zip(history, history_1, strict=True):
+        assert row["val_accuracy"] == row_1["val_accuracy"]
+        for key in ("loss", "val_loss", "accuracy"):
+            assert row[key] == pytest.approx(row_1[key], rel=1e-5), key
+    assert metrics["test_accuracy"] == pytest.approx(single["test_accuracy"])
+    assert metrics["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
+    assert printed_test_accuracy(single_out) == printed_test_accuracy(outputs[0])
+
+
+@only["jax"]
+def test_jax_resume_is_refused_with_several_processes(mnist_dir, tmp_path):
+    ports = free_ports(2)
+    args = [*cli_args(mnist_dir, tmp_path / "r"), "--resume"]
+    procs = [start_script(args, cluster_env(i, ports, 1)) for i in range(2)]
+    for proc in procs:
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 2, out[-2000:]
+        assert "--resume is not supported with 2 jax processes" in out
 
 
 # ----------------------------------------------------------------------------
@@ -243,3 +378,33 @@ def test_torch_ddp_matches_one_device(tmp_path):
     assert not any((tmp_path / "rank1").iterdir())
     csv = (tmp_path / "rank0" / "log.csv").read_text().splitlines()
     assert csv[0].startswith("epoch") and len(csv) == 4
+
+
+@only["torch"]
+def test_torch_two_nodes_report_the_same_test_accuracy(mnist_dir, tmp_path):
+    """Two torchrun launches with --nnodes=2 on loopback, as on two machines
+    (each with its own output directory): both ranks train, load the chief's
+    best checkpoint and print the same test accuracy; only rank 0 writes."""
+    (port,) = free_ports(1)
+    procs = [
+        start_script(
+            cli_args(mnist_dir, tmp_path / f"node{node}"),
+            {"OMP_NUM_THREADS": "1"},
+            launcher=[
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+            ],  # fmt: skip
+        )
+        for node in range(2)
+    ]
+    outputs = finish_all(procs)
+    assert printed_test_accuracy(outputs[0]) == printed_test_accuracy(outputs[1])
+    metrics = json.loads((tmp_path / "node0" / "metrics.json").read_text())
+    assert metrics["distribution"] == "ddp" and metrics["process_count"] == 2
+    assert f"{metrics['test_accuracy']:.4%}" in printed_test_accuracy(outputs[1])
+    assert not (tmp_path / "node1").exists()

@@ -4,6 +4,7 @@ Most runs call `main()` in this process (fast); a subprocess runs the script
 as users do (`python training/mnist.py`) and kills it mid-training.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 from training import mnist
@@ -48,6 +50,15 @@ def _script(args, env=None, timeout=300):
     )
 
 
+def _accuracy(model_path, mnist_dir) -> float:
+    """Accuracy of a saved model on the test files, computed here."""
+    from training import data
+
+    splits = data.load_mnist(mnist_dir, val_size=16)
+    logits = keras.saving.load_model(model_path).predict(splits.x_test, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == splits.y_test))
+
+
 def _epochs(out):
     return [row["epoch"] for row in json.loads((out / "history.json").read_text())]
 
@@ -66,7 +77,13 @@ def test_script_end_to_end(mnist_dir, tmp_path):
     assert metrics["model"] == "lenet" and metrics["epochs"] == 2
     assert metrics["backend"] == keras.backend.backend()
     assert metrics["samples"]["train"] == 32  # 2 steps of 16
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["devices"]
+    assert metrics["process_count"] == 1 and metrics["devices"]
+    # The reported test accuracy is the best checkpoint's on the test files.
+    assert metrics["test_accuracy"] == pytest.approx(
+        _accuracy(out / "best.keras", mnist_dir), abs=1e-6
+    )
+    assert f"Test accuracy: {metrics['test_accuracy']:.4%}" in result.stdout
+    assert result.stdout.startswith("Environment: python ")  # the log's first line
     header = (out / "history.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "accuracy", "val_accuracy", "loss", "val_loss"} <= set(header)
     assert _epochs(out) == [1, 2]
@@ -114,7 +131,11 @@ def test_mixed_precision_run(mnist_dir, tmp_path):
     assert mnist.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mixed_precision"] == "bfloat16"
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["compute_dtype"] == "bfloat16"
+    model = keras.saving.load_model(out / "best.keras")
+    assert model.dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("synapse").compute_dtype == "bfloat16"
+    assert model.get_layer("synapse").kernel.dtype == "float32"
 
 
 def test_tfds_source(tmp_path):
@@ -167,11 +188,9 @@ def test_fresh_run_ignores_old_backup(mnist_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--model", "resnet"], "unknown model 'resnet'"),
         (["--epochs", "-1"], "--epochs must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--learning-rate", "0"], "--learning-rate must be a positive number"),
-        (["--schedule", "wobbly"], "unknown schedule 'wobbly'"),
         (["--series-order", "0"], "--series-order must be >= 1"),
         (
             ["--series-order", "2", "--implementation", "ops"],
@@ -191,12 +210,20 @@ def test_bad_arguments(mnist_dir, tmp_path, capsys, extra, message):
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_argparse_errors_are_one_line(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "many"], "invalid int value"),
+        (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (["--schedule", "wobbly"], "argument --schedule: invalid choice: 'wobbly'"),
+    ],
+)
+def test_argparse_errors_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        mnist.main(["--epochs", "many"])
+        mnist.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "invalid int value" in err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def _corrupt_labels(directory):
@@ -242,7 +269,7 @@ def test_script_bad_argument_exit_code(tmp_path):
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith("mnist.py: error: unknown model")
+        .startswith("mnist.py: error: argument --model: invalid choice")
     )
 
 
@@ -255,3 +282,54 @@ def test_help_lists_the_options():
         "--series-order",
     ):  # fmt: skip
         assert flag in text
+
+
+def test_output_dir_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _script(["--output-dir", str(blocker / "x"), "--model", "mlp"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"mnist.py: error: --output-dir {blocker / 'x'}")
+    assert "cannot be created" in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_with_nothing_to_resume_says_so(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "new"
+    tensorboard = all(
+        importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")
+    )
+    extra = ["--tensorboard"] if tensorboard else []
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "1", "--resume")
+    assert mnist.main([*args, *extra]) == 0
+    printed = capsys.readouterr().out
+    assert f"Nothing to resume in {out} (no completed epoch)" in printed
+    assert _epochs(out) == [1]
+    if tensorboard:  # Keras's callback writes through tf.summary
+        events = list((out / "tensorboard").rglob("events.out.tfevents*"))
+        assert events, sorted(p.name for p in out.rglob("*"))
+
+
+def test_tensorboard_without_tensorflow_is_one_line(mnist_dir, tmp_path, capsys):
+    if all(importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")):
+        pytest.skip("TensorFlow and TensorBoard are installed: --tensorboard works")
+    code = mnist.main(_args(mnist_dir, tmp_path / "tb", "--tensorboard"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "tf.summary" in err
+
+
+def test_pinned_versions_are_checked_before_training(mnist_dir, tmp_path):
+    from training import environment
+
+    pins = tmp_path / "pins.txt"
+    pins.write_text(f"keras=={keras.__version__}\nnumpy==0.0.1\n")
+    out = tmp_path / "pinned"
+    result = _script(
+        _args(mnist_dir, out, "--model", "mlp"), env={environment.PINS_ENV: str(pins)}
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mnist.py: error: this environment is not the tested one")
+    assert f"numpy {np.__version__} (pinned 0.0.1)" in last and "keras" not in last
+    assert not (out / "history.json").exists()  # stopped before training

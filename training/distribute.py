@@ -31,10 +31,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import importlib.util
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -69,41 +71,36 @@ class Strategy:
 
     name: str  # "default", "data_parallel", "mirrored", "tpu", "ddp"
     backend: str
-    devices: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # every device, all processes
     is_chief: bool = True  # the process that writes artifacts
+    process_index: int = 0
+    process_count: int = 1
 
     @property
     def num_replicas(self) -> int:
         return max(1, len(self.devices))
 
+    @property
+    def can_resume(self) -> bool:
+        """Whether a run can continue from a backup the chief wrote."""
+        return True
+
     def scope(self):
         """Context in which to build and compile the model."""
         return contextlib.nullcontext()
 
-    def fit(
-        self,
-        model,
-        x,
-        y,
-        *,
-        batch_size,
-        epochs,
-        validation_data,
-        callbacks,
-        initial_epoch=0,
-        verbose="auto",
-    ):
-        """Train like `model.fit` on in-memory arrays; returns a History."""
-        return model.fit(
-            x,
-            y,
-            batch_size=batch_size,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            validation_data=validation_data,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+    def fit(self, model, x, y, *, batch_size, **fit_kwargs):
+        """Train like `model.fit(x, y, batch_size=..., **fit_kwargs)` on in-memory
+        arrays with the GLOBAL batch size; returns a History."""
+        return model.fit(x, y, batch_size=batch_size, **fit_kwargs)
+
+    def restore_best(self, model, path):
+        """The model to report: the checkpoint at `path` if the chief saved one
+        (on every process), else `model` as training left it."""
+        if self.is_chief and Path(path).is_file():
+            with self.scope():
+                return keras.saving.load_model(path)
+        return model
 
     def evaluate(self, model, x, y, *, batch_size, verbose=0) -> dict[str, float]:
         """Metrics of `model` on all of (x, y), the same on every process."""
@@ -118,11 +115,12 @@ class Strategy:
     def close(self) -> None:
         """Release what the strategy holds (the torch process group)."""
 
-    def _check_batch(self, batch_size: int) -> None:
+    def check_batch(self, batch_size: int) -> None:
+        """The global batch must split evenly over the replicas."""
         if batch_size % self.num_replicas:
             raise ValueError(
-                f"batch_size {batch_size} must be a multiple of the "
-                f"{self.num_replicas} replicas of {self.name!r}."
+                f"batch size {batch_size} must be a multiple of the "
+                f"{self.num_replicas} replicas of {self.name!r}"
             )
 
 
@@ -145,91 +143,225 @@ def _trim(arrays, multiple: int, what: str):
 # jax
 
 
+class GlobalBatches(keras.utils.PyDataset):
+    """(x, y) batches whose global makeup does not depend on the process count.
+
+    Step k's global batch is the rows `order[k * B : (k + 1) * B]` (B the
+    global batch size; `order` a new seeded permutation each epoch when
+    shuffling, else 0..n-1). Process p of P yields the p-th contiguous 1/P
+    of those rows, so the processes' parts, stacked in process order, are the
+    global batch: 1 process x 4 devices and 2 processes x 2 devices train on
+    the same batches. n is trimmed to a multiple of `replicas` (at most
+    replicas - 1 samples, with a warning) so that every batch, the last one
+    included, splits evenly over the devices.
+    """
+
+    def __init__(
+        self,
+        x,
+        y,
+        batch_size: int,
+        replicas: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = False,
+        what: str = "training",
+    ):
+        super().__init__()
+        self.x, self.y = _trim((x, y), replicas, what)
+        self.batch_size = batch_size
+        self.process_index, self.process_count = process_index, process_count
+        # NumPy's global generator, which keras.utils.set_random_seed seeds:
+        # the same seed on every process.
+        self._seed = np.random.randint(2**31 - 1) if shuffle else None  # noqa: NPY002
+        self._epoch = 0
+        self._order = self._new_order()
+
+    def _new_order(self) -> np.ndarray:
+        n = len(self.y)
+        if self._seed is None:
+            return np.arange(n)
+        return np.random.default_rng([self._seed, self._epoch]).permutation(n)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, k: int):
+        rows = self._order[k * self.batch_size : (k + 1) * self.batch_size]
+        part = len(rows) // self.process_count
+        rows = rows[self.process_index * part : (self.process_index + 1) * part]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self._epoch += 1
+        self._order = self._new_order()
+
+
 @dataclass
-class JaxDataParallel(Strategy):
+class JaxStrategy(Strategy):
+    """jax on one device ("default"): `fit` feeds `GlobalBatches`, so its
+    batches are those of "data_parallel" on any number of devices and
+    processes with the same seed and global batch size."""
+
+    def _batches(self, x, y, batch_size, validation_data):
+        shards = {
+            "replicas": self.num_replicas,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+        }
+        train = GlobalBatches(x, y, batch_size, shuffle=True, **shards)
+        if validation_data is not None:
+            validation_data = GlobalBatches(
+                *validation_data[:2], batch_size, what="validation", **shards
+            )
+        return train, validation_data
+
+    def fit(self, model, x, y, *, batch_size, validation_data=None, **fit_kwargs):
+        self.check_batch(batch_size)
+        train, validation_data = self._batches(x, y, batch_size, validation_data)
+        return model.fit(train, validation_data=validation_data, **fit_kwargs)
+
+
+@dataclass
+class JaxDataParallel(JaxStrategy):
     """`keras.distribution.DataParallel`: the batch is split over the devices.
 
     `scope()` sets the distribution globally (it must be set before the model
-    is built and stays set for `fit`). The global batch must be a multiple of
-    the device count; training and validation arrays are trimmed to a multiple
-    of it (at most devices - 1 samples, with a warning) because every batch,
-    the last one included, is sharded evenly. `evaluate` and `predict` run
-    with the distribution lifted (weights stay replicated), so they see every
-    sample.
+    is built and stays set for `fit`). `fit` feeds `GlobalBatches`: the global
+    batch must be a multiple of the device count; training and validation
+    arrays are trimmed to a multiple of it. `evaluate` and `predict` run with
+    the distribution lifted, on one device of this process with the trained
+    weights, so they see every sample.
 
-    Several processes (multi-host): each process feeds its own strided part
-    of the arrays with batch_size / process_count samples per step; Keras
-    assembles the global batch.
+    Several processes (a multi-host TPU slice, GPU hosts): every process
+    holds all the data and feeds its part of each global batch
+    (`auto_shard_dataset=False`); Keras assembles the global batch. After
+    training, `restore_best` gives every process the chief's best checkpoint
+    (broadcast from process 0) in a process-local copy of the model, so every
+    process evaluates and predicts on its own and reports the same numbers.
     """
 
     distribution: Any = None
-    process_index: int = 0
-    process_count: int = 1
+
+    @property
+    def can_resume(self) -> bool:
+        # BackupAndRestore runs on the chief only: other processes could not
+        # see its backup and would start from another epoch.
+        return self.process_count == 1
 
     def scope(self):
         keras.distribution.set_distribution(self.distribution)
         return contextlib.nullcontext()
 
-    def fit(
-        self,
-        model,
-        x,
-        y,
-        *,
-        batch_size,
-        epochs,
-        validation_data,
-        callbacks,
-        initial_epoch=0,
-        verbose="auto",
-    ):
-        self._check_batch(batch_size)
+    def fit(self, model, x, y, *, batch_size, validation_data=None, **fit_kwargs):
+        self.check_batch(batch_size)
         keras.distribution.set_distribution(self.distribution)
-        multiple = self.num_replicas
-        x, y = _trim((x, y), multiple, "training")
-        if validation_data is not None:
-            validation_data = _trim(validation_data, multiple, "validation")
+        train, validation_data = self._batches(x, y, batch_size, validation_data)
+        if not self.is_chief:
+            fit_kwargs["verbose"] = 0
         if self.process_count > 1:
-            x, y = self._local((x, y))
-            if validation_data is not None:
-                validation_data = self._local(validation_data)
-            batch_size //= self.process_count
-        return super().fit(
-            model,
-            x,
-            y,
-            batch_size=batch_size,
-            epochs=epochs,
-            validation_data=validation_data,
-            callbacks=callbacks,
-            initial_epoch=initial_epoch,
-            verbose=verbose if self.is_chief else 0,
-        )
+            fit_kwargs["callbacks"] = [
+                _Undistributed(c) if _chief_only(c) else c
+                for c in fit_kwargs.get("callbacks") or []
+            ]
+        return model.fit(train, validation_data=validation_data, **fit_kwargs)
 
-    def _local(self, arrays):
-        return tuple(a[self.process_index :: self.process_count] for a in arrays)
+    def restore_best(self, model, path):
+        if self.process_count == 1:
+            return super().restore_best(model, path)
+        from jax.experimental import multihost_utils
+
+        with self._undistributed():
+            weights = model.get_weights()  # replicated: every process has them
+            if self.is_chief and Path(path).is_file():
+                weights = keras.saving.load_model(path).get_weights()
+            weights = multihost_utils.broadcast_one_to_all(weights)
+            return _local_copy(model, [np.asarray(w) for w in weights])
 
     @contextlib.contextmanager
     def _undistributed(self):
-        """Lift the distribution: batches of any size, on replicated weights."""
-        if self.process_count > 1:
-            raise ValueError(
-                "evaluate/predict with several jax processes is not supported here; "
-                "accepted: single-process runs (or model.evaluate on even shards)."
-            )
+        """Lift the distribution: batches of any size, on one device."""
         keras.distribution.set_distribution(None)
         try:
             yield
         finally:
             keras.distribution.set_distribution(self.distribution)
 
+    def _on_this_process(self, model):
+        """`model`, or a copy on this process's devices if its weights span
+        several processes (jax cannot mix those with local data)."""
+        value = model.weights[0].value
+        if getattr(value, "is_fully_addressable", True):
+            return model
+        return _local_copy(model, model.get_weights())
+
     def evaluate(self, model, x, y, *, batch_size, verbose=0):
         with self._undistributed():
-            return super().evaluate(model, x, y, batch_size=batch_size, verbose=verbose)
+            local = self._on_this_process(model)
+            return super().evaluate(local, x, y, batch_size=batch_size, verbose=verbose)
 
     def predict(self, model, x, *, batch_size, verbose=0):
         with self._undistributed():
-            return super().predict(model, x, batch_size=batch_size, verbose=verbose)
+            local = self._on_this_process(model)
+            return super().predict(local, x, batch_size=batch_size, verbose=verbose)
+
+
+class _Undistributed(keras.callbacks.Callback):
+    """Runs a file-writing callback's epoch hooks with the distribution lifted.
+
+    Saving creates variables (Keras builds a reference optimizer), and under
+    a multi-process distribution creating one is a collective step that every
+    process must take; only the chief saves. Lifted, they are local.
+    """
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback = callback
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def _lifted(self, hook, *args, **kwargs):
+        distribution = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+        try:
+            return getattr(self.callback, hook)(*args, **kwargs)
+        finally:
+            keras.distribution.set_distribution(distribution)
+
+    def on_train_begin(self, logs=None):
+        self._lifted("on_train_begin", logs)
+
+    def on_train_end(self, logs=None):
+        self._lifted("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lifted("on_epoch_begin", epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._lifted("on_epoch_end", epoch, logs)
+
+
+def _chief_only(callback) -> bool:
+    return isinstance(callback, CHIEF_ONLY_CALLBACKS) or bool(
+        getattr(callback, "chief_only", False)
+    )
+
+
+def _local_copy(model, weights):
+    """A compiled copy of `model` on this process's default device with `weights`
+    (call with the distribution lifted)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(weights)
+    if model.compiled:
+        copy.compile_from_config(model.get_compile_config())
+    return copy
 
 
 def _jax_multihost_requested() -> bool:
@@ -252,33 +384,56 @@ def _jax_multihost_requested() -> bool:
     return False
 
 
+def _jax_cpu_only() -> bool:
+    """Whether jax will run on the CPU: JAX_PLATFORMS says so, or no TPU or GPU
+    plugin is installed (checked without starting a jax backend)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    plugins = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
+    return not any(importlib.util.find_spec(name) for name in plugins)
+
+
+def _jax_initialize(jax) -> None:
+    """Join the other processes (keras.distribution.initialize); on CPU, with
+    gloo collectives, which multi-process CPU runs need."""
+    is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+    if is_initialized():
+        return
+    if _jax_cpu_only() and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize()
+
+
 def _jax(name: str) -> Strategy:
     import jax
 
     if name != "default" and _jax_multihost_requested():
-        is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
-        if not is_initialized():
-            keras.distribution.initialize()
+        _jax_initialize(jax)
     devices = keras.distribution.list_devices()
     is_chief = jax.process_index() == 0
     if name == "auto":
         name = "data_parallel" if len(devices) > 1 else "default"
     if name == "default":
-        return Strategy("default", "jax", devices[:1], is_chief=is_chief)
+        return JaxStrategy("default", "jax", devices[:1], is_chief=is_chief)
     if len(devices) < 2:
         raise ValueError(
             f"'data_parallel' needs more than one jax device, found {len(devices)}; "
             "use 'default' (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
             "simulates N)."
         )
+    processes = jax.process_count()
     return JaxDataParallel(
         "data_parallel",
         "jax",
         list(devices),
         is_chief=is_chief,
-        distribution=keras.distribution.DataParallel(devices=devices),
+        process_count=processes,
+        # With several processes each feeds its own part (GlobalBatches).
+        distribution=keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=processes == 1
+        ),
         process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
 
 
@@ -301,20 +456,8 @@ class TFStrategy(Strategy):
     def scope(self):
         return self.tf_strategy.scope()
 
-    def fit(
-        self,
-        model,
-        x,
-        y,
-        *,
-        batch_size,
-        epochs,
-        validation_data,
-        callbacks,
-        initial_epoch=0,
-        verbose="auto",
-    ):
-        self._check_batch(batch_size)
+    def fit(self, model, x, y, *, batch_size, validation_data=None, **fit_kwargs):
+        self.check_batch(batch_size)
         if len(x) < batch_size:
             x, y = _trim((x, y), self.num_replicas, "training")
         if validation_data is not None and len(validation_data[0]) < batch_size:
@@ -324,11 +467,8 @@ class TFStrategy(Strategy):
             x,
             y,
             batch_size=batch_size,
-            epochs=epochs,
             validation_data=validation_data,
-            callbacks=callbacks,
-            initial_epoch=initial_epoch,
-            verbose=verbose,
+            **fit_kwargs,
         )
 
     def evaluate(self, model, x, y, *, batch_size, verbose=0):
@@ -442,7 +582,7 @@ class TorchDDP(Strategy):
 
     - every step takes the same global batch on all ranks (one permutation per
       epoch, seeded from rank 0); rank r trains on its strided share
-      (batch_size / world_size samples); an epoch's sample order is padded by
+      (batch_size / process_count samples); an epoch's sample order is padded by
       wrapping around, like `DistributedSampler`, so every share is equal;
     - DDP averages the gradients during `backward()`, then each rank applies
       them with `model.optimizer`, so the weights stay identical;
@@ -460,9 +600,7 @@ class TorchDDP(Strategy):
     `model._loss_tracker`. `devices` has one entry per process.
     """
 
-    rank: int = 0
     local_rank: int = 0
-    world_size: int = 1
     device: str = "cpu"
 
     def fit(
@@ -472,16 +610,16 @@ class TorchDDP(Strategy):
         y,
         *,
         batch_size,
-        epochs,
-        validation_data,
-        callbacks,
+        epochs=1,
+        validation_data=None,
+        callbacks=None,
         initial_epoch=0,
         verbose="auto",
     ):
         from torch.nn.parallel import DistributedDataParallel
 
-        self._check_batch(batch_size)
-        local_batch = batch_size // self.world_size
+        self.check_batch(batch_size)
+        local_batch = batch_size // self.process_count
         n = len(x)
         steps = math.ceil(n / batch_size)
         model.to(self.device)
@@ -489,12 +627,7 @@ class TorchDDP(Strategy):
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
 
-        kept = [
-            c
-            for c in callbacks or []
-            if self.is_chief
-            or not (isinstance(c, CHIEF_ONLY_CALLBACKS) or getattr(c, "chief_only", 0))
-        ]
+        kept = [c for c in callbacks or [] if self.is_chief or not _chief_only(c)]
         verbose = verbose if self.is_chief else 0
         callback_list = keras.callbacks.CallbackList(
             kept,
@@ -523,11 +656,11 @@ class TorchDDP(Strategy):
             callback_list.on_epoch_begin(epoch)
             model.train()
             order = np.random.default_rng([seed, epoch]).permutation(n)
-            order = np.concatenate([order, order[: (-n) % self.world_size]])
+            order = np.concatenate([order, order[: (-n) % self.process_count]])
             for step in range(steps):
                 callback_list.on_train_batch_begin(step)
                 part = order[step * batch_size : (step + 1) * batch_size]
-                part = part[self.rank :: self.world_size]
+                part = part[self.process_index :: self.process_count]
                 logs = self._train_step(ddp, model, x[part], y[part])
                 callback_list.on_train_batch_end(step, logs)
             epoch_logs = self._reduced_metrics(model)
@@ -570,7 +703,7 @@ class TorchDDP(Strategy):
         import torch
 
         model.reset_metrics()
-        xv, yv = (a[self.rank :: self.world_size] for a in data[:2])
+        xv, yv = (a[self.process_index :: self.process_count] for a in data[:2])
         with torch.no_grad():
             for start in range(0, len(xv), local_batch):
                 x = self._tensor(xv[start : start + local_batch])
@@ -618,6 +751,16 @@ class TorchDDP(Strategy):
                 value = variable.value.detach().clone()
                 dist.broadcast(value, src=0)
                 variable.assign(value)
+
+    def restore_best(self, model, path):
+        """The chief's best checkpoint, its weights broadcast to every rank
+        (ranks on other machines cannot read the chief's file)."""
+        found = self.is_chief and Path(path).is_file()
+        if self._broadcast_scalar(found):
+            if self.is_chief:
+                model.set_weights(keras.saving.load_model(path).get_weights())
+            self._broadcast_variables(model)
+        return model
 
     def evaluate(self, model, x, y, *, batch_size, verbose=0):
         """Every rank evaluates all of (x, y) (the weights are the same)."""
@@ -679,9 +822,9 @@ def _torch(name: str) -> Strategy:
         "torch",
         [f"{kind}:{r}" for r in range(world_size)],
         is_chief=rank == 0,
-        rank=rank,
+        process_index=rank,
         local_rank=local_rank,
-        world_size=world_size,
+        process_count=world_size,
         device=device,
     )
     atexit.register(strategy.close)  # the CLI may also call close() itself

@@ -31,7 +31,7 @@ import numpy as np
 from keras_synann import Synapse
 from keras_synann.models import MODELS, get_model
 from keras_synann.ops import IMPLEMENTATIONS
-from training import data, distribute, plots
+from training import data, distribute, environment, plots
 
 DEFAULTS = {
     "model": "lenet",
@@ -44,6 +44,9 @@ SCHEDULES = ("cosine", "step", "constant", "plateau")
 MIXED_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 #: Testing hook: SIGKILL this process after this many completed epochs.
 KILL_ENV = "SYNANN_KILL_AFTER_EPOCH"
+#: Testing hook, "CODE@PROCESS": that process exits with CODE once it has done
+#: everything (tests of the Cloud TPU tool's per-worker exit statuses).
+EXIT_ENV = "SYNANN_TEST_EXIT"
 
 
 class UsageError(Exception):
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--model",
         default=DEFAULTS["model"],
-        help=f"one of: {', '.join(MODELS)} (default: %(default)s)",
+        choices=tuple(MODELS),
+        help="(default: %(default)s)",
     )
     add("--epochs", type=int, default=DEFAULTS["epochs"], help="(default: %(default)s)")
     add(
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--schedule",
         default=DEFAULTS["schedule"],
+        choices=SCHEDULES,
         help="learning-rate schedule: cosine (decay to 1%% over the run), step "
         "(/10 at 40%% and again at 80%% of the epochs), constant, or plateau "
         "(x0.2 after 5 epochs without validation-loss progress, as the "
@@ -167,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "uncompiled (default: %(default)s)",
     )
     add(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="LOGDIR",
+        help="write TensorBoard logs (Keras's callback; needs TensorFlow installed) "
+        "into LOGDIR, a local path or gs://... (default: OUTPUT_DIR/tensorboard)",
+    )
+    add(
         "--resume",
         action="store_true",
         help="continue from the last completed epoch in --output-dir",
@@ -174,23 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--verbose",
         type=int,
-        default=1,
         choices=(0, 1, 2),
-        help="Keras fit verbosity; 1: progress bar (default: %(default)s)",
+        help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch "
+        "(default: 1 in a terminal, else 2, as in log files)",
     )
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.model not in MODELS:
-        raise UsageError(
-            f"unknown model {args.model!r}; expected one of: {', '.join(MODELS)}"
-        )
-    if args.schedule not in SCHEDULES:
-        raise UsageError(
-            f"unknown schedule {args.schedule!r}; expected one of: {', '.join(SCHEDULES)}"
-        )
     for name in ("epochs", "batch_size", "val_size"):
         if getattr(args, name) < 1:
             raise UsageError(
@@ -213,8 +218,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(
             f"--learning-rate must be a positive number, got {args.learning_rate}"
         )
+    if args.verbose is None:
+        args.verbose = 1 if sys.stdout.isatty() else 2
     if args.output_dir is None:
         args.output_dir = f"runs/{args.model}-{keras.backend.backend()}"
+    if args.tensorboard == "":
+        args.tensorboard = str(Path(args.output_dir) / "tensorboard")
     return args
 
 
@@ -307,59 +316,77 @@ def set_seed(seed: int) -> None:
             del sys.modules["tensorflow"]
 
 
-def load_data(args) -> data.Splits:
+def load_data(args) -> tuple[data.Splits, int]:
+    """The splits, the training set cut to --steps-per-epoch batches when
+    given, and the number of steps per epoch."""
     if args.source == "tfds":
-        return data.load_tfds(args.data_dir, val_size=args.val_size, seed=args.seed)
-    return data.load_mnist(args.data_dir, val_size=args.val_size, seed=args.seed)
+        splits = data.load_tfds(args.data_dir, val_size=args.val_size, seed=args.seed)
+    else:
+        splits = data.load_mnist(args.data_dir, val_size=args.val_size, seed=args.seed)
+    if args.steps_per_epoch is not None:
+        n = min(len(splits.y_train), args.steps_per_epoch * args.batch_size)
+        splits.x_train, splits.y_train = splits.x_train[:n], splits.y_train[:n]
+    return splits, math.ceil(len(splits.y_train) / args.batch_size)
+
+
+def set_precision(args) -> None:
+    """The dtype policy: float32, or mixed bfloat16/float16 compute."""
+    policy = MIXED_POLICIES.get(args.mixed_precision, "float32")
+    keras.config.set_dtype_policy(policy)
 
 
 def resolve_strategy(args) -> distribute.Strategy:
-    """Sets the dtype policy and resolves --distribution (one-line errors)."""
-    if args.mixed_precision:
-        keras.config.set_dtype_policy(MIXED_POLICIES[args.mixed_precision])
+    """Resolves --distribution and checks the batch against it (one-line errors)."""
     try:
-        return distribute.resolve(args.distribution)
+        strategy = distribute.resolve(args.distribution)
     except Exception as e:
         message = " ".join(str(e).split())
         raise UsageError(
             f"distribution {args.distribution!r} cannot run here: {message}"
         ) from None
-
-
-def run(args, strategy: distribute.Strategy) -> dict:
-    """Trains, restores the best checkpoint, evaluates on test, writes artifacts."""
-    if args.batch_size % strategy.num_replicas:
+    try:
+        strategy.check_batch(args.batch_size)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    if args.resume and not strategy.can_resume:
         raise UsageError(
-            f"--batch-size {args.batch_size} must be a multiple of the "
-            f"{strategy.num_replicas} replicas of distribution {strategy.name!r}"
+            f"--resume is not supported with {strategy.process_count} jax "
+            "processes (only the chief holds the backup); rerun without --resume"
         )
-    splits = load_data(args)
-    x_train, y_train = splits.x_train, splits.y_train
-    if args.steps_per_epoch is not None:
-        n = min(len(y_train), args.steps_per_epoch * args.batch_size)
-        x_train, y_train = x_train[:n], y_train[:n]
-    steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
+    return strategy
 
+
+def prepare_output(args, strategy) -> tuple[Path, int, list[dict]]:
+    """The output directory (created by the chief), the epochs already
+    completed and their history rows (with --resume), else (out, 0, [])."""
     out = Path(args.output_dir)
     backup_dir = out / "backup"
     if strategy.is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-    initial_epoch, rows = 0, []
-    if args.resume:
-        initial_epoch = backup_epoch(backup_dir)
-        rows = [row for row in read_history(out) if row["epoch"] <= initial_epoch]
-        print(f"Resuming {out} after epoch {initial_epoch} of {args.epochs}.")
-    elif strategy.is_chief and backup_dir.exists():
-        shutil.rmtree(backup_dir)  # a fresh run must not restore an old state
-    # A resumed run draws new random numbers (shuffles, dropout masks) rather
-    # than replaying those of its first epochs; it matches an uninterrupted
-    # run within noise, not bit for bit.
-    set_seed(args.seed + initial_epoch)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(
+                f"--output-dir {out} cannot be created: {e.strerror or e}"
+            ) from None
+    if not args.resume:
+        if strategy.is_chief and backup_dir.exists():
+            shutil.rmtree(backup_dir)  # a fresh run must not restore an old state
+        return out, 0, []
+    initial_epoch = backup_epoch(backup_dir)
     if initial_epoch > args.epochs:
         raise UsageError(
             f"{out} already holds {initial_epoch} epochs; --epochs {args.epochs} is fewer"
         )
+    if initial_epoch == 0:
+        print(f"Nothing to resume in {out} (no completed epoch); starting at epoch 1.")
+        return out, 0, []
+    rows = [row for row in read_history(out) if row["epoch"] <= initial_epoch]
+    print(f"Resuming {out} after epoch {initial_epoch} of {args.epochs}.")
+    return out, initial_epoch, rows
 
+
+def build_model(args, strategy, steps_per_epoch: int):
+    """The compiled model, built in the strategy's scope."""
     with strategy.scope():
         model = get_model(
             args.model,
@@ -373,8 +400,12 @@ def run(args, strategy: distribute.Strategy) -> dict:
             metrics=["accuracy"],
             jit_compile={"auto": "auto", "on": True, "off": False}[args.jit_compile],
         )
-    best_path = out / "best.keras"
-    best_so_far = max((row.get("val_accuracy", -1.0) for row in rows), default=None)
+    return model
+
+
+def make_callbacks(args, strategy, out: Path, rows: list[dict]) -> list:
+    """Learning-rate plateaus, the epoch log and, on the chief only, the best
+    checkpoint, the backup --resume reads and TensorBoard."""
     callbacks = []
     if args.schedule == "plateau":
         callbacks.append(
@@ -384,42 +415,48 @@ def run(args, strategy: distribute.Strategy) -> dict:
         )
     callbacks.append(EpochLog(out, rows, write=strategy.is_chief))
     if strategy.is_chief:
+        best_so_far = max((row.get("val_accuracy", -1.0) for row in rows), default=None)
         callbacks += [
             keras.callbacks.ModelCheckpoint(
-                str(best_path),
+                str(out / "best.keras"),
                 monitor="val_accuracy",
                 mode="max",
                 save_best_only=True,
                 initial_value_threshold=best_so_far,
             ),
-            keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+            keras.callbacks.BackupAndRestore(
+                str(out / "backup"), delete_checkpoint=False
+            ),
         ]
+        if args.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
     if os.environ.get(KILL_ENV):
         callbacks.append(KillAfterEpoch(int(os.environ[KILL_ENV])))
+    return callbacks
 
-    print(
-        f"Training {args.model} on {keras.backend.backend()} ({strategy.name}, "
-        f"{strategy.num_replicas} replica(s): {', '.join(strategy.devices)}); "
-        f"train/val/test = {len(y_train)}/{len(splits.y_val)}/{len(splits.y_test)}, "
-        f"epochs {initial_epoch + 1}..{args.epochs}."
-    )
-    strategy.fit(
-        model,
-        x_train,
-        y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        validation_data=(splits.x_val, splits.y_val),
-        callbacks=callbacks,
-        initial_epoch=initial_epoch,
-        verbose=args.verbose,
-    )
 
-    # The chief reports the best checkpoint; other processes (whose numbers
-    # are not written) may not see its file.
-    if strategy.is_chief and best_path.is_file():
-        with strategy.scope():
-            model = keras.saving.load_model(best_path)
+def check_tensorboard(args) -> None:
+    """--tensorboard writes through tf.summary: TensorFlow and TensorBoard."""
+    import importlib.util
+
+    if not args.tensorboard:
+        return
+    missing = [
+        name
+        for name in ("tensorflow", "tensorboard")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise UsageError(
+            "--tensorboard writes through TensorFlow's tf.summary, which needs "
+            f"{' and '.join(missing)}: pip install '.[tensorboard]', or leave out "
+            "--tensorboard"
+        )
+
+
+def evaluate(args, strategy, model, splits: data.Splits, rows: list[dict]) -> dict:
+    """Validation and test metrics of `model`, its predictions for ten test
+    images, and the run's settings: the contents of metrics.json."""
     eval_batch = 512 * strategy.num_replicas
     val = strategy.evaluate(model, splits.x_val, splits.y_val, batch_size=eval_batch)
     test = strategy.evaluate(model, splits.x_test, splits.y_test, batch_size=eval_batch)
@@ -430,13 +467,11 @@ def run(args, strategy: distribute.Strategy) -> dict:
     print(f"Test accuracy: {test['accuracy']:.4%} (loss {test['loss']:.4f})")
     sample = slice(0, 10)
     logits = strategy.predict(model, splits.x_test[sample], batch_size=eval_batch)
-    predicted = np.argmax(logits, axis=-1)
-    print(
-        f"Predicted {predicted.tolist()} for test samples 0-9 labelled {splits.y_test[sample].tolist()}"
-    )
-
+    predicted = np.argmax(logits, axis=-1).tolist()
+    labels = splits.y_test[sample].tolist()
+    print(f"Predicted {predicted} for test samples 0-9 labelled {labels}")
     train_seconds = sum(row["seconds"] for row in rows)
-    metrics = {
+    return {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "val_accuracy": val["accuracy"],
@@ -448,6 +483,7 @@ def run(args, strategy: distribute.Strategy) -> dict:
         "series_order": args.series_order,
         "backend": keras.backend.backend(),
         "distribution": strategy.name,
+        "process_count": strategy.process_count,
         "devices": list(strategy.devices),
         "num_replicas": strategy.num_replicas,
         "train_seconds": round(train_seconds, 2),
@@ -456,15 +492,46 @@ def run(args, strategy: distribute.Strategy) -> dict:
         "learning_rate": args.learning_rate,
         "schedule": args.schedule,
         "mixed_precision": args.mixed_precision,
+        "compute_dtype": keras.config.dtype_policy().compute_dtype,
         "seed": args.seed,
         "source": args.source,
-        "samples": {
-            "train": len(y_train),
-            "val": len(splits.y_val),
-            "test": len(splits.y_test),
-        },
+        "samples": splits.sizes(),
+        "environment": environment.versions(keras.backend.backend()),
         "keras_version": keras.__version__,
     }
+
+
+def run(args, strategy: distribute.Strategy) -> dict:
+    """Trains, restores the best checkpoint, evaluates on test, writes artifacts."""
+    check_tensorboard(args)
+    out, initial_epoch, rows = prepare_output(args, strategy)
+    splits, steps_per_epoch = load_data(args)
+    # A resumed run draws new random numbers (shuffles, dropout masks) rather
+    # than replaying those of its first epochs; it matches an uninterrupted
+    # run within noise, not bit for bit.
+    set_seed(args.seed + initial_epoch)
+    model = build_model(args, strategy, steps_per_epoch)
+    callbacks = make_callbacks(args, strategy, out, rows)
+    print(
+        f"Training {args.model} on {keras.backend.backend()} ({strategy.name}, "
+        f"{strategy.num_replicas} replica(s)); train/val/test = "
+        + "/".join(str(n) for n in splits.sizes().values())
+        + f", epochs {initial_epoch + 1}..{args.epochs}."
+    )
+    strategy.fit(
+        model,
+        splits.x_train,
+        splits.y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(splits.x_val, splits.y_val),
+        callbacks=callbacks,
+        initial_epoch=initial_epoch,
+        verbose=args.verbose,
+    )
+    # Every process reports the chief's best checkpoint.
+    model = strategy.restore_best(model, out / "best.keras")
+    metrics = evaluate(args, strategy, model, splits, rows)
     if strategy.is_chief:
         write_artifacts(out, model, rows, metrics)
     return metrics
@@ -482,13 +549,35 @@ def write_artifacts(out: Path, model, rows: list[dict], metrics: dict) -> None:
     print(f"Wrote {out}/metrics.json, history.csv, best.keras and plots.")
 
 
+def check_environment() -> None:
+    """With SYNANN_PINS=FILE, stop unless the installed versions are FILE's."""
+    pins = os.environ.get(environment.PINS_ENV)
+    if pins:
+        environment.check_pins(pins)
+
+
 def main(argv=None) -> int:
     strategy = None
     try:
         args = parse_args(argv)
+        check_environment()
+        set_precision(args)
         strategy = resolve_strategy(args)
+        print(
+            environment.banner(
+                keras.backend.backend(),
+                strategy.process_index,
+                strategy.process_count,
+                strategy.devices,
+            ),
+            flush=True,
+        )
         run(args, strategy)
-    except (UsageError, data.DataError) as e:
+        code, _, process = os.environ.get(EXIT_ENV, "").partition("@")
+        if code and int(process or 0) == strategy.process_index:
+            print(f"{EXIT_ENV}: exiting with {code} as asked", file=sys.stderr)
+            return int(code)
+    except (UsageError, data.DataError, environment.PinMismatch) as e:
         print(f"mnist.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     finally:
