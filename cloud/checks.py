@@ -52,6 +52,15 @@ class Accelerator:
     def multi_host(self) -> bool:
         return self.hosts > 1
 
+    @property
+    def devices_per_host(self) -> int:
+        """jax devices per host: one per chip (v4 and v5p chips are megacores,
+        so one device per 2 TensorCores; v2 and v3 show every TensorCore)."""
+        unit, per_host, _ = GENERATIONS[self.generation]
+        if unit == "chips":
+            return self.count if self.hosts == 1 else per_host
+        return 8 if self.generation in ("v2", "v3") else 4
+
     def describe(self) -> str:
         unit = GENERATIONS[self.generation][0]
         hosts = "1 host" if self.hosts == 1 else f"{self.hosts} hosts"

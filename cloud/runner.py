@@ -35,7 +35,11 @@ def say(message: str) -> None:
 class Runner:
     """Runs commands (one, or a batch in parallel); stops them on a signal."""
 
-    def __init__(self):
+    def __init__(self, gcloud: list[str] | None = None, label: str = ""):
+        """`gcloud`: the program run in place of `gcloud` (a stand-in such as
+        cloud/local_gcloud.py); `label` marks the commands it echoes."""
+        self.gcloud = gcloud
+        self.label = label
         self.children: list[subprocess.Popen] = []
         self.cleaning = False
         self.warned = False
@@ -93,8 +97,14 @@ class Runner:
                 child.kill()
                 child.wait()
 
+    def _echo(self, argv) -> None:
+        label = f"({self.label}) " if self.label else ""
+        say(f"{label}$ {shlex.join(argv)}")
+
     def _start(self, argv, capture):
         pipe = subprocess.PIPE if capture else None
+        if self.gcloud and argv[0] == "gcloud":
+            argv = [*self.gcloud, *argv[1:]]
         try:
             child = subprocess.Popen(
                 argv,
@@ -124,7 +134,7 @@ class Runner:
         and stderr (live streaming). A missing program gives 127, a timeout 124.
         """
         if echo:
-            say("$ " + shlex.join(argv))
+            self._echo(argv)
         try:
             child = self._start(argv, capture)
             if child is None:
@@ -147,7 +157,7 @@ class Runner:
             try:
                 children = []
                 for argv in group:
-                    say("$ " + shlex.join(argv))
+                    self._echo(argv)
                     children.append(self._start(argv, capture=False))
                 deadline = time.monotonic() + timeout
                 for child in children:

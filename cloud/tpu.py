@@ -3,8 +3,10 @@
     python -m cloud.tpu submit --name NAME --zone ZONE --accelerator-type TYPE \\
         [options] -- [training/mnist.py arguments]
 
-Also: status, logs and delete for a TPU kept with --keep. Run from the repo root;
-`python cloud/tpu.py ...` works too. See cloud/README.md.
+`submit --rehearse` runs the same plan on this machine first, with no gcloud and
+no TPU (cloud/local_gcloud.py stands in for both). Also: status, logs and delete
+for a TPU kept with --keep. Run from the repo root; `python cloud/tpu.py ...`
+works too. See README.md, "Training on Cloud TPU".
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python cloud/tpu.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud import checks, gcloud, pack, remote  # noqa: E402
+from cloud import checks, gcloud, local_gcloud, pack, remote  # noqa: E402
 from cloud.runner import Interrupted, Runner, say  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,7 @@ class Step:
     about: str
     argv: list[str] | None = None
     remote: str | None = None  # the shell string run on the workers, if any
+    parallel: list[list[str]] = field(default_factory=list)  # run at once
 
 
 @dataclass
@@ -58,10 +61,10 @@ class Submission:
     output_dir: str
     source: Path
     excludes: list[str]
-    python: str
     extras: list[str]
     run_timeout_s: int | None
     keep: bool
+    rehearse: bool = False
     train_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -100,13 +103,9 @@ class Submission:
             if self.acc.hosts == 1
             else f"all {self.acc.hosts} hosts at once"
         )
-        install = remote.install_command(self.backend, self.python, self.extras)
+        install = remote.install_command(self.backend, self.extras)
         run = remote.run_command(
-            self.backend,
-            self.train_args,
-            self.python,
-            self.run_timeout_s,
-            self.run_env(),
+            self.backend, self.train_args, self.run_timeout_s, self.run_env()
         )
         return [
             *free,
@@ -136,7 +135,8 @@ class Submission:
             ),
             Step(
                 "install",
-                f"install the package for {self.backend} on every worker",
+                f"install Python {remote.WORKER_PYTHON} and the {self.backend} "
+                f"packages pinned in {remote.pins_file(self.backend)} on every worker",
                 gcloud.ssh(t, install),
                 install,
             ),
@@ -146,13 +146,16 @@ class Submission:
                 gcloud.ssh(t, run),
                 run,
             ),
+            self.logs_step(),
             Step(
                 "copy-back",
                 f"copy the outputs back from worker 0 into {self.output_dir}/output",
                 gcloud.scp_back(t, f"{gcloud.REMOTE_DIR}/output", self.output_dir),
             ),
             Step(
-                "verify", f"check that {self.output_dir}/output/metrics.json came back"
+                "verify",
+                "check that every worker's training exited 0 and that "
+                f"{self.output_dir}/output/metrics.json came back",
             ),
         ]
 
@@ -160,19 +163,19 @@ class Submission:
     def wait_s(self) -> int | None:
         return self.wait_timeout_s if self.target.queued else None
 
-    def logs_steps(self) -> list[Step]:
-        """One copy per worker: gcloud scp cannot copy from several at once."""
-        return [
-            Step(
-                "logs",
-                f"copy worker {w}'s log into {self.output_dir}/logs (in parallel; "
-                "once training has started, also after a failure)",
+    def logs_step(self) -> Step:
+        """One copy per worker, all at once: gcloud scp copies from one worker."""
+        return Step(
+            "logs",
+            f"copy every worker's log and exit status into {self.output_dir}/logs "
+            "(also after a failure, once training has started)",
+            parallel=[
                 gcloud.scp_back(
                     self.target, f"{gcloud.REMOTE_DIR}/logs", self.output_dir, str(w)
-                ),
-            )
-            for w in range(self.acc.hosts)
-        ]
+                )
+                for w in range(self.acc.hosts)
+            ],
+        )
 
     def delete_step(self) -> Step:
         return Step(
@@ -209,8 +212,6 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
             f"provisioning {args.provisioning!r} is not valid; use "
             + ", ".join(checks.PROVISIONING)
         )
-    if not args.python.strip():
-        raise ValueError("--python is empty; give the remote interpreter, e.g. python3")
     default_dir = f"runs/{target.name}"
     output_dir = checks.local_path(args.output_dir or default_dir, "--output-dir")
     out = Path(output_dir)
@@ -238,12 +239,12 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
         output_dir=output_dir,
         source=source,
         excludes=list(args.exclude),
-        python=args.python,
         extras=[checks.extra(e) for e in args.extra],
         run_timeout_s=checks.duration(args.run_timeout) if args.run_timeout else None,
         keep=args.keep,
         train_args=checks.train_args(train_args),
         env=dict(checks.env_var(e) for e in args.env),
+        rehearse=args.rehearse,
     )
 
 
@@ -254,15 +255,15 @@ def print_plan(sub: Submission) -> None:
         print(f"# {number}. {step.name}: {step.about}")
         if step.remote:
             print(f"#    on the workers: {step.remote}")
-        if step.argv:
-            print(shlex.join(step.argv))
-    for step in [*sub.logs_steps(), sub.delete_step()]:
-        if step.name == "delete" and sub.keep:
-            print("# --keep: the TPU is left running (and billing); delete it with:")
-            print("# " + shlex.join(step.argv))
-            continue
-        print(f"# finally, {step.name}: {step.about}")
-        print(shlex.join(step.argv))
+        for argv in [step.argv] if step.argv else step.parallel:
+            print(shlex.join(argv))
+    delete = sub.delete_step()
+    if sub.keep:
+        print("# --keep: the TPU is left running (and billing); delete it with:")
+        print("# " + shlex.join(delete.argv))
+    else:
+        print(f"# finally, {delete.name}: {delete.about}")
+        print(shlex.join(delete.argv))
 
 
 def _check_free(runner: Runner, step: Step, name: str) -> None:
@@ -331,10 +332,55 @@ def _run_step(runner: Runner, step: Step) -> None:
         raise StepFailed(f"step {step.name} failed (gcloud exit code {rc})")
 
 
+def _copy_logs(runner: Runner, sub: Submission) -> None:
+    """Every worker's log and exit status into OUTPUT_DIR/logs (best effort)."""
+    codes = runner.run_parallel(sub.logs_step().parallel, timeout=LOGS_TIMEOUT_S)
+    missing = [str(w) for w, rc in enumerate(codes) if rc != 0]
+    if missing:
+        say(f"could not copy the logs of worker(s) {', '.join(missing)}")
+
+
+def worker_statuses(logs_dir: Path, hosts: int) -> dict[int, int | None]:
+    """Each worker's training exit status from logs/worker-N.exit (None: none
+    came back)."""
+    statuses: dict[int, int | None] = {}
+    for w in range(hosts):
+        try:
+            statuses[w] = int((logs_dir / f"worker-{w}.exit").read_text().strip())
+        except (OSError, ValueError):
+            statuses[w] = None
+    return statuses
+
+
+def _verify(sub: Submission, run_rc: int) -> None:
+    """Success needs every worker's exit status 0 (read from the statuses the
+    workers wrote, not only gcloud's exit code) and worker 0's metrics.json."""
+    logs = Path(sub.output_dir) / "logs"
+    statuses = worker_statuses(logs, sub.acc.hosts)
+    failed = {w: rc for w, rc in statuses.items() if rc != 0}
+    if failed:
+        what = ", ".join(
+            f"{w} ("
+            + ("no exit status came back" if rc is None else f"exit {rc}")
+            + ")"
+            for w, rc in failed.items()
+        )
+        logs_named = ", ".join(str(logs / f"worker-{w}.log") for w in failed)
+        raise StepFailed(f"training failed on worker(s) {what}; see {logs_named}")
+    if run_rc != 0:
+        say(
+            f"note: gcloud ssh exited {run_rc}, but every worker's training "
+            "exited 0 (a connection dropped after training?)"
+        )
+    metrics = Path(sub.output_dir) / "output" / "metrics.json"
+    if not metrics.is_file():
+        raise StepFailed(f"training ran but {metrics} did not come back")
+
+
 def run_submission(sub: Submission, runner: Runner) -> int:
     """Run every step; fetch logs and delete the TPU whatever happens."""
-    created = started = False
-    code = 1
+    created = started = logs_copied = False
+    run_rc, code = 0, 1
     try:
         for step in sub.steps():
             say(f"{step.name}: {step.about}")
@@ -347,12 +393,19 @@ def run_submission(sub: Submission, runner: Runner) -> int:
                 _wait_ready(runner, sub, step)
             elif step.name == "pack":
                 _pack(sub)
+            elif step.name == "run":
+                started = True
+                run_rc, _, _ = runner.run(step.argv)  # the workers' statuses decide
+            elif step.name == "logs":
+                logs_copied = True
+                _copy_logs(runner, sub)
+            elif step.name == "copy-back":
+                rc, _, _ = runner.run(step.argv)
+                if rc != 0:
+                    say(f"copying the outputs back failed (gcloud exit code {rc})")
             elif step.name == "verify":
-                metrics = Path(sub.output_dir) / "output" / "metrics.json"
-                if not metrics.is_file():
-                    raise StepFailed(f"training ran but {metrics} did not come back")
+                _verify(sub, run_rc)
             else:
-                started = started or step.name == "run"
                 _run_step(runner, step)
         say(f"done: results in {sub.output_dir}/output")
         code = 0
@@ -365,21 +418,17 @@ def run_submission(sub: Submission, runner: Runner) -> int:
         say(f"interrupted ({stop}); cleaning up")
         code = stop.exit_code
     finally:
-        code = _finish(sub, runner, code, created, started)
+        code = _finish(sub, runner, code, created, started and not logs_copied)
     return code
 
 
-def _finish(sub: Submission, runner: Runner, code, created, started) -> int:
+def _finish(sub: Submission, runner: Runner, code, created, copy_logs) -> int:
     delete = sub.delete_step()
     try:
         with runner.protect():
-            if started:
-                say(f"logs: copy every worker's log into {sub.output_dir}/logs")
-                argvs = [step.argv for step in sub.logs_steps()]
-                codes = runner.run_parallel(argvs, timeout=LOGS_TIMEOUT_S)
-                missing = [str(w) for w, rc in enumerate(codes) if rc != 0]
-                if missing:
-                    say(f"could not copy the logs of worker(s) {', '.join(missing)}")
+            if copy_logs:
+                say(f"logs: {sub.logs_step().about}")
+                _copy_logs(runner, sub)
             if not created:
                 return code
             if sub.keep:
@@ -411,9 +460,12 @@ def cmd_submit(args, train_args: list[str]) -> int:
     if args.dry_run:
         print_plan(sub)
         return 0
-    _need_gcloud()
+    if sub.rehearse:
+        runner = local_gcloud.rehearsal_runner(sub.acc, sub.backend, sub.output_dir)
+    else:
+        _need_gcloud()
+        runner = Runner()
     Path(sub.output_dir).mkdir(parents=True, exist_ok=True)
-    runner = Runner()
     with runner.handle_signals():
         return run_submission(sub, runner)
 
@@ -579,10 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
         "printed, so not for secrets)",
     )
     p.add_argument(
-        "--python",
-        default="python3",
-        help="interpreter on the workers (default python3; an absolute path for a "
-        "virtual environment)",
+        "--rehearse",
+        action="store_true",
+        help="run this submission's plan on this machine first: no gcloud, no TPU; "
+        "each worker is a local process with simulated CPU devices, running the "
+        "exact commands a TPU worker gets (the package install is stubbed: this "
+        "Python and its packages stand in for the workers')",
     )
     p.add_argument(
         "--keep",

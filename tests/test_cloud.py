@@ -74,8 +74,15 @@ if s == "describe":
 if s in ("copy-back", "logs"):
     dest = Path(argv[argv.index("--recurse") + 2])
     if s == "logs":
+        w = [a for a in argv if a.startswith("--worker=")][0].split("=")[1]
+        statuses = dict(
+            item.split(":")
+            for item in os.environ.get("FAKE_GCLOUD_WORKER_EXIT", "").split(",")
+            if item
+        )
         (dest / "logs").mkdir(parents=True, exist_ok=True)
-        (dest / "logs" / "worker-0.log").write_text("epoch 1\\n")
+        (dest / "logs" / f"worker-{{w}}.log").write_text("epoch 1\\n")
+        (dest / "logs" / f"worker-{{w}}.exit").write_text(statuses.get(w, "0") + "\\n")
     elif not os.environ.get("FAKE_GCLOUD_NO_METRICS"):
         (dest / "output").mkdir(parents=True, exist_ok=True)
         (dest / "output" / "metrics.json").write_text("{{}}")
@@ -170,7 +177,7 @@ def submit(tmp_path, source, *extra, env=None, popen=False):
 
 
 HAPPY = ["exists", "exists", "create", "describe", "copy", "install", "run"]
-HAPPY += ["copy-back", "logs", "delete"]
+HAPPY += ["logs", "copy-back", "delete"]
 
 
 # -- submit against the fake gcloud -------------------------------------------------
@@ -188,6 +195,7 @@ def test_success_runs_every_step_and_deletes(tmp_path, source, fake):
     assert "training/data/mnist/train-images-idx3-ubyte.gz" in names
     run = [a for a in fake()[6] if a.startswith("--command=")][0]
     assert "--epochs 1 --output-dir ../output" in run
+    assert "SYNANN_PINS=constraints.txt" in run and "../venv/bin/python" in run
 
 
 def test_waits_until_active_and_says_so(tmp_path, source, fake):
@@ -205,8 +213,6 @@ def test_waits_until_active_and_says_so(tmp_path, source, fake):
         ("create", ["exists", "exists", "create"]),
         ("copy", ["exists", "exists", "create", "describe", "copy"]),
         ("install", HAPPY[:6]),
-        ("run", HAPPY[:7] + ["logs"]),  # logs are fetched once training started
-        ("copy-back", HAPPY[:9]),
     ],
 )
 def test_failure_stops_there_and_still_deletes(tmp_path, source, fake, step, ran):
@@ -214,6 +220,45 @@ def test_failure_stops_there_and_still_deletes(tmp_path, source, fake, step, ran
     assert result.returncode == 1
     assert steps_of(fake()) == ran + ["delete"]
     assert f"step {step} failed" in result.stderr
+
+
+def test_a_failed_worker_fails_the_run_and_its_log_is_kept(tmp_path, source, fake):
+    # Worker 0's training exits 1 and gcloud says so: logs, outputs, delete.
+    env = {"FAKE_GCLOUD_FAIL": "run", "FAKE_GCLOUD_WORKER_EXIT": "0:1"}
+    result = submit(tmp_path, source, env=env)
+    assert result.returncode == 1
+    assert steps_of(fake()) == HAPPY
+    assert "training failed on worker(s) 0 (exit 1)" in result.stderr
+    assert (tmp_path / "out/logs/worker-0.log").is_file()
+
+
+def test_worker_statuses_decide_not_gcloud_alone(tmp_path, source, fake):
+    # Older gcloud returned 0 although a worker failed: its status file says so.
+    result = submit(
+        tmp_path,
+        source,
+        "--accelerator-type",
+        "v4-16",
+        env={"FAKE_GCLOUD_WORKER_EXIT": "1:3"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert steps_of(fake()).count("logs") == 2  # both workers' logs came back
+    assert "training failed on worker(s) 1 (exit 3)" in result.stderr
+    assert "out/logs/worker-1.log" in result.stderr
+    assert steps_of(fake())[-1] == "delete"
+
+
+def test_gcloud_error_after_clean_workers_is_only_noted(tmp_path, source, fake):
+    result = submit(tmp_path, source, env={"FAKE_GCLOUD_FAIL": "run"})
+    assert result.returncode == 0, result.stderr
+    assert "gcloud ssh exited 1, but every worker's training exited 0" in result.stderr
+
+
+def test_missing_status_is_a_failure(tmp_path, source, fake):
+    result = submit(tmp_path, source, env={"FAKE_GCLOUD_FAIL": "logs"})
+    assert result.returncode == 1
+    assert "worker(s) 0 (no exit status came back)" in result.stderr
+    assert steps_of(fake())[-1] == "delete"
 
 
 def test_failed_queued_resource_is_deleted(tmp_path, source, fake):
@@ -233,11 +278,14 @@ def test_wait_timeout_deletes(tmp_path, source, fake):
     assert "copy" not in steps_of(fake())
 
 
-def test_missing_metrics_is_a_failure(tmp_path, source, fake):
-    result = submit(tmp_path, source, env={"FAKE_GCLOUD_NO_METRICS": "1"})
+@pytest.mark.parametrize(
+    "env", [{"FAKE_GCLOUD_NO_METRICS": "1"}, {"FAKE_GCLOUD_FAIL": "copy-back"}]
+)
+def test_missing_metrics_is_a_failure(tmp_path, source, fake, env):
+    result = submit(tmp_path, source, env=env)
     assert result.returncode == 1
     assert "metrics.json did not come back" in result.stderr
-    assert steps_of(fake())[-1] == "delete"
+    assert steps_of(fake()) == HAPPY
 
 
 @pytest.mark.parametrize(
@@ -362,7 +410,7 @@ HOSTILE = [
 
 FAKE_PYTHON = """\
 #!/bin/sh
-# stands in for python3 on a worker: records its argv, one JSON string per line
+# stands in for the worker venv's python: records its argv, one JSON string per line
 "{python}" -c 'import json, os, sys
 e = os.environ
 print(json.dumps([e["KERAS_BACKEND"], e.get("MY_VAR")] + sys.argv[1:]))' "$@" > "$ARGV_OUT"
@@ -370,18 +418,19 @@ echo "trained"
 """
 
 
-def run_remote(tmp_path, command, worker):
-    """Run a remote command string with sh, as ssh would on a worker."""
+def run_remote(tmp_path, command, worker, python=None):
+    """Run a remote command string with sh in a worker home, as ssh would."""
     home = tmp_path / "home"
     (home / "synann_run/src/training").mkdir(parents=True, exist_ok=True)
     (home / "synann_run/logs").mkdir(exist_ok=True)
+    venv = home / "synann_run/venv/bin"
+    venv.mkdir(parents=True, exist_ok=True)
+    (venv / "python").write_text(python or FAKE_PYTHON.format(python=sys.executable))
     bin_dir = tmp_path / "rbin"
     bin_dir.mkdir(exist_ok=True)
-    python = bin_dir / "python3"
-    python.write_text(FAKE_PYTHON.format(python=sys.executable))
     curl = bin_dir / "curl"
     curl.write_text(f"#!/bin/sh\necho {worker}\n")
-    for exe in (python, curl):
+    for exe in (venv / "python", curl):
         exe.chmod(0o755)
     env = {
         "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin",
@@ -405,18 +454,22 @@ def test_hostile_training_args_reach_python_intact(tmp_path, worker):
     log = tmp_path / f"home/synann_run/logs/worker-{worker}.log"
     assert log.read_text() == "trained\n"
     assert result.stdout == ("trained\n" if worker == 0 else "")
+    status = tmp_path / f"home/synann_run/logs/worker-{worker}.exit"
+    assert status.read_text() == "0\n"
 
 
 def test_training_exit_code_comes_back(tmp_path):
-    command = remote.run_command("jax", ["--epochs", "1"], python="false")
-    assert run_remote(tmp_path, command, 0).returncode == 1
+    command = remote.run_command("jax", ["--epochs", "1"])
+    result = run_remote(tmp_path, command, 2, python="#!/bin/sh\nexit 7\n")
+    assert result.returncode == 7
+    assert (tmp_path / "home/synann_run/logs/worker-2.exit").read_text() == "7\n"
 
 
 def test_remote_values_are_quoted():
-    run = remote.run_command("jax", ["x; rm -rf ~"], python="/opt/my python/bin")
-    assert "'x; rm -rf ~'" in run and "'/opt/my python/bin'" in run
-    install = remote.install_command("tensorflow", "python3", ["tfds"])
-    assert "'.[tensorflow,training,tfds]'" in install
+    run = remote.run_command("jax", ["x; rm -rf ~"], env={"A": "b c"})
+    assert "'x; rm -rf ~'" in run and "A='b c'" in run
+    install = remote.install_command("tensorflow", ["tfds"])
+    assert "'.[training,tfds]'" in install  # tensorflow-tpu, not the stock build
     assert "tensorflow-tpu==2.19.1" in install
     # the remote command is one argv element, never split by a local shell
     argv = gcloud.ssh(gcloud.Target("a", "us-west4-a"), run)

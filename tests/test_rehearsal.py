@@ -1,0 +1,163 @@
+"""Cloud TPU submissions that really run: `submit --rehearse`, and a whole
+`submit` against cloud/local_gcloud.py put on PATH as `gcloud`.
+
+Each worker is a local jax process with simulated CPU devices, and the workers
+form one jax cluster over loopback. They run the exact shell text a TPU worker
+gets; only the package install is stubbed (this interpreter and its packages
+stand in for the workers' venv; cloud/local_gcloud.py says how). The workers
+check their versions against constraints.txt, so these tests need the pinned
+stack (marker `pinned`; tox's `min` env leaves them out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.pinned,
+    pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax workers"),
+]
+
+
+def train_args(mnist_dir) -> list[str]:
+    return [
+        "--model", "mlp", "--epochs", "1", "--steps-per-epoch", "2",
+        "--batch-size", "16", "--val-size", "16", "--data-dir", str(mnist_dir),
+    ]  # fmt: skip
+
+
+def submit(tmp_path, *args, env=None, timeout=600):
+    argv = [sys.executable, "-m", "cloud.tpu", "submit", "--name", "r"]
+    argv += ["--zone", "us-central2-b", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        argv,
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def worker_log(out: Path, w: int) -> str:
+    return (out / "logs" / f"worker-{w}.log").read_text()
+
+
+def test_rehearsal_of_a_two_host_slice(tmp_path, mnist_dir, monkeypatch):
+    # No gcloud anywhere: a rehearsal must not need one.
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    out = tmp_path / "dir"
+    result = submit(
+        tmp_path,
+        "--rehearse",
+        "--accelerator-type", "v4-16",
+        "--output-dir", str(out),
+        "--",
+        *train_args(mnist_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((out / "output" / "metrics.json").read_text())
+    assert metrics["process_count"] == 2
+    assert len(metrics["devices"]) == 8  # v4-16: 2 hosts x 4 chips
+    assert metrics["distribution"] == "data_parallel"
+    for w in (0, 1):
+        log = worker_log(out, w)
+        banner = next(ln for ln in log.splitlines() if ln.startswith("Environment:"))
+        assert f"process {w} of 2" in banner and "devices (8)" in banner
+        assert (out / "logs" / f"worker-{w}.exit").read_text() == "0\n"
+    accuracy = [
+        next(ln for ln in worker_log(out, w).splitlines() if "Test accuracy" in ln)
+        for w in (0, 1)
+    ]
+    assert accuracy[0] == accuracy[1]
+    assert "Test accuracy" in result.stdout  # worker 0's log was streamed
+    assert (out / "source.tar.gz").is_file()
+    # The workers asked for Python 3.11 and the pinned packages (stubbed here).
+    calls = (out / "rehearsal" / "stub-calls.log").read_text().splitlines()
+    assert calls.count("uv venv --quiet --managed-python --python 3.11 ../venv") == 2
+    install = [c for c in calls if c.startswith("uv pip install")]
+    assert (
+        len(install) == 2
+        and "-c constraints.txt .[jax,training] jax[tpu]" in install[0]
+    )
+    # "Deleted": the worker homes are gone, as a deleted TPU's disks are.
+    assert not list((out / "rehearsal").glob("worker-*"))
+    assert "deleted r" in result.stderr
+
+
+def test_rehearsal_fails_when_one_worker_fails(tmp_path, mnist_dir):
+    out = tmp_path / "dir"
+    result = submit(
+        tmp_path,
+        "--rehearse",
+        "--accelerator-type", "v4-16",
+        "--output-dir", str(out),
+        "--env", "SYNANN_TEST_EXIT=3@1",
+        "--",
+        *train_args(mnist_dir),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "training failed on worker(s) 1 (exit 3)" in result.stderr
+    assert "SYNANN_TEST_EXIT: exiting with 3" in worker_log(out, 1)
+    assert (out / "logs" / "worker-1.exit").read_text() == "3\n"
+    assert (out / "logs" / "worker-0.exit").read_text() == "0\n"
+    assert (out / "output" / "metrics.json").is_file()  # worker 0 finished
+    assert "deleted r" in result.stderr
+
+
+def test_rehearsal_refuses_tensorflow(tmp_path):
+    result = submit(
+        tmp_path, "--rehearse", "--accelerator-type", "v5litepod-8",
+        "--backend", "tensorflow", "--output-dir", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1].endswith("Rehearse with --backend jax")
+    )
+
+
+def test_whole_submit_through_a_stand_in_gcloud(tmp_path, mnist_dir):
+    """A real `submit` (no --rehearse) finds `gcloud` on PATH and drives every
+    step through it: create, wait, copy, install (stubbed), run, logs,
+    copy-back, verify, delete."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    root = tmp_path / "cloud"
+    script = REPO / "cloud" / "local_gcloud.py"
+    gcloud.write_text(
+        f'#!/bin/sh\necho "$*" >> {root}.calls\n'
+        f'exec {sys.executable} {script} --root {root} "$@"\n'
+    )
+    gcloud.chmod(0o755)
+    out = tmp_path / "dir"
+    result = submit(
+        tmp_path,
+        "--tpu-vm",
+        "--accelerator-type", "v4-16",
+        "--output-dir", str(out),
+        "--",
+        *train_args(mnist_dir),
+        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    verbs = [line.split()[3] for line in Path(f"{root}.calls").read_text().splitlines()]
+    assert verbs == ["describe", "create", "describe", "scp", "ssh", "ssh"] + [
+        "scp"
+    ] * 3 + ["delete"]
+    metrics = json.loads((out / "output" / "metrics.json").read_text())
+    assert metrics["process_count"] == 2
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [
+        "worker-0.exit", "worker-0.log", "worker-1.exit", "worker-1.log",
+    ]  # fmt: skip
+    assert not root.joinpath("tpu.json").exists()  # deleted
