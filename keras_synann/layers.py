@@ -107,9 +107,14 @@ class Synapse(keras.layers.Layer):
             raise ValueError(
                 f"`units` must be a positive integer or None. Received: units={units}"
             )
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
+        synann_ops.check_log_inhibition_args(chunk_size, implementation)
+        synann_ops.check_series_order(series_order, "series_order", allow_none=True)
+        if series_order is not None and implementation != "auto":
             raise ValueError(
-                f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size}"
+                "`implementation` selects a kernel for the exact layer and "
+                "does not apply with `series_order`; leave it 'auto'. "
+                f"Received: implementation={implementation!r}, "
+                f"series_order={series_order}"
             )
         self.units = units
         if kernel_initializer == "default":
@@ -125,21 +130,6 @@ class Synapse(keras.layers.Layer):
             alpha_constraint = ValueRange(1e-6, 1e6)
         self.alpha_constraint = constraints.get(alpha_constraint)
         self.zero_diagonal = bool(zero_diagonal)
-        if implementation not in synann_ops.IMPLEMENTATIONS:
-            raise ValueError(
-                "`implementation` must be one of "
-                f"{', '.join(map(repr, synann_ops.IMPLEMENTATIONS))}. "
-                f"Received: implementation={implementation!r}"
-            )
-        if series_order is not None:
-            synann_ops.check_series_order(series_order)
-            if implementation != "auto":
-                raise ValueError(
-                    "`implementation` selects a kernel for the exact layer and "
-                    "does not apply with `series_order`; leave it 'auto'. "
-                    f"Received: implementation={implementation!r}, "
-                    f"series_order={series_order}"
-                )
         self.chunk_size = chunk_size
         self.implementation = implementation
         self.series_order = series_order

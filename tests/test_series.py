@@ -1,5 +1,7 @@
 """The opt-in Taylor-series approximation against float64 NumPy, on the active backend."""
 
+import re
+
 import numpy as np
 import pytest
 from keras import ops
@@ -80,12 +82,24 @@ def test_bound_is_infinite_where_the_series_may_diverge():
 
 
 @pytest.mark.parametrize("order", [0, -1, 2.0, True, "3"])
-def test_bad_order(order):
+def test_bad_order_names_the_argument_given(order):
     x, kernel = _data(2, 3, beta_max=0.1)
-    with pytest.raises(ValueError, match="positive integer or None. Received"):
-        synann_ops.log_inhibition_series(x, kernel, order)
-    with pytest.raises(ValueError, match="series_order"):
-        Synapse(series_order=order)
+    as_order = f"`order` must be a positive integer. Received: order={order!r}"
+    as_series_order = (
+        "`series_order` must be a positive integer or None. "
+        f"Received: series_order={order!r}"
+    )
+    for call, message in [
+        (lambda: synann_ops.log_inhibition_series(x, kernel, order), as_order),
+        (lambda: synann_ops.series_error_bound(x, kernel, order), as_order),
+        (
+            lambda: synann_ops.synapse_graph(x, kernel, series_order=order),
+            as_series_order,
+        ),
+        (lambda: Synapse(series_order=order), as_series_order),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
 
 
 def test_layer_with_series_is_close_to_exact_for_small_beta():
