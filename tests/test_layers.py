@@ -1,11 +1,15 @@
 """The Synapse layer through public Keras APIs, on the active backend."""
 
+import doctest
+import inspect
+
 import keras
 import numpy as np
 import pytest
 
 import keras_synann
 from keras_synann import Synapse, ValueRange
+from keras_synann.layers import SynapseUniform
 from keras_synann.testing import numpy_synapse_graph, run_layer_test
 
 
@@ -37,6 +41,46 @@ def test_layer_with_leading_axes(tmp_path):
         expected_output_shape=(3, 5, 6),
         run_mixed_precision=False,
         tmp_dir=str(tmp_path),
+    )
+
+
+def test_build_leaves_the_config_as_given():
+    layer = Synapse()
+    before = layer.get_config()
+    layer.build((2, 6))
+    assert layer.get_config() == before
+    assert layer.units is None
+    assert Synapse.from_config(before).get_config() == before
+
+
+def test_docstring_example_runs():
+    example = doctest.DocTestParser().get_doctest(
+        Synapse.__doc__, {}, "Synapse", None, 0
+    )
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    results = runner.run(example)
+    assert results.attempted >= 5 and results.failed == 0, results
+
+
+def test_defaults_show_in_the_signature_and_behave_as_documented():
+    parameters = inspect.signature(Synapse).parameters
+    assert parameters["kernel_initializer"].default == "keras_synann>SynapseUniform"
+    assert repr(parameters["kernel_constraint"].default) == (
+        "ValueRange(min_value=0.0, max_value=0.999999)"
+    )
+    layer = Synapse()
+    assert isinstance(layer.kernel_initializer, SynapseUniform)
+    assert (layer.alpha_constraint.min_value, layer.alpha_constraint.max_value) == (
+        1e-6,
+        1e6,
+    )
+    # Every layer gets its own initializer, hence its own kernel.
+    first, second = Synapse(), Synapse()
+    first.build((2, 5))
+    second.build((2, 5))
+    assert not np.array_equal(
+        keras.ops.convert_to_numpy(first.kernel),
+        keras.ops.convert_to_numpy(second.kernel),
     )
 
 
