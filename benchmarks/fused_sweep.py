@@ -3,12 +3,13 @@
     KERAS_BACKEND=torch python benchmarks/fused_sweep.py     # needs a CUDA GPU
     KERAS_BACKEND=jax python benchmarks/fused_sweep.py --batch 4096 --n 1024
 
-For each (block rows, block columns, factors per log, warps) it prints the
-forward + backward time of `log_inhibition` (median of --repeats calls after
-a warm-up that compiles), the compile time, and the largest relative
-difference of the gradients from the keras.ops path on the first 256 rows
-(the keras.ops path is slow at GPU batch sizes). The defaults in `_triton_kernel.py` and
-`_pallas_kernel.py` were chosen from this table.
+For each (block rows, block columns, factors per log, warps), passed as the
+kernel's `config`, it prints the forward + backward time of the kernel's
+`log_inhibition` (median of --repeats calls after a warm-up that compiles),
+the compile time, and the largest relative difference of the gradients from
+the keras.ops path on the first 256 rows (the keras.ops path is slow at GPU
+batch sizes). The default `CONFIG` of `_triton_kernel.py` and
+`_pallas_kernel.py` was chosen from this table.
 """
 
 from __future__ import annotations
@@ -79,22 +80,31 @@ def main(argv=None) -> int:
     w = ops.convert_to_tensor(rng.uniform(0, 0.01, (args.n, args.n)).astype("float32"))
     g = ops.convert_to_tensor(rng.normal(size=(args.batch, args.n)).astype("float32"))
 
-    def step_for(implementation, g):
+    def step_for(log_inhibition, g):
         def loss(x, w):
-            s = synann_ops.log_inhibition(x, w, implementation=implementation)
-            return ops.sum(s * g)
+            return ops.sum(log_inhibition(x, w) * g)
 
         return value_and_grad(loss, jit=backend == "jax")
 
+    def fused(config):
+        def log_inhibition(x, w):
+            floors = synann_ops.FACTOR_FLOOR, synann_ops._PRODUCT_FLOOR
+            return module.log_inhibition(x, w, *floors, config=config)
+
+        return log_inhibition
+
+    def keras_ops(x, w):
+        return synann_ops.log_inhibition(x, w, implementation="ops")
+
     rows = min(256, args.batch)
-    _, reference = step_for("ops", g[:rows])(x[:rows], w)
+    _, reference = step_for(keras_ops, g[:rows])(x[:rows], w)
     reference = [ops.convert_to_numpy(r) for r in reference]
     print(f"{backend} {impl}, batch {args.batch}, n {args.n}")
     print("| block | chunk | warps | fwd+bwd ms | compile s | max rel diff vs ops |")
     print("|---|---|---|---|---|---|")
-    for block, chunk, warps in CONFIGS:
-        module.BLOCK, module.CHUNK, module.NUM_WARPS = block, chunk, warps
-        step = step_for(impl, g)
+    for config in CONFIGS:
+        block, chunk, warps = config
+        step = step_for(fused(config), g)
         try:
             start = time.perf_counter()
             _, grads = step(x, w)
@@ -110,7 +120,7 @@ def main(argv=None) -> int:
                 f"| {block} | {chunk} | {warps} | failed: {str(e).splitlines()[0][:80]} | | |"
             )
             continue
-        _, grads = step_for(impl, g[:rows])(x[:rows], w)
+        _, grads = step_for(fused(config), g[:rows])(x[:rows], w)
         diff = max(
             float(np.max(np.abs(ops.convert_to_numpy(a) - r)) / np.max(np.abs(r)))
             for a, r in zip(grads, reference, strict=True)

@@ -29,6 +29,8 @@ from jax.experimental import pallas as pl
 BLOCK = (32, 64)
 CHUNK = 16
 NUM_WARPS = 4
+#: The default `config` of `log_inhibition`: (block, chunk, num_warps).
+CONFIG = (BLOCK, CHUNK, NUM_WARPS)
 #: The weight gradient sums the batch in slices of this many rows, one set of
 #: programs per slice (more parallel work), then adds the slices.
 GRAD_W_ROWS = 256
@@ -113,13 +115,13 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, **kw):
+def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, **kw):
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton
 
         params["compiler_params"] = pl_triton.CompilerParams(
-            num_warps=NUM_WARPS, num_stages=1
+            num_warps=num_warps, num_stages=1
         )
     return pl.pallas_call(
         functools.partial(kernel, **kw),
@@ -132,13 +134,14 @@ def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, **kw):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _log_inhibition(x, kernel, floor, product_floor, interpret):
-    return _forward(x, kernel, floor, product_floor, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _log_inhibition(x, kernel, floor, product_floor, interpret, config):
+    return _forward(x, kernel, floor, product_floor, interpret, config)
 
 
-def _forward(x, kernel, floor, product_floor, interpret):
-    (rows, cols), chunk = BLOCK, CHUNK
+def _forward(x, kernel, floor, product_floor, interpret, config):
+    block, chunk, num_warps = config
+    rows, cols = block
     batch, n_in = x.shape
     n_out = kernel.shape[1]
     b_pad, n_pad, o_pad = (
@@ -155,22 +158,25 @@ def _forward(x, kernel, floor, product_floor, interpret):
         [_whole(xt.shape), _whole(w.shape)],
         pl.BlockSpec((rows, cols), lambda b, i: (b, i)),
         interpret,
+        num_warps,
         floor=floor,
         product_floor=product_floor,
-        block=BLOCK,
+        block=block,
         chunk=chunk,
     )(xt, w)
     return s[:batch, :n_out]
 
 
-def _vjp_forward(x, kernel, floor, product_floor, interpret):
-    return _forward(x, kernel, floor, product_floor, interpret), (x, kernel)
+def _vjp_forward(x, kernel, floor, product_floor, interpret, config):
+    s = _forward(x, kernel, floor, product_floor, interpret, config)
+    return s, (x, kernel)
 
 
-def _vjp_backward(floor, product_floor, interpret, residuals, g):
+def _vjp_backward(floor, product_floor, interpret, config, residuals, g):
     del product_floor
     x, kernel = residuals
-    (rows, cols), chunk = BLOCK, CHUNK
+    block, chunk, num_warps = config
+    rows, cols = block
     batch, n_in = x.shape
     n_out = kernel.shape[1]
     # d x: tiles of (batch, n_in), looping over the output units.
@@ -193,8 +199,9 @@ def _vjp_backward(floor, product_floor, interpret, residuals, g):
         ],
         pl.BlockSpec((rows, cols), lambda b, j: (b, j)),
         interpret,
+        num_warps,
         floor=floor,
-        block=BLOCK,
+        block=block,
         chunk=chunk,
     )(xp, wt, gt)[:batch, :n_in]
     # d W: tiles of (n_in, n_out), one partial sum per slice of the batch.
@@ -215,8 +222,9 @@ def _vjp_backward(floor, product_floor, interpret, residuals, g):
         ],
         pl.BlockSpec((1, rows, cols), lambda j, i, p: (p, j, i)),
         interpret,
+        num_warps,
         floor=floor,
-        block=BLOCK,
+        block=block,
         chunk=chunk,
         slice_rows=slice_rows,
     )(xw, w, gw)
@@ -226,8 +234,13 @@ def _vjp_backward(floor, product_floor, interpret, residuals, g):
 _log_inhibition.defvjp(_vjp_forward, _vjp_backward)
 
 
-def log_inhibition(x, kernel, floor: float, product_floor: float):
-    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 jax arrays."""
+def log_inhibition(x, kernel, floor: float, product_floor: float, config=CONFIG):
+    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 jax arrays.
+
+    `config` is (block, chunk, num_warps): the (rows, columns) output tile of
+    every kernel, the factors multiplied per log, and the warps per program
+    on a GPU (benchmarks/fused_sweep.py times alternatives).
+    """
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(
             "implementation='pallas' computes in float32. "
@@ -239,6 +252,8 @@ def log_inhibition(x, kernel, floor: float, product_floor: float):
             "implementation='pallas' targets GPUs (Pallas's Triton lowering); "
             "use implementation='ops' (or 'auto') on TPU. Received: a TPU device"
         )
+    (rows, cols), chunk, num_warps = config
+    config = ((int(rows), int(cols)), int(chunk), int(num_warps))  # hashable
     return _log_inhibition(
-        x, kernel, float(floor), float(product_floor), platform == "cpu"
+        x, kernel, float(floor), float(product_floor), platform == "cpu", config
     )

@@ -27,6 +27,8 @@ import triton.language as tl
 BLOCK = (16, 64)
 CHUNK = 16
 NUM_WARPS = 4
+#: The default `config` of `log_inhibition`: (block, chunk, num_warps).
+CONFIG = (BLOCK, CHUNK, NUM_WARPS)
 #: The weight gradient splits the batch into slices of this many rows, each
 #: summed by its own programs (more parallel work), then adds the slices.
 GRAD_W_ROWS = 256
@@ -183,10 +185,12 @@ class _LogInhibition(torch.autograd.Function):
         return dx, dw.sum(0) if parts > 1 else dw[0], None, None, None
 
 
-def log_inhibition(x, kernel, floor: float, product_floor: float, config=None):
+def log_inhibition(x, kernel, floor: float, product_floor: float, config=CONFIG):
     """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 torch tensors.
 
-    `config` is (block, chunk, num_warps); the module's defaults when None.
+    `config` is (block, chunk, num_warps): the (rows, columns) output tile of
+    every kernel, the factors multiplied per log, and Triton's warps per
+    program (benchmarks/fused_sweep.py times alternatives).
     """
     if x.dtype != torch.float32 or kernel.dtype != torch.float32:
         raise ValueError(
@@ -198,5 +202,4 @@ def log_inhibition(x, kernel, floor: float, product_floor: float, config=None):
             "implementation='triton' needs CUDA tensors (or Triton's interpreter: "
             f"TRITON_INTERPRET=1 before import). Received: tensors on {x.device}"
         )
-    config = config or (BLOCK, CHUNK, NUM_WARPS)
     return _LogInhibition.apply(x, kernel, float(floor), float(product_floor), config)

@@ -30,6 +30,28 @@ class ValueRange(keras.constraints.Constraint):
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
 
+    def __repr__(self):
+        return f"ValueRange(min_value={self.min_value}, max_value={self.max_value})"
+
+
+@keras.saving.register_keras_serializable(package="keras_synann")
+class SynapseUniform(keras.initializers.RandomUniform):
+    """The default kernel initializer of `Synapse`: beta uniform in [0, 0.01).
+
+    The reference's intent; any Keras initializer can replace it. By its
+    registered name, `"keras_synann>SynapseUniform"`, every layer gets its own
+    instance, hence its own seed.
+    """
+
+    def __init__(self, minval: float = 0.0, maxval: float = 0.01, seed=None):
+        super().__init__(minval=minval, maxval=maxval, seed=seed)
+
+
+#: The default kernel constraint of `Synapse`: beta in [0, 1 - 1e-6].
+BETA_RANGE = ValueRange(0.0, BETA_MAX)
+#: The default alpha constraint of `Synapse`: alpha in [1e-6, 1e6], so > 0.
+ALPHA_RANGE = ValueRange(1e-6, 1e6)
+
 
 @keras.saving.register_keras_serializable(package="keras_synann")
 class Synapse(keras.layers.Layer):
@@ -47,25 +69,31 @@ class Synapse(keras.layers.Layer):
     layer clips inputs to [0, 1] (gradient 0 outside), floors every factor
     `1 - beta_ij * x_j` at 1e-6 (gradient 0 below) and, by default, clips the
     kernel to [0, 1 - 1e-6] after each update. So every finite input gives a
-    finite output and finite gradients.
+    finite output and finite gradients. A mask on the input passes through.
 
     Args:
-        units: optional; the layer's size, which must equal the input's last
-            dimension. `output_dim` (the reference layer's keyword) is an alias.
-        kernel_initializer: initializer for beta. Default: uniform in
-            [0, 0.01), as the reference intended.
-        kernel_regularizer: optional regularizer for beta.
-        kernel_constraint: constraint for beta; default keeps beta in [0, 1).
-            Pass `None` explicitly for an unconstrained kernel.
-        use_alpha: learn a per-output excitation scale alpha_i (initialised to
-            1, kept > 0). Default False, like the reference code (alpha = 1).
-        alpha_initializer, alpha_constraint: for alpha when `use_alpha`.
-        zero_diagonal: fix beta_ii = 0 (no self-inhibition, as the paper
+        units: optional positive int, the layer's size, which must equal the
+            input's last dimension; `None` takes it from the input.
+            `output_dim` (the reference layer's keyword) is an alias.
+        kernel_initializer: initializer for the (n, n) kernel. The default,
+            `SynapseUniform`, draws beta uniformly in [0, 0.01), as the
+            reference intended.
+        kernel_regularizer: optional regularizer for the kernel.
+        kernel_constraint: constraint for the kernel; the default,
+            `ValueRange(0, 1 - 1e-6)`, keeps beta in [0, 1). `None` leaves the
+            kernel unconstrained.
+        use_alpha: bool, learn a per-output excitation scale alpha_i. Default
+            False, like the reference code (alpha = 1).
+        alpha_initializer: initializer for alpha when `use_alpha`.
+        alpha_constraint: constraint for alpha when `use_alpha`; the default,
+            `ValueRange(1e-6, 1e6)`, keeps alpha > 0.
+        zero_diagonal: bool, fix beta_ii = 0 (no self-inhibition, as the paper
             allows). The diagonal of the kernel is then ignored.
-        chunk_size: input units processed at once (memory/speed trade-off).
+        chunk_size: positive int, input units processed at once (a memory and
+            speed trade-off of the "ops" and "torch" implementations).
         implementation: "auto", "ops", "torch", "triton" or "pallas"; see
             `keras_synann.ops.log_inhibition`. All give the same results.
-        series_order: None (default): the exact layer. A positive int K:
+        series_order: `None` for the exact layer, or a positive int K to
             approximate `sum_j log(1 - beta_ij x_j)` by its Taylor series to
             order K, computed as matmuls (about K Dense layers' cost; see
             `keras_synann.ops.log_inhibition_series` for the error bound).
@@ -73,19 +101,50 @@ class Synapse(keras.layers.Layer):
             not combine with `implementation` (leave that "auto").
         **kwargs: base layer keywords (`name`, `dtype`, `trainable`, ...).
 
-    Input shape: `(..., n)`. Output shape: `(..., n)`, of the compute dtype;
-    under mixed precision the log-sum accumulates in float32.
+    Call arguments:
+        inputs: a float tensor of probabilities, clipped to [0, 1].
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., n)`, N >= 2.
+
+    Output shape:
+        The input's shape, `(batch_size, ..., n)`, in the compute dtype;
+        under mixed precision the log-sum accumulates in float32.
+
+    Example:
+
+    >>> import keras
+    >>> import numpy as np
+    >>> from keras_synann import Synapse
+    >>> model = keras.Sequential(
+    ...     [
+    ...         keras.Input((20,)),
+    ...         keras.layers.Dense(8, activation="sigmoid"),  # probabilities
+    ...         Synapse(),
+    ...         keras.layers.Dense(3),
+    ...     ]
+    ... )
+    >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    >>> model.compile("adam", loss)
+    >>> x = np.random.uniform(size=(32, 20)).astype("float32")
+    >>> labels = np.arange(32) % 3
+    >>> history = model.fit(x, labels, epochs=2, verbose=0)
+    >>> model.predict(x, verbose=0).shape
+    (32, 3)
+    >>> beta = keras.ops.convert_to_numpy(model.layers[1].beta)  # in [0, 1)
+    >>> beta.shape
+    (8, 8)
     """
 
     def __init__(
         self,
         units: int | None = None,
-        kernel_initializer="default",
+        kernel_initializer="keras_synann>SynapseUniform",
         kernel_regularizer=None,
-        kernel_constraint="default",
+        kernel_constraint=BETA_RANGE,
         use_alpha: bool = False,
         alpha_initializer="ones",
-        alpha_constraint="default",
+        alpha_constraint=ALPHA_RANGE,
         zero_diagonal: bool = False,
         chunk_size: int = synann_ops.DEFAULT_CHUNK_SIZE,
         implementation: str = "auto",
@@ -107,39 +166,23 @@ class Synapse(keras.layers.Layer):
             raise ValueError(
                 f"`units` must be a positive integer or None. Received: units={units}"
             )
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
+        synann_ops.check_log_inhibition_args(chunk_size, implementation)
+        synann_ops.check_series_order(series_order, "series_order", allow_none=True)
+        if series_order is not None and implementation != "auto":
             raise ValueError(
-                f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size}"
+                "`implementation` selects a kernel for the exact layer and "
+                "does not apply with `series_order`; leave it 'auto'. "
+                f"Received: implementation={implementation!r}, "
+                f"series_order={series_order}"
             )
         self.units = units
-        if kernel_initializer == "default":
-            kernel_initializer = initializers.RandomUniform(0.0, 0.01)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        if kernel_constraint == "default":
-            kernel_constraint = ValueRange()
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.use_alpha = bool(use_alpha)
         self.alpha_initializer = initializers.get(alpha_initializer)
-        if alpha_constraint == "default":
-            alpha_constraint = ValueRange(1e-6, 1e6)
         self.alpha_constraint = constraints.get(alpha_constraint)
         self.zero_diagonal = bool(zero_diagonal)
-        if implementation not in synann_ops.IMPLEMENTATIONS:
-            raise ValueError(
-                "`implementation` must be one of "
-                f"{', '.join(map(repr, synann_ops.IMPLEMENTATIONS))}. "
-                f"Received: implementation={implementation!r}"
-            )
-        if series_order is not None:
-            synann_ops.check_series_order(series_order)
-            if implementation != "auto":
-                raise ValueError(
-                    "`implementation` selects a kernel for the exact layer and "
-                    "does not apply with `series_order`; leave it 'auto'. "
-                    f"Received: implementation={implementation!r}, "
-                    f"series_order={series_order}"
-                )
         self.chunk_size = chunk_size
         self.implementation = implementation
         self.series_order = series_order
@@ -159,7 +202,6 @@ class Synapse(keras.layers.Layer):
                 f"input's last dimension. Received: units={self.units}, "
                 f"input last dimension={n}"
             )
-        self.units = n
         self.kernel = self.add_weight(
             name="kernel",
             shape=(n, n),
@@ -185,7 +227,7 @@ class Synapse(keras.layers.Layer):
     def _effective_kernel(self):
         kernel = ops.convert_to_tensor(self.kernel)
         if self.zero_diagonal:
-            kernel = kernel * (1.0 - ops.eye(self.units, dtype=kernel.dtype))
+            kernel = kernel * (1.0 - ops.eye(kernel.shape[0], dtype=kernel.dtype))
         return kernel
 
     def call(self, inputs):

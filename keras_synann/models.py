@@ -88,12 +88,11 @@ def lenet(
     softmax -> Synapse(hidden) -> batch norm -> Dense(logits).
 
     The softmax feeds the Synapse layer probabilities, as in the reference
-    (`squash="sigmoid"` is the alternative; both train equally well).
-    Deviations, for a run of ~10 epochs with Adam instead of 100+ with SGD:
-    `filters` (16, 32) instead of (10, 20) (more capacity at little CPU cost;
-    (32, 64) was 3x slower), `dropout` 0.25 instead of 0.5 (with 0.5 the net
-    needed 6 epochs to reach 98.5% validation accuracy, with 0.25 it needs 2).
-    `filters=(10, 20), dropout=0.5` give the reference's net.
+    (`squash="sigmoid"` is the alternative). Deviations, for a run of ~10
+    epochs with Adam instead of 100+ with SGD: `filters` (16, 32) instead of
+    (10, 20) (more capacity), `dropout` 0.25 instead of 0.5 (fewer epochs to
+    a given validation accuracy). `filters=(10, 20), dropout=0.5` give the
+    reference's net. Measured effects: README.md, "The models".
     """
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(1.0 / MNIST_STD, offset=-MNIST_MEAN / MNIST_STD)(inputs)
@@ -129,8 +128,8 @@ def mlp(
     The first Dense layer uses a sigmoid so the Synapse layer gets
     probabilities (the paper does not name that activation). Dropout 0.25 is
     the paper's keep probability of 0.75. Deviation: dropout on the input
-    pixels (`input_dropout`, 0.2; 0 gives the paper's net), which lifted test
-    accuracy from ~98.0% to ~98.4% in 30 epochs (the net otherwise overfits).
+    pixels (`input_dropout`, 0.2; 0 gives the paper's net), against the
+    overfitting of the paper's net. Measured effects: README.md, "The models".
     """
     inputs = keras.Input(input_shape, name="image")
     x = layers.Flatten(name="flatten")(inputs)

@@ -100,43 +100,50 @@ def log_inhibition(
 
     evaluated chunk by chunk, so no (batch, n_in, n_out) tensor ever exists.
     """
-    if chunk_size < 1:
-        raise ValueError(
-            f"`chunk_size` must be a positive integer. Received: {chunk_size}"
-        )
+    check_log_inhibition_args(chunk_size, implementation)
+    _check_backend(implementation)
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-    backend = keras.backend.backend()
+    chunk = min(chunk_size, int(kernel.shape[0]))
+    path = _PATHS[resolve_implementation(implementation, x, kernel)]
+    return path(x, kernel, chunk)
+
+
+def check_log_inhibition_args(chunk_size, implementation) -> None:
+    """Raises ValueError unless `chunk_size` is a positive int and
+    `implementation` one of `IMPLEMENTATIONS` (the layer checks with this too)."""
+    if not _is_positive_int(chunk_size):
+        raise ValueError(
+            "`chunk_size` must be a positive integer. "
+            f"Received: chunk_size={chunk_size!r}"
+        )
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"`implementation` must be one of {', '.join(map(repr, IMPLEMENTATIONS))}. "
             f"Received: implementation={implementation!r}"
         )
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_backend(implementation: str) -> None:
+    """Raises ValueError if `implementation` needs a backend other than Keras's."""
     needs = _BACKEND_OF.get(implementation)
+    backend = keras.backend.backend()
     if needs is not None and backend != needs:
         raise ValueError(
             f"implementation={implementation!r} needs the {needs} backend. "
             f"Received: implementation={implementation!r} with backend {backend!r}"
         )
-    n_in, n_out = kernel.shape
-    chunk = min(int(chunk_size), int(n_in))
-    implementation = resolve_implementation(implementation, x, kernel)
-    if implementation == "pallas":
-        from keras_synann import _pallas_kernel
 
-        return _pallas_kernel.log_inhibition(x, kernel, FACTOR_FLOOR, _PRODUCT_FLOOR)
-    if implementation == "triton":
-        from keras_synann import _triton_kernel
 
-        return _triton_kernel.log_inhibition(x, kernel, FACTOR_FLOOR, _PRODUCT_FLOOR)
-    if implementation == "torch":
-        from keras_synann import _torch_kernel
-
-        return _torch_kernel.log_inhibition(
-            x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
-        )
+def _ops_path(x, kernel, chunk):
+    """The keras.ops path: the chunked forward with its closed-form gradient."""
     forward = functools.partial(_chunked_forward, chunk=chunk)
     backward = functools.partial(_chunked_backward, chunk=chunk)
-    if backend == "tensorflow":
+    if keras.backend.backend() == "tensorflow":
+        n_in, n_out = kernel.shape
         forward, backward = _tensorflow_xla(n_in, n_out, chunk, str(x.dtype.name))
 
     @ops.custom_gradient
@@ -154,6 +161,35 @@ def log_inhibition(
         return total, grad
 
     return _log_inhibition(x, kernel)
+
+
+def _torch_path(x, kernel, chunk):
+    from keras_synann import _torch_kernel
+
+    return _torch_kernel.log_inhibition(x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR)
+
+
+def _triton_path(x, kernel, chunk):
+    del chunk  # the fused kernels tile with their own `config`
+    from keras_synann import _triton_kernel
+
+    return _triton_kernel.log_inhibition(x, kernel, FACTOR_FLOOR, _PRODUCT_FLOOR)
+
+
+def _pallas_path(x, kernel, chunk):
+    del chunk  # the fused kernels tile with their own `config`
+    from keras_synann import _pallas_kernel
+
+    return _pallas_kernel.log_inhibition(x, kernel, FACTOR_FLOOR, _PRODUCT_FLOOR)
+
+
+#: What `log_inhibition` runs for each resolved implementation: f(x, W, chunk).
+_PATHS = {
+    "ops": _ops_path,
+    "torch": _torch_path,
+    "triton": _triton_path,
+    "pallas": _pallas_path,
+}
 
 
 def _chunks(x, kernel, chunk):
@@ -374,13 +410,17 @@ def series_error_bound(x, kernel, order: int):
     return ops.where(largest < 1.0, bound, float("inf"))
 
 
-def check_series_order(order) -> None:
-    """Raises ValueError unless `order` is a positive int (a series order)."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(
-            "`series_order` must be a positive integer or None. "
-            f"Received: series_order={order!r}"
-        )
+def check_series_order(order, name: str = "order", allow_none: bool = False) -> None:
+    """Raises ValueError unless `order` is a positive int (a series order).
+
+    `name` is the argument as the caller spelled it (`order` here,
+    `series_order` in `synapse_graph` and the layer, which allow None).
+    """
+    if allow_none and order is None:
+        return
+    if not _is_positive_int(order):
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={order!r}")
 
 
 def synapse_graph(
@@ -413,6 +453,7 @@ def synapse_graph(
         A (..., n) tensor of the dtype of the computation (float32 or wider;
         cast the result for mixed precision).
     """
+    check_series_order(series_order, "series_order", allow_none=True)
     x = ops.convert_to_tensor(x)
     kernel = ops.convert_to_tensor(kernel)
     n = kernel.shape[0]

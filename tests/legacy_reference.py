@@ -2,7 +2,7 @@
 
 It reproduces the reference's *formula*, including its defect: the log factors
 are summed with a (batch, batch * n) ones matrix, i.e. over the whole batch.
-Used to pin down the divergence (tests/test_seed_parity.py) and to write
+Used to pin down the divergence (tests/test_reference_and_legacy.py) and to write
 legacy .h5 files like the reference's (config key `output_dim`, (n, n) kernel).
 
 Run as a script, `python tests/legacy_reference.py OUT_DIR`, it writes

@@ -205,6 +205,37 @@ def test_log_inhibition_matches_float64_numpy_and_ops(
             assert np.all(tail > 8 * np.log(4e-4)), tail.min()
 
 
+@pytest.mark.parametrize("implementation", FUSED)
+@pytest.mark.parametrize("case", ["plain", "near_one"])
+def test_kernel_config_is_honoured(implementation, case):
+    """Another (block, chunk, num_warps) gives the float64 values of its own
+    chunk: with 8 factors per log, near-one products are no longer floored."""
+    _needs(implementation)
+    module = importlib.import_module(f"keras_synann._{implementation}_kernel")
+    config = ((16, 32), 8, 2)
+    assert config != module.CONFIG
+    floors = synann_ops.FACTOR_FLOOR, synann_ops._PRODUCT_FLOOR
+    x, kernel, upstream = _inputs(37, 40, 45, case, seed=3)
+
+    def loss(x, kernel):
+        s = module.log_inhibition(x, kernel, *floors, config=config)
+        return ops.sum(s * ops.convert_to_tensor(upstream))
+
+    _, (d_x, d_kernel) = value_and_grad(loss)(x, kernel)
+    tensors = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+    s = module.log_inhibition(*tensors, *floors, config=config)
+    expected = _float64_log_inhibition(x, kernel, upstream, chunk=8)
+    if case == "near_one":
+        # The default chunk of 16 would floor every full chunk's product.
+        default_chunk = _float64_log_inhibition(x, kernel, upstream)[0]
+        assert np.all(np.abs(expected[0] - default_chunk) > 1.0)
+    rtol = 2e-4 if case == "near_one" else 2e-5
+    for name, ours, theirs in zip(
+        ("s", "d_x", "d_kernel"), (s, d_x, d_kernel), expected, strict=True
+    ):
+        _close(ops.convert_to_numpy(ours), theirs, rtol, f"{name} vs float64 NumPy")
+
+
 def test_near_one_output_underflows_to_zero_with_finite_gradients():
     """synapse_graph with products of 1e-3 factors: y is 0 in float32 and the
     gradients are finite and equal to the ops path's."""

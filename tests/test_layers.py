@@ -1,30 +1,42 @@
 """The Synapse layer through public Keras APIs, on the active backend."""
 
+import ast
+import doctest
+import inspect
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
 import keras_synann
 from keras_synann import Synapse, ValueRange
+from keras_synann.layers import SynapseUniform
 from keras_synann.testing import numpy_synapse_graph, run_layer_test
 
 
 @pytest.mark.parametrize(
-    "init_kwargs",
+    "init_kwargs, trainable, non_trainable, losses",
     [
-        {},
-        {"units": 12},
-        {"use_alpha": True, "zero_diagonal": True, "chunk_size": 5},
-        {"kernel_regularizer": "l2", "kernel_constraint": None},
-        {"series_order": 3, "use_alpha": True},
+        ({}, 1, 0, 0),
+        ({"units": 12}, 1, 0, 0),
+        ({"use_alpha": True, "zero_diagonal": True, "chunk_size": 5}, 2, 0, 0),
+        ({"kernel_regularizer": "l2", "kernel_constraint": None}, 1, 0, 1),
+        ({"series_order": 3, "use_alpha": True}, 2, 0, 0),
+        ({"use_alpha": True, "trainable": False}, 0, 2, 0),
     ],
 )
-def test_layer_basics(init_kwargs, tmp_path):
+def test_layer_basics(init_kwargs, trainable, non_trainable, losses, tmp_path):
     run_layer_test(
         Synapse,
         init_kwargs,
         input_shape=(4, 12),
         expected_output_shape=(4, 12),
+        expected_num_trainable_weights=trainable,
+        expected_num_non_trainable_weights=non_trainable,
+        expected_num_losses=losses,
+        supports_masking=True,
+        run_training=trainable > 0,
         tmp_dir=str(tmp_path),
     )
 
@@ -35,8 +47,96 @@ def test_layer_with_leading_axes(tmp_path):
         {"units": 6},
         input_shape=(3, 5, 6),
         expected_output_shape=(3, 5, 6),
+        expected_num_trainable_weights=1,
+        expected_num_non_trainable_weights=0,
+        expected_num_losses=0,
+        supports_masking=True,
         run_mixed_precision=False,
         tmp_dir=str(tmp_path),
+    )
+
+
+@pytest.mark.parametrize(
+    "contract, message",
+    [
+        ({"expected_num_trainable_weights": 1}, "number of trainable weights"),
+        ({"expected_num_non_trainable_weights": 1}, "number of non-trainable weights"),
+        ({"expected_num_losses": 0}, "number of losses: expected 0, got 1"),
+        ({"supports_masking": False}, "supports_masking"),
+    ],
+)
+def test_run_layer_test_fails_on_a_broken_contract(contract, message):
+    """A layer with alpha and an l2 regularizer has 2 trainable weights and one
+    loss: each wrong expectation fails, naming what it expected."""
+    kwargs = {
+        "expected_num_trainable_weights": 2,
+        "expected_num_non_trainable_weights": 0,
+        "expected_num_losses": 1,
+        "supports_masking": True,
+        **contract,
+    }
+    with pytest.raises(AssertionError, match=message):
+        run_layer_test(
+            Synapse,
+            {"use_alpha": True, "kernel_regularizer": "l2"},
+            input_shape=(2, 4),
+            expected_output_shape=(2, 4),
+            run_training=False,
+            run_serialization=False,
+            run_mixed_precision=False,
+            **kwargs,
+        )
+
+
+def test_library_code_has_no_assert_statements():
+    """`python -O` strips `assert`: library checks must raise explicitly."""
+    package = Path(keras_synann.__file__).parent
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(package.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, found
+
+
+def test_build_leaves_the_config_as_given():
+    layer = Synapse()
+    before = layer.get_config()
+    layer.build((2, 6))
+    assert layer.get_config() == before
+    assert layer.units is None
+    assert Synapse.from_config(before).get_config() == before
+
+
+def test_docstring_example_runs():
+    example = doctest.DocTestParser().get_doctest(
+        Synapse.__doc__, {}, "Synapse", None, 0
+    )
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    results = runner.run(example)
+    assert results.attempted >= 5 and results.failed == 0, results
+
+
+def test_defaults_show_in_the_signature_and_behave_as_documented():
+    parameters = inspect.signature(Synapse).parameters
+    assert parameters["kernel_initializer"].default == "keras_synann>SynapseUniform"
+    assert repr(parameters["kernel_constraint"].default) == (
+        "ValueRange(min_value=0.0, max_value=0.999999)"
+    )
+    layer = Synapse()
+    assert isinstance(layer.kernel_initializer, SynapseUniform)
+    assert (layer.alpha_constraint.min_value, layer.alpha_constraint.max_value) == (
+        1e-6,
+        1e6,
+    )
+    # Every layer gets its own initializer, hence its own kernel.
+    first, second = Synapse(), Synapse()
+    first.build((2, 5))
+    second.build((2, 5))
+    assert not np.array_equal(
+        keras.ops.convert_to_numpy(first.kernel),
+        keras.ops.convert_to_numpy(second.kernel),
     )
 
 
