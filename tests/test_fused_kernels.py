@@ -284,8 +284,14 @@ def test_float64_raises_naming_float32(implementation):
     kernel = np.full((4, 2), 0.25)
     if implementation == "pallas":
         import jax
+        import jax.experimental
 
-        with jax.enable_x64(True):
+        # jax >= 0.8 spells it jax.enable_x64; older ones, jax.experimental.
+        if hasattr(jax, "enable_x64"):
+            enable_x64 = jax.enable_x64
+        else:
+            enable_x64 = jax.experimental.enable_x64
+        with enable_x64(True):
             x64, kernel64 = jax.numpy.asarray(x), jax.numpy.asarray(kernel)
             assert x64.dtype == "float64"
             with pytest.raises(ValueError, match="float32"):
