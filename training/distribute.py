@@ -1,18 +1,22 @@
 """Distribution strategies, one function per backend.
 
 `resolve(name)` returns a `Strategy`; training/mnist.py builds and compiles the
-model inside `strategy.scope()` and trains with `strategy.fit(...)` on in-memory
-NumPy arrays with the GLOBAL batch size.
+model inside `strategy.scope()`, trains with `strategy.fit(...)` on in-memory
+NumPy arrays with the GLOBAL batch size, then takes `strategy.restore_best(...)`
+(the chief's best checkpoint, on every process) to `strategy.evaluate` and
+`strategy.predict`, which give every process the same numbers.
 
 Names: "auto", "default" (one device, no strategy), "data_parallel" (jax),
 "mirrored" and "tpu" (tensorflow), "ddp" (torch). "auto" picks:
 
 - jax: `keras.distribution.DataParallel` over all devices when there is more
-  than one, else "default". Multi-process runs (multi-host TPU slices, several
-  GPU hosts) call `keras.distribution.initialize()` first; they are detected
-  from the environment only (no network, no jax backend start-up):
-  `SYNANN_MULTIHOST=1` (force; `0` forbids), `KERAS_DISTRIBUTION_NUM_PROCESSES`
-  > 1, `KERAS_DISTRIBUTION_JOB_ADDRESSES` with several addresses,
+  than one, else "default". Both feed `GlobalBatches`, so the batches do not
+  depend on the device or process count. Multi-process runs (multi-host TPU
+  slices, several GPU hosts) call `keras.distribution.initialize()` first
+  (with gloo collectives on CPU); they are detected from the environment only
+  (no network, no jax backend start-up): `SYNANN_MULTIHOST=1` (force; `0`
+  forbids), `KERAS_DISTRIBUTION_NUM_PROCESSES` > 1,
+  `KERAS_DISTRIBUTION_JOB_ADDRESSES` with several addresses,
   `MEGASCALE_NUM_SLICES` > 1, or `TPU_WORKER_HOSTNAMES` /
   `TPU_PROCESS_ADDRESSES` naming several hosts.
 - tensorflow: `TPUStrategy` when a TPU is found (looked for only when
@@ -231,15 +235,15 @@ class JaxDataParallel(JaxStrategy):
     is built and stays set for `fit`). `fit` feeds `GlobalBatches`: the global
     batch must be a multiple of the device count; training and validation
     arrays are trimmed to a multiple of it. `evaluate` and `predict` run with
-    the distribution lifted, on one device of this process with the trained
-    weights, so they see every sample.
+    the distribution lifted, on a copy of the model on one device of this
+    process (`restore_best` returns one), so they see every sample.
 
     Several processes (a multi-host TPU slice, GPU hosts): every process
     holds all the data and feeds its part of each global batch
     (`auto_shard_dataset=False`); Keras assembles the global batch. After
     training, `restore_best` gives every process the chief's best checkpoint
-    (broadcast from process 0) in a process-local copy of the model, so every
-    process evaluates and predicts on its own and reports the same numbers.
+    (broadcast from process 0), so every process evaluates and predicts on
+    its own and reports the same numbers.
     """
 
     distribution: Any = None
@@ -268,15 +272,18 @@ class JaxDataParallel(JaxStrategy):
         return model.fit(train, validation_data=validation_data, **fit_kwargs)
 
     def restore_best(self, model, path):
-        if self.process_count == 1:
-            return super().restore_best(model, path)
+        """The chief's best checkpoint (or `model`'s weights), broadcast from
+        process 0 when there are several, in a copy of the model on one device
+        of this process: what `evaluate` and `predict` run."""
         from jax.experimental import multihost_utils
 
         with self._undistributed():
-            weights = model.get_weights()  # replicated: every process has them
             if self.is_chief and Path(path).is_file():
                 weights = keras.saving.load_model(path).get_weights()
-            weights = multihost_utils.broadcast_one_to_all(weights)
+            else:
+                weights = model.get_weights()  # replicated: every process has them
+            if self.process_count > 1:
+                weights = multihost_utils.broadcast_one_to_all(weights)
             return _local_copy(model, [np.asarray(w) for w in weights])
 
     @contextlib.contextmanager
@@ -288,22 +295,23 @@ class JaxDataParallel(JaxStrategy):
         finally:
             keras.distribution.set_distribution(self.distribution)
 
-    def _on_this_process(self, model):
-        """`model`, or a copy on this process's devices if its weights span
-        several processes (jax cannot mix those with local data)."""
-        value = model.weights[0].value
-        if getattr(value, "is_fully_addressable", True):
+    def _on_one_device(self, model):
+        """`model`, or a copy on one device of this process if its weights are
+        spread over several (a jitted step without the distribution cannot
+        take them, and weights on other processes' devices mix with no local
+        data)."""
+        if len(model.weights[0].value.sharding.device_set) == 1:
             return model
         return _local_copy(model, model.get_weights())
 
     def evaluate(self, model, x, y, *, batch_size, verbose=0):
         with self._undistributed():
-            local = self._on_this_process(model)
+            local = self._on_one_device(model)
             return super().evaluate(local, x, y, batch_size=batch_size, verbose=verbose)
 
     def predict(self, model, x, *, batch_size, verbose=0):
         with self._undistributed():
-            local = self._on_this_process(model)
+            local = self._on_one_device(model)
             return super().predict(local, x, batch_size=batch_size, verbose=verbose)
 
 
