@@ -76,7 +76,8 @@ class LocalTPU:
     """The directories that make up one local "TPU"."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        # Absolute: the workers' shells run in their homes, and PATH holds the stubs.
+        self.root = Path(root).resolve()
 
     @property
     def state_path(self) -> Path:
@@ -293,7 +294,7 @@ def rehearsal_runner(acc: checks.Accelerator, backend: str, output_dir: str) -> 
             f"--rehearse runs the jax workers' commands; {backend}'s need a TPU build "
             "(tensorflow-tpu) that does not run here. Rehearse with --backend jax"
         )
-    root = Path(output_dir) / "rehearsal"
+    root = Path(output_dir).resolve() / "rehearsal"
     program = [sys.executable, str(Path(__file__).resolve()), "--root", str(root)]
     return Runner(gcloud=program, label="rehearsal")
 

@@ -61,7 +61,7 @@ def test_rehearsal_of_a_two_host_slice(tmp_path, mnist_dir, monkeypatch):
         tmp_path,
         "--rehearse",
         "--accelerator-type", "v4-16",
-        "--output-dir", str(out),
+        "--output-dir", "dir",  # relative, as users write it
         "--",
         *train_args(mnist_dir),
     )  # fmt: skip
