@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: python cloud/tpu.py
 
 from cloud import checks, gcloud, local_gcloud, pack, remote  # noqa: E402
 from cloud.runner import Interrupted, Runner, say  # noqa: E402
+from training import cli  # noqa: E402  (standard library only)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BAD_STATES = {
@@ -534,19 +535,14 @@ def cmd_delete(args, _) -> int:
 # -- command line --------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python -m cloud.tpu",
         description="Run training/mnist.py on a Cloud TPU slice through gcloud.",
         epilog="Example: python -m cloud.tpu submit --name synann-v5e --zone "
         "us-west4-a --accelerator-type v5litepod-8 -- --epochs 3",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", required=True, help="TPU (and queued resource) name")
@@ -676,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, train_args)
     except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        cli.error(parser.prog, error)
         return 2
 
 

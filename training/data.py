@@ -188,21 +188,26 @@ def load_mnist(
     if verify:
         verify_checksums(data_dir)
     arrays = {key: read_idx(data_dir / name) for key, name in FILES.items()}
-    _check(arrays["train_images"], arrays["train_labels"], "train")
-    _check(arrays["test_images"], arrays["test_labels"], "test")
-    x_train, y_train, x_val, y_val = split_validation(
-        _to_float(arrays["train_images"]),
-        arrays["train_labels"].astype("int32"),
+    return _splits(
+        arrays["train_images"],
+        arrays["train_labels"],
+        arrays["test_images"],
+        arrays["test_labels"],
         val_size,
         seed,
     )
+
+
+def _splits(x_train, y_train, x_test, y_test, val_size: int, seed: int) -> Splits:
+    """Checked uint8 images and labels -> Splits: images in [0, 1], int32
+    labels, `val_size` training samples (chosen by `seed`) for validation."""
+    _check(x_train, y_train, "train")
+    _check(x_test, y_test, "test")
+    x_train, y_train, x_val, y_val = split_validation(
+        _to_float(x_train), y_train.astype("int32"), val_size, seed
+    )
     return Splits(
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        _to_float(arrays["test_images"]),
-        arrays["test_labels"].astype("int32"),
+        x_train, y_train, x_val, y_val, _to_float(x_test), y_test.astype("int32")
     )
 
 
@@ -234,14 +239,7 @@ def load_tfds(
             f"tensorflow-datasets could not load {name}: {message}"
         ) from None
     x_train, x_test = np.squeeze(x_train, -1), np.squeeze(x_test, -1)
-    _check(x_train, y_train, "train")
-    _check(x_test, y_test, "test")
-    x_train, y_train, x_val, y_val = split_validation(
-        _to_float(x_train), y_train.astype("int32"), val_size, seed
-    )
-    return Splits(
-        x_train, y_train, x_val, y_val, _to_float(x_test), y_test.astype("int32")
-    )
+    return _splits(x_train, y_train, x_test, y_test, val_size, seed)
 
 
 def _stack(batches) -> tuple[np.ndarray, np.ndarray]:
