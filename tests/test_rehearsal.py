@@ -49,6 +49,12 @@ def submit(tmp_path, *args, env=None, timeout=600):
     )
 
 
+def submit_v4_16(tmp_path, mnist_dir, *options, output_dir="dir", env=None):
+    """Submit a tiny training run to a v4-16 (2 hosts) with these options."""
+    args = ["--accelerator-type", "v4-16", "--output-dir", output_dir, *options]
+    return submit(tmp_path, *args, "--", *train_args(mnist_dir), env=env)
+
+
 def worker_log(out: Path, w: int) -> str:
     return (out / "logs" / f"worker-{w}.log").read_text()
 
@@ -57,14 +63,7 @@ def test_rehearsal_of_a_two_host_slice(tmp_path, mnist_dir, monkeypatch):
     # No gcloud anywhere: a rehearsal must not need one.
     monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
     out = tmp_path / "dir"
-    result = submit(
-        tmp_path,
-        "--rehearse",
-        "--accelerator-type", "v4-16",
-        "--output-dir", "dir",  # relative, as users write it
-        "--",
-        *train_args(mnist_dir),
-    )  # fmt: skip
+    result = submit_v4_16(tmp_path, mnist_dir, "--rehearse")  # a relative output dir
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((out / "output" / "metrics.json").read_text())
     assert metrics["process_count"] == 2
@@ -97,15 +96,9 @@ def test_rehearsal_of_a_two_host_slice(tmp_path, mnist_dir, monkeypatch):
 
 def test_rehearsal_fails_when_one_worker_fails(tmp_path, mnist_dir):
     out = tmp_path / "dir"
-    result = submit(
-        tmp_path,
-        "--rehearse",
-        "--accelerator-type", "v4-16",
-        "--output-dir", str(out),
-        "--env", "SYNANN_TEST_EXIT=3@1",
-        "--",
-        *train_args(mnist_dir),
-    )  # fmt: skip
+    result = submit_v4_16(
+        tmp_path, mnist_dir, "--rehearse", "--env", "SYNANN_TEST_EXIT=3@1"
+    )
     assert result.returncode == 1, result.stderr[-4000:]
     assert "training failed on worker(s) 1 (exit 3)" in result.stderr
     assert "SYNANN_TEST_EXIT: exiting with 3" in worker_log(out, 1)
@@ -141,15 +134,8 @@ def test_whole_submit_through_a_stand_in_gcloud(tmp_path, mnist_dir):
     )
     gcloud.chmod(0o755)
     out = tmp_path / "dir"
-    result = submit(
-        tmp_path,
-        "--tpu-vm",
-        "--accelerator-type", "v4-16",
-        "--output-dir", str(out),
-        "--",
-        *train_args(mnist_dir),
-        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
-    )  # fmt: skip
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    result = submit_v4_16(tmp_path, mnist_dir, "--tpu-vm", env={"PATH": path})
     assert result.returncode == 0, result.stderr[-4000:]
     verbs = [line.split()[3] for line in Path(f"{root}.calls").read_text().splitlines()]
     assert verbs == ["describe", "create", "describe", "scp", "ssh", "ssh"] + [
