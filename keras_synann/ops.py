@@ -25,9 +25,9 @@ FACTOR_FLOOR = 1e-6
 #: normal number). Below it the output is 0 to float32 precision anyway.
 _PRODUCT_FLOOR = 1.1754944e-38
 #: Ways to compute `log_inhibition` (see its docstring).
-IMPLEMENTATIONS = ("auto", "ops", "torch", "triton", "pallas")
+IMPLEMENTATIONS = ("auto", "ops", "torch", "triton", "pallas", "cpu")
 #: The backend each backend-specific implementation needs.
-_BACKEND_OF = {"torch": "torch", "triton": "torch", "pallas": "jax"}
+_BACKEND_OF = {"torch": "torch", "triton": "torch", "pallas": "jax", "cpu": "torch"}
 #: Inputs are processed in chunks of this many input units: memory is
 #: O(chunk * batch * n_out), never batch * n_in * n_out.
 DEFAULT_CHUNK_SIZE = 16
@@ -83,11 +83,14 @@ def log_inhibition(
             kernel with reused buffers, torch backend only), "triton" (fused
             GPU kernels, torch backend, float32, CUDA tensors or Triton's
             interpreter), "pallas" (the same fused kernels in Pallas, jax
-            backend, float32, GPUs; Pallas's interpreter on CPU) or "auto":
-            under torch, "triton" for float32 CUDA tensors when Triton is
-            installed, else "torch"; under jax, "pallas" for float32 on a
-            single GPU, else "ops"; "ops" under tensorflow. All give the
-            same values and gradients (to float32 rounding).
+            backend, float32, GPUs; Pallas's interpreter on CPU), "cpu"
+            (fused C loops compiled on first use, torch backend, float32
+            CPU tensors, needs a C compiler) or "auto": under torch,
+            "triton" for float32 CUDA tensors when Triton is installed,
+            else "cpu" where it applies, else "torch"; under jax, "pallas"
+            for float32 on a single GPU, else "ops"; "ops" under
+            tensorflow. All give the same values and gradients (to float32
+            rounding).
 
     Returns:
         A (batch, n_out) tensor. Each factor is floored at `FACTOR_FLOOR`.
@@ -132,6 +135,12 @@ def log_inhibition(
         from keras_synann import _torch_kernel
 
         return _torch_kernel.log_inhibition(
+            x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
+        )
+    if implementation == "cpu":
+        from keras_synann import _torch_kernel
+
+        return _torch_kernel.log_inhibition_fused_cpu(
             x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
         )
     forward = functools.partial(_chunked_forward, chunk=chunk)
@@ -282,7 +291,11 @@ def resolve_implementation(implementation: str, x, kernel) -> str:
     if backend == "jax":
         return "pallas" if _pallas_applies(x, kernel) else "ops"
     if backend == "torch":
-        return "triton" if _triton_applies(x, kernel) else "torch"
+        if _triton_applies(x, kernel):
+            return "triton"
+        from keras_synann import _torch_kernel
+
+        return "cpu" if _torch_kernel.fused_cpu_applies(x, kernel) else "torch"
     return "ops"
 
 

@@ -1,5 +1,6 @@
 """keras_synann.ops against independent float64 NumPy formulas, on the active backend."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -173,7 +174,16 @@ def test_underflowing_product_gives_zero_output_and_finite_gradient():
     assert np.all(np.isfinite(ops.convert_to_numpy(d_kernel)))
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch kernel")
+def _skip_unless_available(implementation):
+    if implementation == "cpu":
+        from keras_synann import _cpu_kernel
+
+        if _cpu_kernel.load() is None:
+            pytest.skip("no C compiler for the fused CPU kernel")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch kernels")
+@pytest.mark.parametrize("implementation", ["torch", "cpu"])
 @pytest.mark.parametrize(
     "shape, case",
     [
@@ -184,7 +194,8 @@ def test_underflowing_product_gives_zero_output_and_finite_gradient():
         ((4, 500), "large"),  # betas near 1: one log per chunk, products underflow
     ],
 )
-def test_torch_kernel_matches_keras_ops_path(shape, case):
+def test_torch_kernels_match_keras_ops_path(shape, case, implementation):
+    _skip_unless_available(implementation)
     x, kernel = _data(*shape, beta_max={"small": 0.05, "large": 0.999}.get(case, 0.99))
     if case == "floored":
         x[0, :3] = 1.0
@@ -193,19 +204,17 @@ def test_torch_kernel_matches_keras_ops_path(shape, case):
         kernel -= 0.03
     upstream = np.random.default_rng(4).normal(size=shape).astype("float32")
     results = {}
-    for implementation in ("ops", "torch"):
+    for impl in ("ops", implementation):
 
-        def loss(x, kernel, implementation=implementation):
-            out = synann_ops.synapse_graph(
-                x, kernel, chunk_size=6, implementation=implementation
-            )
+        def loss(x, kernel, impl=impl):
+            out = synann_ops.synapse_graph(x, kernel, chunk_size=6, implementation=impl)
             return ops.sum(out * ops.convert_to_tensor(upstream))
 
         value, grads = value_and_grad(loss)(x, kernel)
-        results[implementation] = [ops.convert_to_numpy(a) for a in (value, *grads)]
-        s = synann_ops.log_inhibition(x, kernel, 6, implementation=implementation)
-        results[implementation].append(ops.convert_to_numpy(s))
-    for ours, reference in zip(results["torch"], results["ops"], strict=True):
+        results[impl] = [ops.convert_to_numpy(a) for a in (value, *grads)]
+        s = synann_ops.log_inhibition(x, kernel, 6, implementation=impl)
+        results[impl].append(ops.convert_to_numpy(s))
+    for ours, reference in zip(results[implementation], results["ops"], strict=True):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -279,3 +288,30 @@ def test_compiles_with_xla_when_the_batch_size_is_unknown():
     )
     np.testing.assert_allclose(d_x.numpy(), exp_dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(d_kernel.numpy(), exp_dkernel, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch kernels")
+def test_auto_takes_the_fused_cpu_kernel_where_it_builds():
+    from keras_synann import _cpu_kernel
+
+    x, kernel = (ops.convert_to_tensor(a) for a in _data(3, 8))
+    expected = "cpu" if _cpu_kernel.load() is not None else "torch"
+    assert synann_ops.resolve_implementation("auto", x, kernel) == expected
+    # float64 is not for the C loops: the eager torch kernel takes it.
+    x64, kernel64 = (ops.cast(a, "float64") for a in (x, kernel))
+    assert synann_ops.resolve_implementation("auto", x64, kernel64) == "torch"
+    if expected == "cpu":
+        with pytest.raises(ValueError, match="float32 CPU tensors"):
+            synann_ops.log_inhibition(x64, kernel64, implementation="cpu")
+
+
+def test_fused_cpu_kernel_build_failure_gives_none(tmp_path, monkeypatch):
+    """A compiler that fails leaves no library behind: callers fall back."""
+    from keras_synann import _cpu_kernel
+
+    failing = shutil.which("false")
+    if failing is None:
+        pytest.skip("no `false` command")
+    monkeypatch.setenv("KERAS_SYNANN_CACHE", str(tmp_path))
+    assert _cpu_kernel._build(failing) is None
+    assert not list(tmp_path.rglob("*.so"))
