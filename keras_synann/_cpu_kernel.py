@@ -1,32 +1,38 @@
 """Fused CPU loops for `log_inhibition`, in C, compiled on first use.
 
 The keras.ops path and eager torch make several passes over (chunk, batch,
-n_out) buffers per chunk of inputs. These loops make one pass and keep their
-working set in registers and L1/L2:
+n_out) buffers per chunk of inputs. These loops make one pass each way and
+keep their working set in registers and L1/L2:
 
-- forward: for a block of 4 samples x 64 outputs, the running products of
-  `chunk` factors stay in 16 vector registers while the loop runs over the
-  inputs j; each chunk's product (floored at `pfloor`) is folded into a
-  mantissa in [1, 2) and an integer exponent, so there is one log per output,
-  not one per chunk, and the result is that of
-  `s = sum_chunks log(max(prod_j max(1 - W[j, i] x[b, j], floor), pfloor))`.
-- backward: for 4 inputs j at a time, one pass over (sample, output) computes
+- forward: for a tile of 4 samples x 64 outputs, the products of `chunk`
+  factors stay in 16 vector registers while the loop runs over the inputs j
+  (each row of W is loaded once per 4 samples); each chunk's product, floored
+  at `pfloor`, is folded into a mantissa in [1, 2) and an integer exponent,
+  so there is one log per output instead of one per chunk:
+
+      s[b, i] = sum_chunks log(max(prod_j max(1 - W[j, i] x[b, j], floor), pfloor))
+
+- backward: for 4 inputs j and 2 samples at a time, one pass over the
+  outputs i computes
 
       q[b, j, i] = u[b, i] / f[b, j, i]     (0 where f <= floor)
       dW[j, i] = -sum_b x[b, j] q,   dx[b, j] = -sum_i W[j, i] q
 
-  with one division per 4 factors: 1/f_k = (product of the other three
-  factors) / (product of all four).
+  with one reciprocal per 4 factors (1/f_k = the product of the other three
+  over the product of all four), refined by Newton steps to float32 rounding.
 
-Both split the work over `threads` POSIX threads. The mask and floor passes
-are skipped when the ranges of x and W rule out a factor at the floor.
+The floor's compare-and-select is skipped when the ranges of x and W rule out
+a factor at the floor (the usual case). Work is split over `threads` threads:
+an OpenMP team in the torch build (torch's own libgomp, so one pool of
+threads), POSIX threads in the jax build (XLA FFI handlers, `FFI_SOURCE`).
 Values and gradients match the keras.ops path to float32 rounding (tests).
 
-`load()` compiles the source with the C compiler on PATH (`$CC`, else cc,
-gcc or clang) for this CPU (`-march=native`) into a cache directory
-(`$KERAS_SYNANN_CACHE`, else ~/.cache/keras_synann), once per source,
-compiler and CPU; it returns None when there is no compiler, the platform is
-not Linux or macOS, or compilation fails, and callers fall back.
+`load()` / `_jax_targets()` compile the source with the C compiler on PATH
+(`$CC`, else cc, gcc or clang) for this CPU (`-march=native`) into a cache
+directory (`$KERAS_SYNANN_CACHE`, else ~/.cache/keras_synann), once per
+source, compiler and CPU; they give None / False when there is no compiler,
+the platform is not Linux or macOS, `KERAS_SYNANN_NO_CPU_KERNEL` is set, or
+compilation fails, and "auto" then keeps the other implementations.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ from pathlib import Path
 SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -119,36 +128,56 @@ typedef struct {
   int may_floor;
 } args_t;
 
-/* Forward for samples [b, b + nb) and outputs [i0, i0 + nv * VL). */
-static void fwd_tile(const args_t *a, int64_t b, int nb, int64_t i0, int nv) {
-  vf run[NB][NV], flo = vsplat(a->floor_), pfl = vsplat(a->pfloor);
+/* Forward for samples [b, b + nb) and outputs [i0, i0 + nv * VL): the
+   products stay in nb * nv registers (callers pass constants, see fwd_block). */
+static inline __attribute__((always_inline)) void fwd_tile(
+    const args_t *a, int64_t b, const int nb, int64_t i0, const int nv, const int may_floor) {
+  const float *x = a->x, *w = a->w;
+  const int64_t n_in = a->n_in, n_out = a->n_out, chunk = a->chunk;
+  const vf flo = vsplat(a->floor_), pfl = vsplat(a->pfloor);
+  vf run[NB][NV];
   vi ex[NB][NV];
-  for (int r = 0; r < NB; r++)
-    for (int k = 0; k < NV; k++) { run[r][k] = vsplat(1.f); ex[r][k] = (vi){0}; }
-  for (int64_t j0 = 0; j0 < a->n_in; j0 += a->chunk) {
-    int64_t j1 = j0 + a->chunk < a->n_in ? j0 + a->chunk : a->n_in;
+  for (int r = 0; r < nb; r++)
+    for (int k = 0; k < nv; k++) { run[r][k] = vsplat(1.f); ex[r][k] = (vi){0}; }
+  for (int64_t j0 = 0; j0 < n_in; j0 += chunk) {
+    int64_t j1 = j0 + chunk < n_in ? j0 + chunk : n_in;
     vf p[NB][NV];
-    for (int r = 0; r < NB; r++)
-      for (int k = 0; k < NV; k++) p[r][k] = vsplat(1.f);
+    for (int r = 0; r < nb; r++)
+      for (int k = 0; k < nv; k++) p[r][k] = vsplat(1.f);
     for (int64_t j = j0; j < j1; j++) {
-      const float *wj = a->w + j * a->n_out + i0;
+      const float *wj = w + j * n_out + i0;
       vf wv[NV];
-      for (int k = 0; k < NV && k < nv; k++) wv[k] = vload(wj + k * VL);
-      for (int r = 0; r < NB && r < nb; r++) {
-        float xv = a->x[(b + r) * a->n_in + j];
-        for (int k = 0; k < NV && k < nv; k++) {
+      for (int k = 0; k < nv; k++) wv[k] = vload(wj + k * VL);
+      for (int r = 0; r < nb; r++) {
+        float xv = x[(b + r) * n_in + j];
+        for (int k = 0; k < nv; k++) {
           vf f = 1.f - wv[k] * xv;
-          p[r][k] *= a->may_floor ? vmax(f, flo) : f;
+          p[r][k] *= may_floor ? vmax(f, flo) : f;
         }
       }
     }
-    for (int r = 0; r < NB && r < nb; r++)
-      for (int k = 0; k < NV && k < nv; k++)
-        run[r][k] = vfold(run[r][k], vmax(p[r][k], pfl), &ex[r][k]);
+    for (int r = 0; r < nb; r++)
+      for (int k = 0; k < nv; k++) run[r][k] = vfold(run[r][k], vmax(p[r][k], pfl), &ex[r][k]);
   }
-  for (int r = 0; r < NB && r < nb; r++)
-    for (int k = 0; k < NV && k < nv; k++)
-      vstore(a->s + (b + r) * a->n_out + i0 + k * VL, vlog(run[r][k], ex[r][k]));
+  for (int r = 0; r < nb; r++)
+    for (int k = 0; k < nv; k++)
+      vstore(a->s + (b + r) * n_out + i0 + k * VL, vlog(run[r][k], ex[r][k]));
+}
+
+/* fwd_tile with nb and nv as compile-time constants. */
+#define FWD_CASES(nb, mf)                                        \
+  switch (nv) {                                                  \
+    case 4: fwd_tile(a, b, nb, i0, 4, mf); break;                \
+    case 3: fwd_tile(a, b, nb, i0, 3, mf); break;                \
+    case 2: fwd_tile(a, b, nb, i0, 2, mf); break;                \
+    default: fwd_tile(a, b, nb, i0, 1, mf); break;               \
+  }
+static void fwd_block(const args_t *a, int64_t b, int nb, int64_t i0, int nv) {
+  if (a->may_floor) {
+    if (nb == NB) { FWD_CASES(NB, 1) } else { FWD_CASES(1, 1) }
+  } else {
+    if (nb == NB) { FWD_CASES(NB, 0) } else { FWD_CASES(1, 0) }
+  }
 }
 
 /* Forward for outputs [lo, hi) (lo a multiple of NV * VL) of every sample. */
@@ -156,8 +185,9 @@ static void fwd_range(const args_t *a, int64_t lo, int64_t hi) {
   int64_t whole = lo + (hi - lo) / VL * VL;
   for (int64_t i0 = lo; i0 < whole; i0 += NV * VL) {
     int nv = (whole - i0) / VL < NV ? (int)((whole - i0) / VL) : NV;
-    for (int64_t b = 0; b < a->batch; b += NB)
-      fwd_tile(a, b, a->batch - b < NB ? (int)(a->batch - b) : NB, i0, nv);
+    int64_t b = 0;
+    for (; b + NB <= a->batch; b += NB) fwd_block(a, b, NB, i0, nv);
+    for (; b < a->batch; b++) fwd_block(a, b, 1, i0, nv);
   }
   for (int64_t i = whole; i < hi; i++)  /* outputs past the last whole vector */
     for (int64_t b = 0; b < a->batch; b++) {
@@ -176,58 +206,113 @@ static void fwd_range(const args_t *a, int64_t lo, int64_t hi) {
     }
 }
 
+/* 1/p to float32 rounding for normal p: a first guess refined by Newton steps
+   r <- r (2 - p r), each squaring the relative error. AVX-512 guesses to 2^-14
+   (one step); elsewhere the exponent-flip guess is within 5% (three steps). */
+static inline vf vrcp(vf p) {
+#if defined(__AVX512F__)
+  vf r = (vf)_mm512_rcp14_ps((__m512)p);
+#else
+  vi bits; vf r;
+  memcpy(&bits, &p, sizeof bits);
+  bits = 0x7EF311C3 - bits;
+  memcpy(&r, &bits, sizeof r);
+  r = r * (2.f - p * r);
+  r = r * (2.f - p * r);
+#endif
+  return r * (2.f - p * r);
+}
+
+static inline float hsum(vf v) {
+  float t = 0.f;
+  for (int k = 0; k < VL; k++) t += v[k];
+  return t;
+}
+
+/* q_k for one sample and one vector of outputs: u / f_k = u (product of the other
+   three factors) / (product of all four); 0 where f_k is at the floor. */
+#define BWD_Q(uv, x0, x1, x2, x3, q0, q1, q2, q3)                                    \
+  do {                                                                                \
+    vf f0 = 1.f - v0 * (x0), f1 = 1.f - v1 * (x1), f2 = 1.f - v2 * (x2),              \
+       f3 = 1.f - v3 * (x3);                                                          \
+    vf g0 = f0, g1 = f1, g2 = f2, g3 = f3;                                            \
+    if (may_floor) { g0 = vmax(f0, flo); g1 = vmax(f1, flo); g2 = vmax(f2, flo); g3 = vmax(f3, flo); } \
+    vf p01 = g0 * g1, p23 = g2 * g3, inv = vrcp(p01 * p23);                           \
+    vf h01 = (p23 * (uv)) * inv, h23 = (p01 * (uv)) * inv; /* u / p01, u / p23 */     \
+    q0 = g1 * h01; q1 = g0 * h01; q2 = g3 * h23; q3 = g2 * h23;                       \
+    if (may_floor) {                                                                  \
+      q0 = vsel(f0 > flo, q0, zero); q1 = vsel(f1 > flo, q1, zero);                   \
+      q2 = vsel(f2 > flo, q2, zero); q3 = vsel(f3 > flo, q3, zero);                   \
+    }                                                                                 \
+  } while (0)
+
+/* Backward for inputs j, ..., j + 3 (rows wr, gradient rows dr, x column xc),
+   two samples at a time (they share the loads and stores of W and dW). */
+static inline __attribute__((always_inline)) void bwd_rows(
+    const args_t *a, const float *const wr[4], float *const dr[4], const float *xc,
+    int nj, const int may_floor) {
+  const int64_t n_in = a->n_in, n_out = a->n_out, whole = n_out / VL * VL;
+  const float fl = a->floor_, *u = a->u;
+  const vf flo = vsplat(fl), zero = vsplat(0.f);
+  const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+  float *d0 = dr[0], *d1 = dr[1], *d2 = dr[2], *d3 = dr[3];
+  for (int64_t b = 0; b < a->batch; b += 2) {
+    const int two = b + 1 < a->batch;
+    const float *ub = u + b * n_out, *uc = two ? ub + n_out : ub;
+    const float *xb = xc + b * n_in, *xd = two ? xb + n_in : xb;
+    float xs[2][4];
+    for (int k = 0; k < 4; k++) {
+      xs[0][k] = k < nj ? xb[k] : 0.f;
+      xs[1][k] = k < nj && two ? xd[k] : 0.f;
+    }
+    const float x0 = xs[0][0], x1 = xs[0][1], x2 = xs[0][2], x3 = xs[0][3];
+    const float y0 = xs[1][0], y1 = xs[1][1], y2 = xs[1][2], y3 = xs[1][3];
+    vf a0 = zero, a1 = zero, a2 = zero, a3 = zero, c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+    for (int64_t i = 0; i < whole; i += VL) {
+      const vf v0 = vload(w0 + i), v1 = vload(w1 + i), v2 = vload(w2 + i), v3 = vload(w3 + i);
+      vf q0, q1, q2, q3, r0, r1, r2, r3;
+      BWD_Q(vload(ub + i), x0, x1, x2, x3, q0, q1, q2, q3);
+      BWD_Q(vload(uc + i), y0, y1, y2, y3, r0, r1, r2, r3);
+      a0 += v0 * q0; a1 += v1 * q1; a2 += v2 * q2; a3 += v3 * q3;
+      c0 += v0 * r0; c1 += v1 * r1; c2 += v2 * r2; c3 += v3 * r3;
+      vstore(d0 + i, vload(d0 + i) + x0 * q0 + y0 * r0);
+      vstore(d1 + i, vload(d1 + i) + x1 * q1 + y1 * r1);
+      vstore(d2 + i, vload(d2 + i) + x2 * q2 + y2 * r2);
+      vstore(d3 + i, vload(d3 + i) + x3 * q3 + y3 * r3);
+    }
+    float t[2][4] = {{hsum(a0), hsum(a1), hsum(a2), hsum(a3)},
+                     {hsum(c0), hsum(c1), hsum(c2), hsum(c3)}};
+    for (int s = 0; s < 1 + two; s++) {
+      const float *us = s ? uc : ub;
+      for (int64_t i = whole; i < n_out; i++)  /* outputs past the last whole vector */
+        for (int k = 0; k < 4; k++) {
+          float f = 1.f - wr[k][i] * xs[s][k];
+          float q = f > fl ? us[i] / f : 0.f;
+          t[s][k] += wr[k][i] * q;
+          dr[k][i] += xs[s][k] * q;
+        }
+      float *dxb = a->dx + (b + s) * n_in + (xc - a->x);
+      for (int k = 0; k < nj; k++) dxb[k] = -t[s][k];
+    }
+  }
+}
+
 /* Backward for inputs [lo, hi) (lo a multiple of 4), four at a time. */
 static void bwd_range(const args_t *a, int64_t lo, int64_t hi) {
-  const int64_t n_in = a->n_in, n_out = a->n_out;
-  const float fl = a->floor_;
+  const int64_t n_out = a->n_out;
   float *scratch = calloc((size_t)(4 * n_out), sizeof(float));
   if (!scratch) return;
   for (int64_t j = lo; j < hi; j += 4) {
     int nj = hi - j < 4 ? (int)(hi - j) : 4;
-    const float *wr[4]; float *dr[4];
+    const float *wr[4];
+    float *dr[4];
     for (int k = 0; k < 4; k++) {  /* missing rows: x = 0 (factor 1), rows of scratch */
       wr[k] = k < nj ? a->w + (j + k) * n_out : scratch;
       dr[k] = k < nj ? a->dw + (j + k) * n_out : scratch + k * n_out;
     }
-    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-    float *d0 = dr[0], *d1 = dr[1], *d2 = dr[2], *d3 = dr[3];
-    for (int64_t i = 0; i < n_out; i++) { d0[i] = 0.f; d1[i] = 0.f; d2[i] = 0.f; d3[i] = 0.f; }
-    for (int64_t b = 0; b < a->batch; b++) {
-      const float *xb = a->x + b * n_in + j, *ub = a->u + b * n_out;
-      float x0 = xb[0], x1 = nj > 1 ? xb[1] : 0.f, x2 = nj > 2 ? xb[2] : 0.f,
-            x3 = nj > 3 ? xb[3] : 0.f;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-      if (a->may_floor) {
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t i = 0; i < n_out; i++) {
-          float f0 = 1.f - w0[i] * x0, f1 = 1.f - w1[i] * x1;
-          float f2 = 1.f - w2[i] * x2, f3 = 1.f - w3[i] * x3;
-          float g0 = f0 > fl ? f0 : fl, g1 = f1 > fl ? f1 : fl;
-          float g2 = f2 > fl ? f2 : fl, g3 = f3 > fl ? f3 : fl;
-          float p01 = g0 * g1, p23 = g2 * g3;
-          float inv = ub[i] / (p01 * p23);
-          float h01 = p23 * inv, h23 = p01 * inv;
-          float q0 = f0 > fl ? g1 * h01 : 0.f, q1 = f1 > fl ? g0 * h01 : 0.f;
-          float q2 = f2 > fl ? g3 * h23 : 0.f, q3 = f3 > fl ? g2 * h23 : 0.f;
-          a0 += w0[i] * q0; a1 += w1[i] * q1; a2 += w2[i] * q2; a3 += w3[i] * q3;
-          d0[i] += x0 * q0; d1[i] += x1 * q1; d2[i] += x2 * q2; d3[i] += x3 * q3;
-        }
-      } else {
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t i = 0; i < n_out; i++) {
-          float f0 = 1.f - w0[i] * x0, f1 = 1.f - w1[i] * x1;
-          float f2 = 1.f - w2[i] * x2, f3 = 1.f - w3[i] * x3;
-          float p01 = f0 * f1, p23 = f2 * f3;
-          float inv = ub[i] / (p01 * p23);
-          float h01 = p23 * inv, h23 = p01 * inv;
-          float q0 = f1 * h01, q1 = f0 * h01, q2 = f3 * h23, q3 = f2 * h23;
-          a0 += w0[i] * q0; a1 += w1[i] * q1; a2 += w2[i] * q2; a3 += w3[i] * q3;
-          d0[i] += x0 * q0; d1[i] += x1 * q1; d2[i] += x2 * q2; d3[i] += x3 * q3;
-        }
-      }
-      float *dxb = a->dx + b * n_in + j, acc[4] = {a0, a1, a2, a3};
-      for (int k = 0; k < nj; k++) dxb[k] = -acc[k];
-    }
+    for (int k = 0; k < 4; k++) memset(dr[k], 0, sizeof(float) * (size_t)n_out);
+    if (a->may_floor) bwd_rows(a, wr, dr, a->x + j, nj, 1);
+    else bwd_rows(a, wr, dr, a->x + j, nj, 0);
     for (int k = 0; k < nj; k++)
       for (int64_t i = 0; i < n_out; i++) dr[k][i] = -dr[k][i];
   }
@@ -246,6 +331,31 @@ static int may_floor(const float *x, const float *w, int64_t nx, int64_t nw, flo
   return !(top < 1.0 - 4.0 * (double)fl);
 }
 
+/* fn over [0, n) in `threads` pieces whose starts are multiples of `unit`: an
+   OpenMP team where the library was built with OpenMP (in a torch process, the
+   loader gives it torch's libgomp, so the two share one pool of threads),
+   else POSIX threads. */
+static void piece(int64_t n, int64_t unit, int t, int threads, int64_t *lo, int64_t *hi) {
+  int64_t units = (n + unit - 1) / unit;
+  *lo = units * t / threads * unit;
+  *hi = t + 1 == threads ? n : units * (t + 1) / threads * unit;
+}
+
+#if defined(_OPENMP)
+#include <omp.h>
+static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_t),
+                     int64_t n, int64_t unit, int threads) {
+  int64_t units = (n + unit - 1) / unit;
+  if (threads > units) threads = (int)units;
+  if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t lo, hi;
+    piece(n, unit, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    fn(a, lo, hi);
+  }
+}
+#else
 typedef struct {
   const args_t *a;
   void (*fn)(const args_t *, int64_t, int64_t);
@@ -258,20 +368,18 @@ static void *run_task(void *p) {
   return NULL;
 }
 
-/* fn over [0, n) in `threads` pieces whose starts are multiples of `unit`. */
 static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_t),
                      int64_t n, int64_t unit, int threads) {
   int64_t units = (n + unit - 1) / unit;
   if (threads > units) threads = (int)units;
+  if (threads > 64) threads = 64;
   if (threads < 1) threads = 1;
   task_t tasks[64];
   pthread_t ids[64];
   int started[64] = {0};
-  if (threads > 64) threads = 64;
   for (int t = 0; t < threads; t++) {
     tasks[t].a = a; tasks[t].fn = fn;
-    tasks[t].lo = units * t / threads * unit;
-    tasks[t].hi = t + 1 == threads ? n : units * (t + 1) / threads * unit;
+    piece(n, unit, t, threads, &tasks[t].lo, &tasks[t].hi);
   }
   for (int t = 1; t < threads; t++)
     started[t] = pthread_create(&ids[t], NULL, run_task, &tasks[t]) == 0;
@@ -281,6 +389,7 @@ static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_
     else run_task(&tasks[t]);
   }
 }
+#endif
 
 void synann_forward(const float *x, const float *w, float *s, int64_t batch,
                     int64_t n_in, int64_t n_out, int64_t chunk, float floor_,
@@ -307,13 +416,90 @@ void synann_backward(const float *x, const float *w, const float *u, float *dx,
 }
 """
 
+#: XLA FFI handlers around the loops above, for jax on CPU (compiled with
+#: jaxlib's C header `xla/ffi/api/c_api.h`).
+FFI_SOURCE = r"""
+#include "xla/ffi/api/c_api.h"
+
+static XLA_FFI_Error *ffi_error(XLA_FFI_CallFrame *frame, const char *message) {
+  XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL,
+                                    message, XLA_FFI_Error_Code_INVALID_ARGUMENT};
+  return frame->api->XLA_FFI_Error_Create(&args);
+}
+
+/* Answers XLA's metadata query (API version); returns 1 if it was one. */
+static int ffi_metadata(XLA_FFI_CallFrame *frame) {
+  if (frame->extension_start == NULL ||
+      frame->extension_start->type != XLA_FFI_Extension_Metadata)
+    return 0;
+  XLA_FFI_Metadata_Extension *ext = (XLA_FFI_Metadata_Extension *)frame->extension_start;
+  ext->metadata->api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE;
+  ext->metadata->api_version.extension_start = NULL;
+  ext->metadata->api_version.major_version = XLA_FFI_API_MAJOR;
+  ext->metadata->api_version.minor_version = XLA_FFI_API_MINOR;
+  ext->metadata->traits = 0;
+  return 1;
+}
+
+/* The scalar attribute `name` as a double (0 if absent). */
+static double ffi_attr(XLA_FFI_CallFrame *frame, const char *name) {
+  for (int64_t k = 0; k < frame->attrs.size; k++) {
+    XLA_FFI_ByteSpan *n = frame->attrs.names[k];
+    if (frame->attrs.types[k] != XLA_FFI_AttrType_SCALAR || n->len != strlen(name) ||
+        memcmp(n->ptr, name, n->len) != 0)
+      continue;
+    XLA_FFI_Scalar *v = frame->attrs.attrs[k];
+    switch (v->dtype) {
+      case XLA_FFI_DataType_S32: return *(int32_t *)v->value;
+      case XLA_FFI_DataType_S64: return (double)*(int64_t *)v->value;
+      case XLA_FFI_DataType_F32: return *(float *)v->value;
+      default: return 0.0;
+    }
+  }
+  return 0.0;
+}
+
+static XLA_FFI_Buffer *ffi_f32(void *p, int64_t rank) {
+  XLA_FFI_Buffer *b = p;
+  return b->dtype == XLA_FFI_DataType_F32 && b->rank == rank ? b : NULL;
+}
+
+XLA_FFI_Error *synann_ffi_forward(XLA_FFI_CallFrame *frame) {
+  if (ffi_metadata(frame) || frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  if (frame->args.size != 2 || frame->rets.size != 1)
+    return ffi_error(frame, "synann forward: expected (x, kernel) -> s");
+  XLA_FFI_Buffer *x = ffi_f32(frame->args.args[0], 2), *w = ffi_f32(frame->args.args[1], 2);
+  XLA_FFI_Buffer *s = ffi_f32(frame->rets.rets[0], 2);
+  if (!x || !w || !s) return ffi_error(frame, "synann forward: float32 matrices only");
+  synann_forward(x->data, w->data, s->data, x->dims[0], x->dims[1], w->dims[1],
+                 (int64_t)ffi_attr(frame, "chunk"), (float)ffi_attr(frame, "floor"),
+                 (float)ffi_attr(frame, "product_floor"), (int)ffi_attr(frame, "threads"));
+  return NULL;
+}
+
+XLA_FFI_Error *synann_ffi_backward(XLA_FFI_CallFrame *frame) {
+  if (ffi_metadata(frame) || frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  if (frame->args.size != 3 || frame->rets.size != 2)
+    return ffi_error(frame, "synann backward: expected (x, kernel, u) -> (dx, dkernel)");
+  XLA_FFI_Buffer *x = ffi_f32(frame->args.args[0], 2), *w = ffi_f32(frame->args.args[1], 2);
+  XLA_FFI_Buffer *u = ffi_f32(frame->args.args[2], 2);
+  XLA_FFI_Buffer *dx = ffi_f32(frame->rets.rets[0], 2), *dw = ffi_f32(frame->rets.rets[1], 2);
+  if (!x || !w || !u || !dx || !dw)
+    return ffi_error(frame, "synann backward: float32 matrices only");
+  synann_backward(x->data, w->data, u->data, dx->data, dw->data, x->dims[0], x->dims[1],
+                  w->dims[1], (float)ffi_attr(frame, "floor"), (int)ffi_attr(frame, "threads"));
+  return NULL;
+}
+"""
+
 #: Compiler flags tried in order; the first set that compiles is kept.
 _FLAG_SETS = (
-    ("-O3", "-march=native", "-mprefer-vector-width=512"),
+    ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
+    ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-march=native"),
     ("-O3",),
 )
-_COMMON_FLAGS = ("-fopenmp-simd", "-fPIC", "-shared", "-pthread")
+_COMMON_FLAGS = ("-fPIC", "-shared", "-pthread")
 
 
 def _compiler() -> str | None:
@@ -345,14 +531,19 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build(compiler: str) -> Path | None:
+def _build(
+    compiler: str, source: str, include: tuple[str, ...] = (), openmp: bool = True
+) -> Path | None:
     """The compiled library (built now unless cached), or None if it cannot be built."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     for flags in _FLAG_SETS:
+        if not openmp and "-fopenmp" in flags:
+            continue
+        flags = (*flags, *(f"-I{d}" for d in include))
         key = hashlib.sha256(
-            "\0".join([SOURCE, compiler, version, _cpu_id(), *flags]).encode()
+            "\0".join([source, compiler, version, _cpu_id(), *flags]).encode()
         ).hexdigest()[:20]
         target = _cache_dir() / f"synann_cpu_{key}.so"
         if target.exists():
@@ -361,7 +552,7 @@ def _build(compiler: str) -> Path | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 src, out = Path(tmp) / "synann_cpu.c", Path(tmp) / "out.so"
-                src.write_text(SOURCE)
+                src.write_text(source)
                 result = subprocess.run(
                     [compiler, *flags, *_COMMON_FLAGS, str(src), "-o", str(out)],
                     capture_output=True,
@@ -376,20 +567,26 @@ def _build(compiler: str) -> Path | None:
     return None
 
 
-@functools.cache
-def load():
-    """The compiled kernels as a ctypes library, or None where they are unavailable."""
+def _load(source: str, include: tuple[str, ...] = (), openmp: bool = True):
     if sys.platform not in ("linux", "darwin") or os.environ.get(
         "KERAS_SYNANN_NO_CPU_KERNEL"
     ):
         return None
     compiler = _compiler()
-    path = _build(compiler) if compiler else None
+    path = _build(compiler, source, include, openmp) if compiler else None
     if path is None:
         return None
     try:
-        lib = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
     except OSError:
+        return None
+
+
+@functools.cache
+def load():
+    """The compiled loops as a ctypes library, or None where they are unavailable."""
+    lib = _load(SOURCE)
+    if lib is None:
         return None
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.synann_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i32]
@@ -411,3 +608,111 @@ def backward(lib, x, w, u, dx, dw, shape, floor, threads):
     """(dx, dw) of sum(u * s); raw pointers to contiguous float32 arrays."""
     batch, n_in, n_out = shape
     lib.synann_backward(x, w, u, dx, dw, batch, n_in, n_out, floor, threads)
+
+
+def log_inhibition(x, kernel, chunk, floor, product_floor):
+    """`keras_synann.ops.log_inhibition` through the C loops (jax or torch)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from keras_synann import _torch_kernel
+
+        return _torch_kernel.log_inhibition_fused_cpu(
+            x, kernel, chunk, floor, product_floor
+        )
+    if backend == "jax":
+        if not jax_applies(x, kernel):
+            raise ValueError(
+                'implementation="cpu" needs float32 arrays on a single CPU device '
+                "and a C compiler (cc, gcc or clang on PATH, or $CC). "
+                f"Received: x {x.dtype}, kernel {kernel.dtype}"
+            )
+        return _jax_log_inhibition(
+            x, kernel, int(chunk), float(floor), float(product_floor)
+        )
+    raise ValueError(
+        'implementation="cpu" needs the jax or torch backend. '
+        f"Received: implementation='cpu' with backend {backend!r}"
+    )
+
+
+# --- jax: the loops as XLA FFI custom calls --------------------------------
+
+
+@functools.cache
+def _jax_targets() -> bool:
+    """Registers the FFI handlers with jax once; whether they are available."""
+    import jax
+
+    lib = _load(SOURCE + FFI_SOURCE, (jax.ffi.include_dir(),), openmp=False)
+    if lib is None:
+        return False
+    for name in ("forward", "backward"):
+        jax.ffi.register_ffi_target(
+            f"keras_synann_{name}",
+            jax.ffi.pycapsule(getattr(lib, f"synann_ffi_{name}")),
+            platform="cpu",
+        )
+    return True
+
+
+def jax_applies(x, kernel) -> bool:
+    """float32 on a single CPU device, with the handlers built."""
+    import jax
+
+    if x.dtype != "float32" or kernel.dtype != "float32":
+        return False
+    devices = jax.devices()
+    if len(devices) != 1 or devices[0].platform != "cpu":
+        return False
+    return _jax_targets()
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def _jax_function(chunk: int, floor: float, product_floor: float):
+    """s(x, kernel) with its closed-form gradient, for these constants."""
+    import jax
+    import numpy as np
+
+    attrs = {"floor": np.float32(floor), "threads": np.int32(_threads())}
+
+    @jax.custom_vjp
+    def s(x, kernel):
+        out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), x.dtype)
+        return jax.ffi.ffi_call("keras_synann_forward", out, vmap_method="sequential")(
+            x,
+            kernel,
+            chunk=np.int64(chunk),
+            product_floor=np.float32(product_floor),
+            **attrs,
+        )
+
+    def fwd(x, kernel):
+        return s(x, kernel), (x, kernel)
+
+    def bwd(res, u):
+        x, kernel = res
+        outs = (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+        )
+        return tuple(
+            jax.ffi.ffi_call("keras_synann_backward", outs, vmap_method="sequential")(
+                x, kernel, u.astype(x.dtype), **attrs
+            )
+        )
+
+    s.defvjp(fwd, bwd)
+    return s
+
+
+def _jax_log_inhibition(x, kernel, chunk, floor, product_floor):
+    return _jax_function(chunk, floor, product_floor)(x, kernel)

@@ -27,7 +27,7 @@ _PRODUCT_FLOOR = 1.1754944e-38
 #: Ways to compute `log_inhibition` (see its docstring).
 IMPLEMENTATIONS = ("auto", "ops", "torch", "triton", "pallas", "cpu")
 #: The backend each backend-specific implementation needs.
-_BACKEND_OF = {"torch": "torch", "triton": "torch", "pallas": "jax", "cpu": "torch"}
+_BACKEND_OF = {"torch": "torch", "triton": "torch", "pallas": "jax"}
 #: Inputs are processed in chunks of this many input units: memory is
 #: O(chunk * batch * n_out), never batch * n_in * n_out.
 DEFAULT_CHUNK_SIZE = 16
@@ -84,13 +84,13 @@ def log_inhibition(
             GPU kernels, torch backend, float32, CUDA tensors or Triton's
             interpreter), "pallas" (the same fused kernels in Pallas, jax
             backend, float32, GPUs; Pallas's interpreter on CPU), "cpu"
-            (fused C loops compiled on first use, torch backend, float32
-            CPU tensors, needs a C compiler) or "auto": under torch,
+            (fused C loops compiled on first use, jax or torch backend,
+            float32 on the CPU, needs a C compiler) or "auto": under torch,
             "triton" for float32 CUDA tensors when Triton is installed,
             else "cpu" where it applies, else "torch"; under jax, "pallas"
-            for float32 on a single GPU, else "ops"; "ops" under
-            tensorflow. All give the same values and gradients (to float32
-            rounding).
+            for float32 on a single GPU, "cpu" for float32 on a single CPU
+            device where it applies, else "ops"; "ops" under tensorflow.
+            All give the same values and gradients (to float32 rounding).
 
     Returns:
         A (batch, n_out) tensor. Each factor is floored at `FACTOR_FLOOR`.
@@ -138,9 +138,9 @@ def log_inhibition(
             x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
         )
     if implementation == "cpu":
-        from keras_synann import _torch_kernel
+        from keras_synann import _cpu_kernel
 
-        return _torch_kernel.log_inhibition_fused_cpu(
+        return _cpu_kernel.log_inhibition(
             x, kernel, chunk, FACTOR_FLOOR, _PRODUCT_FLOOR
         )
     forward = functools.partial(_chunked_forward, chunk=chunk)
@@ -289,7 +289,11 @@ def resolve_implementation(implementation: str, x, kernel) -> str:
         return implementation
     backend = keras.backend.backend()
     if backend == "jax":
-        return "pallas" if _pallas_applies(x, kernel) else "ops"
+        if _pallas_applies(x, kernel):
+            return "pallas"
+        from keras_synann import _cpu_kernel
+
+        return "cpu" if _cpu_kernel.jax_applies(x, kernel) else "ops"
     if backend == "torch":
         if _triton_applies(x, kernel):
             return "triton"

@@ -377,7 +377,11 @@ def test_auto_picks_the_measured_path_for_this_device():
     if BACKEND == "jax":
         import jax
 
+        from keras_synann import _cpu_kernel
+
         if len(jax.devices()) == 1 and jax.devices()[0].platform == "gpu":
             expected = "pallas"
+        elif _cpu_kernel.jax_applies(x, kernel):
+            expected = "cpu"
     assert synann_ops.resolve_implementation("auto", x, kernel) == expected
     assert synann_ops.resolve_implementation("ops", x, kernel) == "ops"
