@@ -611,7 +611,7 @@ def backward(lib, x, w, u, dx, dw, shape, floor, threads):
 
 
 def log_inhibition(x, kernel, chunk, floor, product_floor):
-    """`keras_synann.ops.log_inhibition` through the C loops (jax or torch)."""
+    """`keras_synann.ops.log_inhibition` through the C loops (any backend)."""
     import keras
 
     backend = keras.backend.backend()
@@ -631,10 +631,14 @@ def log_inhibition(x, kernel, chunk, floor, product_floor):
         return _jax_log_inhibition(
             x, kernel, int(chunk), float(floor), float(product_floor)
         )
-    raise ValueError(
-        'implementation="cpu" needs the jax or torch backend. '
-        f"Received: implementation='cpu' with backend {backend!r}"
-    )
+    if not tf_applies(x, kernel):
+        raise ValueError(
+            'implementation="cpu" under tensorflow needs float32 tensors, no GPU '
+            "or TPU, a C compiler, and a graph that XLA does not compile (not "
+            "jit_compile=True, not a SavedModel export). Received: x "
+            f"{x.dtype}, kernel {kernel.dtype}"
+        )
+    return _tf_log_inhibition(x, kernel, int(chunk), float(floor), float(product_floor))
 
 
 # --- jax: the loops as XLA FFI custom calls --------------------------------
@@ -716,3 +720,103 @@ def _jax_function(chunk: int, floor: float, product_floor: float):
 
 def _jax_log_inhibition(x, kernel, chunk, floor, product_floor):
     return _jax_function(chunk, floor, product_floor)(x, kernel)
+
+
+# --- tensorflow: the loops as numpy functions (graphs that XLA does not compile)
+
+
+@functools.cache
+def _plain():
+    """The loops built with POSIX threads (no OpenMP runtime in the process)."""
+    lib = _load(SOURCE, openmp=False)
+    if lib is None:
+        return None
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.synann_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i32]
+    lib.synann_forward.restype = None
+    lib.synann_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32]
+    lib.synann_backward.restype = None
+    return lib
+
+
+def _tf_graph_is_compiled() -> bool:
+    """Whether the graph being built goes to XLA or into a SavedModel.
+
+    Both cannot hold a numpy function. TensorFlow marks them with an XLA
+    control-flow context (jit_compile=True, TPUs) and a save context; when
+    those internal helpers are missing, assume the worst.
+    """
+    try:
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+        from tensorflow.python.saved_model import save_context
+    except ImportError:
+        return True
+    graph = tf_ops.get_default_graph()
+    return bool(
+        control_flow_util.GraphOrParentsInXlaContext(graph)
+        or save_context.in_save_context()
+    )
+
+
+def tf_applies(x, kernel) -> bool:
+    """float32, CPU only, a graph that XLA does not compile, the loops built."""
+    import tensorflow as tf
+
+    if x.dtype != tf.float32 or kernel.dtype != tf.float32:
+        return False
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return False
+    if _tf_graph_is_compiled():
+        return False
+    return _plain() is not None
+
+
+def _np_forward(x, kernel, chunk, floor, product_floor):
+    import numpy as np
+
+    x, kernel = np.ascontiguousarray(x), np.ascontiguousarray(kernel)
+    s = np.empty((x.shape[0], kernel.shape[1]), np.float32)
+    forward(
+        _plain(), x.ctypes.data, kernel.ctypes.data, s.ctypes.data,
+        (x.shape[0], *kernel.shape), chunk, floor, product_floor, _threads(),
+    )  # fmt: skip
+    return s
+
+
+def _np_backward(x, kernel, u, floor):
+    import numpy as np
+
+    x, kernel = np.ascontiguousarray(x), np.ascontiguousarray(kernel)
+    u = np.ascontiguousarray(u, np.float32)
+    d_x, d_w = np.empty_like(x), np.empty_like(kernel)
+    backward(
+        _plain(), x.ctypes.data, kernel.ctypes.data, u.ctypes.data, d_x.ctypes.data,
+        d_w.ctypes.data, (x.shape[0], *kernel.shape), floor, _threads(),
+    )  # fmt: skip
+    return d_x, d_w
+
+
+def _tf_log_inhibition(x, kernel, chunk, floor, product_floor):
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def s(x, kernel):
+        out = tf.numpy_function(
+            lambda a, b: _np_forward(a, b, chunk, floor, product_floor),
+            [x, kernel], tf.float32, stateful=False,
+        )  # fmt: skip
+        out.set_shape([x.shape[0], kernel.shape[1]])
+
+        def grad(u):
+            d_x, d_w = tf.numpy_function(
+                lambda a, b, c: _np_backward(a, b, c, floor),
+                [x, kernel, u], [tf.float32, tf.float32], stateful=False,
+            )  # fmt: skip
+            d_x.set_shape(x.shape)
+            d_w.set_shape(kernel.shape)
+            return d_x, d_w
+
+        return out, grad
+
+    return s(x, kernel)

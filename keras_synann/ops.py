@@ -84,12 +84,13 @@ def log_inhibition(
             GPU kernels, torch backend, float32, CUDA tensors or Triton's
             interpreter), "pallas" (the same fused kernels in Pallas, jax
             backend, float32, GPUs; Pallas's interpreter on CPU), "cpu"
-            (fused C loops compiled on first use, jax or torch backend,
-            float32 on the CPU, needs a C compiler) or "auto": under torch,
-            "triton" for float32 CUDA tensors when Triton is installed,
-            else "cpu" where it applies, else "torch"; under jax, "pallas"
-            for float32 on a single GPU, "cpu" for float32 on a single CPU
-            device where it applies, else "ops"; "ops" under tensorflow.
+            (fused C loops compiled on first use: float32 on the CPU with a
+            C compiler; under tensorflow only in graphs that XLA does not
+            compile) or "auto": under torch, "triton" for float32 CUDA
+            tensors when Triton is installed, else "cpu" where it applies,
+            else "torch"; under jax, "pallas" for float32 on a single GPU,
+            "cpu" for float32 on a single CPU device where it applies, else
+            "ops"; under tensorflow, "cpu" where it applies, else "ops".
             All give the same values and gradients (to float32 rounding).
 
     Returns:
@@ -300,7 +301,9 @@ def resolve_implementation(implementation: str, x, kernel) -> str:
         from keras_synann import _torch_kernel
 
         return "cpu" if _torch_kernel.fused_cpu_applies(x, kernel) else "torch"
-    return "ops"
+    from keras_synann import _cpu_kernel
+
+    return "cpu" if _cpu_kernel.tf_applies(x, kernel) else "ops"
 
 
 def _pallas_applies(x, kernel) -> bool:

@@ -383,5 +383,10 @@ def test_auto_picks_the_measured_path_for_this_device():
             expected = "pallas"
         elif _cpu_kernel.jax_applies(x, kernel):
             expected = "cpu"
+    if BACKEND == "tensorflow":
+        from keras_synann import _cpu_kernel
+
+        if _cpu_kernel.tf_applies(x, kernel):
+            expected = "cpu"
     assert synann_ops.resolve_implementation("auto", x, kernel) == expected
     assert synann_ops.resolve_implementation("ops", x, kernel) == "ops"

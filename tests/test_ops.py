@@ -181,8 +181,6 @@ def _skip_unless_available(implementation, x, kernel):
     if implementation == "torch" and backend != "torch":
         pytest.skip("the eager torch kernel runs under torch")
     if implementation == "cpu":
-        if backend == "tensorflow":
-            pytest.skip('"cpu" runs under jax and torch')
         from keras_synann import _cpu_kernel
 
         x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
@@ -190,6 +188,8 @@ def _skip_unless_available(implementation, x, kernel):
             pytest.skip("no C compiler for the fused CPU loops")
         if backend == "jax" and not _cpu_kernel.jax_applies(x, kernel):
             pytest.skip("no C compiler, or not a single CPU device")
+        if backend == "tensorflow" and not _cpu_kernel.tf_applies(x, kernel):
+            pytest.skip("no C compiler, or an accelerator")
 
 
 @pytest.mark.parametrize("implementation", ["torch", "cpu"])
@@ -235,9 +235,6 @@ def test_implementation_argument():
     if keras.backend.backend() != "torch":
         with pytest.raises(ValueError, match="needs the torch backend"):
             synann_ops.log_inhibition(x, kernel, implementation="torch")
-    if keras.backend.backend() == "tensorflow":
-        with pytest.raises(ValueError, match="needs the jax or torch backend"):
-            synann_ops.log_inhibition(x, kernel, implementation="cpu")
 
 
 def test_bad_chunk_size():
@@ -328,3 +325,36 @@ def test_fused_cpu_kernel_build_failure_gives_none(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_SYNANN_CACHE", str(tmp_path))
     assert _cpu_kernel._build(failing, _cpu_kernel.SOURCE) is None
     assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.function")
+def test_tensorflow_takes_the_cpu_loops_only_outside_xla():
+    import tensorflow as tf
+
+    from keras_synann import _cpu_kernel
+
+    x, kernel = _data(6, 40, beta_max=0.5)
+    x_t, kernel_t = tf.constant(x), tf.constant(kernel)
+    if not _cpu_kernel.tf_applies(x_t, kernel_t):
+        pytest.skip("no C compiler, or an accelerator")
+    picked = {}
+
+    def step(x):
+        picked[tf.inside_function()] = synann_ops.resolve_implementation(
+            "auto", x, kernel_t
+        )
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel_t])
+            value = tf.reduce_sum(synann_ops.synapse_graph(x, kernel_t))
+        return value, tape.gradient(value, [x, kernel_t])
+
+    expected_dx, expected_dk = numpy_synapse_graph_grads(x, kernel, np.ones((6, 40)))
+    for jit in (False, True):
+        picked.clear()
+        value, (d_x, d_k) = tf.function(step, jit_compile=jit)(x_t)
+        assert picked[True] == ("ops" if jit else "cpu")
+        np.testing.assert_allclose(
+            float(value), numpy_synapse_graph(x, kernel).sum(), rtol=1e-5
+        )
+        np.testing.assert_allclose(d_x.numpy(), expected_dx, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(d_k.numpy(), expected_dk, rtol=1e-4, atol=1e-5)
