@@ -31,7 +31,7 @@ import numpy as np
 from keras_synann import Synapse
 from keras_synann.models import MODELS, get_model
 from keras_synann.ops import IMPLEMENTATIONS
-from training import data, distribute, plots
+from training import allocator, data, distribute, plots
 
 DEFAULTS = {
     "model": "lenet",
@@ -483,6 +483,7 @@ def write_artifacts(out: Path, model, rows: list[dict], metrics: dict) -> None:
 
 
 def main(argv=None) -> int:
+    allocator.tune_malloc()  # keep freed buffers for reuse; SYNANN_MALLOC=0: off
     strategy = None
     try:
         args = parse_args(argv)
