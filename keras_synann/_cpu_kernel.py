@@ -319,16 +319,41 @@ static void bwd_range(const args_t *a, int64_t lo, int64_t hi) {
   free(scratch);
 }
 
+/* Smallest and largest of p[0..n) into *lo, *hi; 0 if some value is NaN. */
+static int range(const float *p, int64_t n, float *lo, float *hi) {
+  vf vlo = vsplat(p[0]), vhi = vlo;
+  vi nan = (vi){0};
+  int64_t k = 0;
+  for (; k + VL <= n; k += VL) {
+    vf v = vload(p + k);
+    vlo = vsel(v < vlo, v, vlo);
+    vhi = vsel(v > vhi, v, vhi);
+    nan |= v != v;
+  }
+  float l = vlo[0], h = vhi[0];
+  int ok = 1;
+  for (int j = 0; j < VL; j++) {
+    l = vlo[j] < l ? vlo[j] : l;
+    h = vhi[j] > h ? vhi[j] : h;
+    ok &= nan[j] == 0;
+  }
+  for (; k < n; k++) {
+    l = p[k] < l ? p[k] : l;
+    h = p[k] > h ? p[k] : h;
+    ok &= p[k] == p[k];
+  }
+  *lo = l; *hi = h;
+  return ok;
+}
+
 /* Whether some factor 1 - w x can reach the floor (or the ranges are not finite). */
 static int may_floor(const float *x, const float *w, int64_t nx, int64_t nw, float fl) {
-  float x_lo = x[0], x_hi = x[0], w_lo = w[0], w_hi = w[0];
-  for (int64_t k = 1; k < nx; k++) { x_lo = x[k] < x_lo ? x[k] : x_lo; x_hi = x[k] > x_hi ? x[k] : x_hi; }
-  for (int64_t k = 1; k < nw; k++) { w_lo = w[k] < w_lo ? w[k] : w_lo; w_hi = w[k] > w_hi ? w[k] : w_hi; }
+  float x_lo, x_hi, w_lo, w_hi;
+  if (!range(x, nx, &x_lo, &x_hi) || !range(w, nw, &w_lo, &w_hi)) return 1;
   double c[4] = {(double)x_lo * w_lo, (double)x_lo * w_hi, (double)x_hi * w_lo, (double)x_hi * w_hi};
   double top = c[0];
   for (int k = 1; k < 4; k++) top = c[k] > top ? c[k] : top;
-  /* product of finite floats: finite; NaN or inf fails the test below */
-  return !(top < 1.0 - 4.0 * (double)fl);
+  return !(top < 1.0 - 4.0 * (double)fl);  /* also 1 for an infinite range */
 }
 
 /* fn over [0, n) in `threads` pieces whose starts are multiples of `unit`: an
