@@ -109,6 +109,28 @@ def test_gradients_match_closed_form(jit):
     )
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_backward_tiles_cover_the_batch(monkeypatch, jit):
+    """On CPU the keras.ops backward runs in (inputs x samples) tiles; with a
+    tile of 5 samples a batch of 12 takes three, the last one padded."""
+    monkeypatch.setattr(synann_ops, "_CPU_TILE_FLOATS", 4 * 17 * 5)
+    x, kernel = _data(12, 17, beta_max=0.9)
+    upstream = np.random.default_rng(7).normal(size=(12, 17)).astype("float32")
+
+    def loss(x, kernel):
+        out = synann_ops.synapse_graph(x, kernel, chunk_size=8, implementation="ops")
+        return ops.sum(out * ops.convert_to_tensor(upstream))
+
+    _, (d_x, d_kernel) = value_and_grad(loss, jit=jit)(x, kernel)
+    expected_dx, expected_dk = numpy_synapse_graph_grads(x, kernel, upstream)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(d_kernel), expected_dk, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(d_x), expected_dx, rtol=1e-4, atol=1e-5
+    )
+
+
 def test_gradients_match_finite_differences():
     x, kernel = _data(3, 6, beta_max=0.8)
     x, kernel = x.astype("float64"), kernel.astype("float64")
