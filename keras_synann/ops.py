@@ -217,7 +217,8 @@ def _chunked_backward(x, kernel, upstream, chunk):
     than stacked as per-tile outputs (see `_over_chunks`).
     """
     n_out = kernel.shape[1]
-    if not _on_cpu(x):
+    if keras.backend.backend() == "torch" or not _on_cpu(x):
+        # Eager torch would run the many small tiles one op at a time.
         return _backward_whole_batch(x, kernel, upstream, chunk)
     inputs = min(chunk, _CPU_TILE_INPUTS)
     tile = max(1, _CPU_TILE_FLOATS // (inputs * n_out))
