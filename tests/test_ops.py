@@ -111,8 +111,9 @@ def test_gradients_match_closed_form(jit):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_backward_tiles_cover_the_batch(monkeypatch, jit):
-    """On CPU the keras.ops backward runs in (inputs x samples) tiles; with a
-    tile of 5 samples a batch of 12 takes three, the last one padded."""
+    """On CPU the keras.ops backward runs in (inputs x samples) tiles under jax
+    and tensorflow; with a tile of 5 samples a batch of 12 takes three, the
+    last one padded (eager torch keeps whole batches: the same numbers)."""
     monkeypatch.setattr(synann_ops, "_CPU_TILE_FLOATS", 4 * 17 * 5)
     x, kernel = _data(12, 17, beta_max=0.9)
     upstream = np.random.default_rng(7).normal(size=(12, 17)).astype("float32")
