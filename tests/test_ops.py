@@ -88,39 +88,20 @@ def test_samples_are_independent_of_their_batch():
     np.testing.assert_array_equal(changed[0], whole[0])
 
 
+@pytest.mark.parametrize("implementation", ["auto", "ops"])
+@pytest.mark.parametrize("chunk_size", [4, 16])  # ops, 16: 8 in the backward on a CPU
 @pytest.mark.parametrize("jit", [False, True])
-def test_gradients_match_closed_form(jit):
+def test_gradients_match_closed_form(jit, chunk_size, implementation):
     x, kernel = _data(5, 13, beta_max=0.95)
     upstream = np.random.default_rng(1).normal(size=(5, 13)).astype("float32")
 
     def loss(x, kernel):
         return ops.sum(
-            synann_ops.synapse_graph(x, kernel, chunk_size=4)
+            synann_ops.synapse_graph(
+                x, kernel, chunk_size=chunk_size, implementation=implementation
+            )
             * ops.convert_to_tensor(upstream)
         )
-
-    _, (d_x, d_kernel) = value_and_grad(loss, jit=jit)(x, kernel)
-    expected_dx, expected_dk = numpy_synapse_graph_grads(x, kernel, upstream)
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(d_kernel), expected_dk, rtol=1e-4, atol=1e-5
-    )
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(d_x), expected_dx, rtol=1e-4, atol=1e-5
-    )
-
-
-@pytest.mark.parametrize("jit", [False, True])
-def test_backward_tiles_cover_the_batch(monkeypatch, jit):
-    """On CPU the keras.ops backward runs in (inputs x samples) tiles under jax
-    and tensorflow; with a tile of 5 samples a batch of 12 takes three, the
-    last one padded (eager torch keeps whole batches: the same numbers)."""
-    monkeypatch.setattr(synann_ops, "_CPU_TILE_FLOATS", 4 * 17 * 5)
-    x, kernel = _data(12, 17, beta_max=0.9)
-    upstream = np.random.default_rng(7).normal(size=(12, 17)).astype("float32")
-
-    def loss(x, kernel):
-        out = synann_ops.synapse_graph(x, kernel, chunk_size=8, implementation="ops")
-        return ops.sum(out * ops.convert_to_tensor(upstream))
 
     _, (d_x, d_kernel) = value_and_grad(loss, jit=jit)(x, kernel)
     expected_dx, expected_dk = numpy_synapse_graph_grads(x, kernel, upstream)
