@@ -2,17 +2,23 @@
 
     python benchmarks/layer.py                      # all installed backends
     python benchmarks/layer.py --backends jax --batch 4096 --n 1024
-    python benchmarks/layer.py --implementations ops,torch,triton,pallas
+    python benchmarks/layer.py --implementations auto,ops,cpu,torch,triton,pallas
 
-Prints a table (backend, shape, synapse ms, dense ms, ratio, first-call s,
-peak MB, max relative error against float64 NumPy, reference-formula ms) and
-writes it as JSON. Each backend runs in its own subprocess (Keras picks its
-backend once per process); the memory figure comes from a fresh subprocess
-so that nothing else has raised its peak (on CPU: growth of the process's
-peak RSS; on a GPU: the device's peak memory in use).
+Prints the CPU (model, cores, caches) and the load average, then a table
+(backend, implementation, how the step runs, shape, synapse ms, dense ms,
+ratio, first-call s, peak MB, max relative error against float64 NumPy,
+reference-formula ms) and writes it as JSON. Each backend runs in its own
+subprocess (Keras picks its backend once per process); the memory figure
+comes from a fresh subprocess so that nothing else has raised its peak (on
+CPU: growth of the process's peak RSS; on a GPU: the device's peak memory in
+use).
 
-Timing: median of --repeats calls after two warm-up calls, jitted where the
-backend jits (jax.jit, tf.function(jit_compile=True)); torch runs eagerly.
+Timing: the Synapse and the Dense step alternate in one process, --repeats
+pairs after two warm-up calls each; the table gives each one's median and the
+median of the per-pair ratios (pairing keeps the ratio meaningful on a shared
+machine whose speed drifts). Steps run as Keras runs a train step by default:
+jax.jit; tensorflow as a tf.function, compiled with XLA only where Keras
+would (a GPU or TPU is present; --tf-xla on|off overrides); torch eagerly.
 Each call waits for the device (block_until_ready, cuda.synchronize); the
 first call's time includes compilation. --implementations runs each listed
 implementation of the layer that applies to the backend (see
@@ -27,7 +33,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +41,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make keras_synann importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _machine  # noqa: E402  (benchmarks/_machine.py)
 
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -65,9 +73,9 @@ def _block(tree):
 
 #: Implementations that apply to each backend.
 APPLIES = {
-    "jax": ("auto", "ops", "pallas"),
-    "tensorflow": ("auto", "ops"),
-    "torch": ("auto", "ops", "torch", "triton"),
+    "jax": ("auto", "ops", "cpu", "pallas"),
+    "tensorflow": ("auto", "ops", "cpu"),
+    "torch": ("auto", "ops", "cpu", "torch", "triton"),
 }
 
 
@@ -102,6 +110,68 @@ def _time(step, args, repeats):
     return first, 1000 * statistics.median(times)
 
 
+def _time_pairs(step_a, args_a, step_b, args_b, repeats):
+    """(first call of a in s, median ms of a, of b, median of the a/b ratios)."""
+    start = time.perf_counter()
+    _block(step_a(*args_a))
+    first = time.perf_counter() - start
+    for _ in range(2):
+        _block(step_a(*args_a))
+        _block(step_b(*args_b))
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for step, args, times in ((step_a, args_a, times_a), (step_b, args_b, times_b)):
+            start = time.perf_counter()
+            _block(step(*args))
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times_a, times_b, strict=True)]
+    return (
+        first,
+        1000 * statistics.median(times_a),
+        1000 * statistics.median(times_b),
+        statistics.median(ratios),
+    )
+
+
+def _tf_xla(choice: str) -> bool:
+    """Whether tensorflow steps compile with XLA: as Keras's trainer decides by
+    default (only with a GPU or TPU present), or as --tf-xla says."""
+    if choice != "keras":
+        return choice == "on"
+    import tensorflow as tf
+
+    devices = tf.config.list_physical_devices()
+    return any(d.device_type != "CPU" for d in devices)
+
+
+def _step(fn, tf_xla: bool):
+    """value_and_grad of fn, compiled as a default Keras train step would be."""
+    import keras
+
+    from keras_synann.testing import value_and_grad
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return value_and_grad(fn, jit=True), "jax.jit"
+    if backend == "torch":
+        return value_and_grad(fn), "eager"
+    if tf_xla:
+        return value_and_grad(fn, jit=True), "tf.function (XLA)"
+    import tensorflow as tf
+
+    def tf_step(*args):
+        with tf.GradientTape() as tape:
+            for a in args:
+                tape.watch(a)
+            value = fn(*args)
+        return value, tuple(tape.gradient(value, list(args)))
+
+    compiled = tf.function(tf_step)
+    return (lambda *args: compiled(*[tf.convert_to_tensor(a) for a in args])), (
+        "tf.function"
+    )
+
+
 def _reference_formula(x, kernel):
     """The reference code's formula: a (batch, batch * n) ones matrix (batch-mixing)."""
     from keras import ops
@@ -132,20 +202,25 @@ def worker(args) -> dict:
     g = ops.convert_to_tensor(rng.normal(size=(b, n)).astype("float32"))
     x_t, k_t, b_t = (ops.convert_to_tensor(a) for a in (x, kernel, bias))
     jit = keras.backend.backend() != "torch"
+    tf_xla = keras.backend.backend() == "tensorflow" and _tf_xla(args.tf_xla)
 
     impl = args.implementation
+    # The implementation the layer takes inside the step (tensorflow decides
+    # per graph: the compiled CPU loops only where XLA does not compile it).
+    taken = []
 
     def synapse_loss(x, kernel):
+        if not taken:
+            taken.append(synann_ops.resolve_implementation(impl, x, kernel))
         return ops.sum(synann_ops.synapse_graph(x, kernel, implementation=impl) * g)
 
     def dense_loss(x, kernel, bias):
         return ops.sum((ops.matmul(x, kernel) + bias) * g)
 
-    first, synapse_ms = _time(
-        value_and_grad(synapse_loss, jit=jit), (x_t, k_t), args.repeats
-    )
-    _, dense_ms = _time(
-        value_and_grad(dense_loss, jit=jit), (x_t, k_t, b_t), args.repeats
+    synapse_step, how = _step(synapse_loss, tf_xla)
+    dense_step, _ = _step(dense_loss, tf_xla)
+    first, synapse_ms, dense_ms, ratio = _time_pairs(
+        synapse_step, (x_t, k_t), dense_step, (x_t, k_t, b_t), args.repeats
     )
 
     # Exactness on a slice of the batch against float64 NumPy (value and grads).
@@ -180,14 +255,14 @@ def worker(args) -> dict:
 
     return {
         "backend": keras.backend.backend(),
-        "implementation": synann_ops.resolve_implementation(impl, x_t, k_t)
-        + (" (auto)" if impl == "auto" else ""),
+        "implementation": taken[0] + (" (auto)" if impl == "auto" else ""),
+        "step": how,
         "device": _device_name(),
         "batch": b,
         "n": n,
         "synapse_ms": round(synapse_ms, 2),
         "dense_ms": round(dense_ms, 2),
-        "ratio": round(synapse_ms / dense_ms, 1),
+        "ratio": round(ratio, 1),
         "first_call_s": round(first, 2),
         "max_rel_error": error,
         "reference_ms": None if reference_ms is None else round(reference_ms, 1),
@@ -264,14 +339,15 @@ def _run_worker(backend, mode, argv) -> dict:
 
 def _table(rows) -> str:
     header = (
-        "| backend | implementation | device | batch x n | synapse ms | dense ms "
-        "| ratio | first call s | peak MB (batch) | max rel err | reference ms |"
+        "| backend | implementation | step | device | batch x n | synapse ms "
+        "| dense ms | ratio | first call s | peak MB (batch) | max rel err "
+        "| reference ms |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = "-" if r["reference_ms"] is None else f"{r['reference_ms']:.0f}"
         lines.append(
-            f"| {r['backend']} | {r['implementation']} | {r['device']} "
+            f"| {r['backend']} | {r['implementation']} | {r['step']} | {r['device']} "
             f"| {r['batch']} x {r['n']} | {r['synapse_ms']:.2f} "
             f"| {r['dense_ms']:.2f} | {r['ratio']:.1f}x | {r['first_call_s']:.1f} "
             f"| {r['peak_mb']:.0f} ({r['memory_batch']}) | {r['max_rel_error']:.1e} | {ref} |"
@@ -287,7 +363,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=784)
     parser.add_argument("--memory-batch", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--tf-xla",
+        default="keras",
+        choices=("keras", "on", "off"),
+        help="compile tensorflow steps with XLA: as Keras would by default "
+        "(only with a GPU or TPU), always, or never (default: %(default)s)",
+    )
     parser.add_argument(
         "--implementations",
         default="auto",
@@ -331,7 +414,9 @@ def main(argv=None) -> int:
         f"--n={args.n}",
         f"--memory-batch={args.memory_batch}",
         f"--repeats={args.repeats}",
+        f"--tf-xla={args.tf_xla}",
     ] + ([] if args.reference else ["--no-reference"])
+    load_before = _machine.load()
     rows, failed = [], []
     for backend in backends:
         if importlib.util.find_spec(backend) is None:
@@ -341,10 +426,10 @@ def main(argv=None) -> int:
             if impl not in APPLIES[backend]:
                 continue
             print(f"measuring {backend} {impl} ...", file=sys.stderr, flush=True)
-            argv = [*passthrough, f"--implementation={impl}"]
+            worker_argv = [*passthrough, f"--implementation={impl}"]
             try:
-                row = _run_worker(backend, "worker", argv)
-                row.update(_run_worker(backend, "memory", argv))
+                row = _run_worker(backend, "worker", worker_argv)
+                row.update(_run_worker(backend, "memory", worker_argv))
             except RuntimeError as e:  # one failing path must not hide the rest
                 print(f"error: {e}", file=sys.stderr)
                 failed.append(f"{backend} {impl}")
@@ -354,12 +439,23 @@ def main(argv=None) -> int:
     if not rows:
         print("error: none of the requested backends is installed", file=sys.stderr)
         return 1
+    info = _machine.describe()
+    load_after = _machine.load()
+    print(f"CPU: {_machine.line(info)}")
+    print(f"Before: {load_before}; after: {load_after}")
+    print(f"Command: python benchmarks/layer.py {' '.join(argv or sys.argv[1:])}\n")
     print(_table(rows))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    print(f"\n{machine}; wrote {out}")
+    record = {
+        "machine": info,
+        "load_before": load_before,
+        "load_after": load_after,
+        "command": ["python", "benchmarks/layer.py", *(argv or sys.argv[1:])],
+        "rows": rows,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out}")
     if failed:
         print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
         return 1

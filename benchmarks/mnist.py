@@ -12,15 +12,16 @@ epochs after the first (the first includes compilation). Accuracies are of
 the checkpoint with the best validation accuracy; with several seeds the
 table shows the median run (by validation accuracy) and every test accuracy.
 
-Prints a Markdown table and writes JSON (--output).
+Prints the CPU (model, cores, caches) and the load average with a Markdown
+table and writes JSON (--output). `--env NAME=VALUE` sets a variable for the
+training runs (for example SYNANN_MALLOC=0 to measure without the script's
+malloc settings).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "mnist.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(ROOT))
+
+import _machine  # noqa: E402  (benchmarks/_machine.py)
+
+from training import cli  # noqa: E402
 
 #: Per-model settings (the reference's epochs where they fit a CPU).
 SETTINGS = {
@@ -54,6 +61,10 @@ SETTINGS = {
 }
 
 
+#: Extra environment for the training runs (--env).
+ENV: dict[str, str] = {}
+
+
 def train(backend, model, settings, seed, out, extra=(), dense=False) -> dict:
     """Runs training/mnist.py once; returns its metrics and per-epoch seconds."""
     args = [
@@ -66,7 +77,7 @@ def train(backend, model, settings, seed, out, extra=(), dense=False) -> dict:
     if dense:
         args.append("--dense-baseline")
     args += list(extra)
-    env = {**os.environ, "KERAS_BACKEND": backend}
+    env = {**os.environ, **ENV, "KERAS_BACKEND": backend}
     start = time.perf_counter()
     result = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -147,7 +158,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="benchmarks/mnist.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--models", nargs="+", default=["lenet", "mlp"], choices=tuple(SETTINGS)
     )
@@ -179,21 +190,41 @@ def main(argv=None) -> int:
     p.add_argument(
         "--output", default=str(ROOT / "benchmarks" / "results" / "mnist.json")
     )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the training runs (repeatable)",
+    )
     args = p.parse_args(argv)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--env wants NAME=VALUE; got {item!r}")
+        ENV[name] = value
+    load_before = _machine.load()
     try:
         rows = benchmark(args)
     except RuntimeError as e:
-        print(f"benchmarks/mnist.py: error: {e}", file=sys.stderr)
+        cli.error("benchmarks/mnist.py", e)
         return 1
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
-    print(
-        f"\nMachine: {machine}\nCommand: python benchmarks/mnist.py {' '.join(argv or sys.argv[1:])}\n"
-    )
+    info, load_after = _machine.describe(), _machine.load()
+    command = ["python", "benchmarks/mnist.py", *(argv or sys.argv[1:])]
+    print(f"\nCPU: {_machine.line(info)}")
+    print(f"Before: {load_before}; after: {load_after}")
+    print(f"Command: {' '.join(command)}\n")
     print(table(rows))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(
-        json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n"
-    )
+    record = {
+        "machine": info,
+        "load_before": load_before,
+        "load_after": load_after,
+        "command": command,
+        "env": ENV,
+        "rows": rows,
+    }
+    Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

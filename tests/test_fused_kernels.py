@@ -354,13 +354,10 @@ def test_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
     x, kernel, _ = _inputs(2, 3, 3, "plain")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         synann_ops.log_inhibition(x, kernel, implementation="triton")
-    # "auto" stays on the torch kernel for CPU tensors, and that one runs.
-    assert (
-        synann_ops.resolve_implementation(
-            "auto", ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-        )
-        == "torch"
-    )
+    # "auto" stays on a CPU kernel for CPU tensors, and that one runs.
+    assert synann_ops.resolve_implementation(
+        "auto", ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+    ) in ("torch", "cpu")
     s = synann_ops.log_inhibition(x, kernel)
     expected = _float64_log_inhibition(x, kernel, np.zeros((2, 3)))[0]
     np.testing.assert_allclose(ops.convert_to_numpy(s), expected, rtol=1e-5)
@@ -408,12 +405,25 @@ def test_auto_picks_the_measured_path_for_this_device():
     if BACKEND == "torch":
         import torch
 
+        from keras_synann import _cpu_kernel
+
         if torch.cuda.is_available() and importlib.util.find_spec("triton"):
             expected = "triton"
+        elif _cpu_kernel.load() is not None:
+            expected = "cpu"
     if BACKEND == "jax":
         import jax
 
+        from keras_synann import _cpu_kernel
+
         if len(jax.devices()) == 1 and jax.devices()[0].platform == "gpu":
             expected = "pallas"
+        elif _cpu_kernel.jax_applies(x, kernel):
+            expected = "cpu"
+    if BACKEND == "tensorflow":
+        from keras_synann import _cpu_kernel
+
+        if _cpu_kernel.tf_applies(x, kernel):
+            expected = "cpu"
     assert synann_ops.resolve_implementation("auto", x, kernel) == expected
     assert synann_ops.resolve_implementation("ops", x, kernel) == "ops"

@@ -31,7 +31,7 @@ import numpy as np
 from keras_synann import Synapse
 from keras_synann.models import MODELS, get_model
 from keras_synann.ops import IMPLEMENTATIONS
-from training import cli, data, distribute, environment, plots
+from training import allocator, cli, data, distribute, environment, plots
 
 DEFAULTS = {
     "model": "lenet",
@@ -552,6 +552,7 @@ def check_environment() -> None:
 
 
 def main(argv=None) -> int:
+    allocator.tune_malloc()  # keep freed buffers for reuse; SYNANN_MALLOC=0: off
     strategy = None
     try:
         args = parse_args(argv)
