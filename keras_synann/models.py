@@ -15,7 +15,7 @@ What feeds the `Synapse` layer: its inputs are probabilities (it clips them to
 from __future__ import annotations
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from keras_synann.layers import Synapse
 
@@ -23,6 +23,39 @@ from keras_synann.layers import Synapse
 #: PyTorch normalisation).
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+
+
+@keras.saving.register_keras_serializable(package="keras_synann")
+class MaxPool2x2(layers.Layer):
+    """2x2 max pooling with stride 2 and "valid" padding, channels last: the
+    values of `keras.layers.MaxPooling2D(2)`.
+
+    Under jax on a CPU it is a reshape into 2x2 blocks and a max over each:
+    the same values, and the same gradient except where a block holds equal
+    maxima (then split among them). XLA's CPU code for the gradient of a
+    pooling window (select-and-scatter) took about half of a lenet train step;
+    see README.md, "Training on MNIST". Elsewhere it is `keras.ops.max_pool`.
+    """
+
+    def call(self, x):
+        if not _jax_on_cpu():
+            return ops.max_pool(x, 2, 2, "valid")
+        _, height, width, channels = x.shape
+        h, w = height // 2, width // 2
+        x = x[:, : 2 * h, : 2 * w, :]
+        return ops.max(ops.reshape(x, (-1, h, 2, w, 2, channels)), axis=(2, 4))
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        return (batch, height // 2, width // 2, channels)
+
+
+def _jax_on_cpu() -> bool:
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def _synapse_or_dense(
@@ -97,11 +130,11 @@ def lenet(
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(1.0 / MNIST_STD, offset=-MNIST_MEAN / MNIST_STD)(inputs)
     x = layers.Conv2D(filters[0], 5, name="conv1")(x)
-    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = MaxPool2x2(name="pool1")(x)
     x = layers.ReLU(name="relu1")(x)
     x = layers.Conv2D(filters[1], 5, name="conv2")(x)
     x = layers.SpatialDropout2D(dropout, name="dropout2d")(x)
-    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = MaxPool2x2(name="pool2")(x)
     x = layers.ReLU(name="relu2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(hidden, activation="relu", name="fc1")(x)

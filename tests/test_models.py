@@ -6,6 +6,7 @@ import pytest
 
 import keras_synann
 from keras_synann import Synapse, models
+from keras_synann.testing import value_and_grad
 
 
 def _images(n=4, seed=0):
@@ -96,3 +97,47 @@ def test_lenet_reference_widths():
     model = models.lenet(filters=(10, 20))
     assert model.get_layer("conv1").filters == 10
     assert model.get_layer("conv2").filters == 20
+
+
+def _numpy_max_pool_2x2(x, upstream):
+    """Values and gradient of sum(upstream * pool(x)), 2x2 windows, stride 2,
+    "valid", one window at a time (float64)."""
+    n, height, width, c = x.shape
+    h, w = height // 2, width // 2
+    out = np.zeros((n, h, w, c))
+    grad = np.zeros_like(x, dtype=np.float64)
+    for b, i, j, k in np.ndindex(n, h, w, c):
+        window = x[b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, k]
+        di, dj = np.unravel_index(np.argmax(window), (2, 2))
+        out[b, i, j, k] = window[di, dj]
+        grad[b, 2 * i + di, 2 * j + dj, k] += upstream[b, i, j, k]
+    return out, grad
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_matches_numpy_values_and_gradient(shape):
+    """MaxPool2x2 (a reshape-and-max under jax on CPU, ops.max_pool elsewhere)
+    against windows taken one by one; x has no ties."""
+    rng = np.random.default_rng(0)
+    x = rng.permutation(np.prod(shape)).reshape(shape).astype("float32") / 10
+    out_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    upstream = rng.normal(size=out_shape).astype("float32")
+    pool = models.MaxPool2x2()
+    assert pool.compute_output_shape(shape) == out_shape
+
+    def loss(x):
+        return keras.ops.sum(pool(x) * keras.ops.convert_to_tensor(upstream))
+
+    value, (grad,) = value_and_grad(loss)(x)
+    expected, expected_grad = _numpy_max_pool_2x2(x, upstream)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(pool(x)), expected, rtol=0, atol=0
+    )
+    np.testing.assert_allclose(
+        float(value), float((expected * upstream).sum()), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(grad), expected_grad, atol=1e-6
+    )
+    reference = keras.layers.MaxPooling2D(2)(x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(reference), expected)
