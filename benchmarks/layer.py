@@ -157,19 +157,7 @@ def _step(fn, tf_xla: bool):
         return value_and_grad(fn), "eager"
     if tf_xla:
         return value_and_grad(fn, jit=True), "tf.function (XLA)"
-    import tensorflow as tf
-
-    def tf_step(*args):
-        with tf.GradientTape() as tape:
-            for a in args:
-                tape.watch(a)
-            value = fn(*args)
-        return value, tuple(tape.gradient(value, list(args)))
-
-    compiled = tf.function(tf_step)
-    return (lambda *args: compiled(*[tf.convert_to_tensor(a) for a in args])), (
-        "tf.function"
-    )
+    return value_and_grad(fn, graph=True), "tf.function"
 
 
 def _reference_formula(x, kernel):

@@ -610,7 +610,11 @@ def _load(source: str, include: tuple[str, ...] = (), openmp: bool = True):
 @functools.cache
 def load():
     """The compiled loops as a ctypes library, or None where they are unavailable."""
-    lib = _load(SOURCE)
+    return _declared(_load(SOURCE))
+
+
+def _declared(lib):
+    """`lib` with its two entry points' C signatures declared (None stays None)."""
     if lib is None:
         return None
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -753,15 +757,7 @@ def _jax_log_inhibition(x, kernel, chunk, floor, product_floor):
 @functools.cache
 def _plain():
     """The loops built with POSIX threads (no OpenMP runtime in the process)."""
-    lib = _load(SOURCE, openmp=False)
-    if lib is None:
-        return None
-    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.synann_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i32]
-    lib.synann_forward.restype = None
-    lib.synann_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32]
-    lib.synann_backward.restype = None
-    return lib
+    return _declared(_load(SOURCE, openmp=False))
 
 
 def _tf_graph_is_compiled() -> bool:

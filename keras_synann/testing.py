@@ -99,13 +99,14 @@ def numpy_reference_code_synapse(x, kernel) -> np.ndarray:
     return x * np.exp(s)[None, :]
 
 
-def value_and_grad(fn: Callable, jit: bool = False) -> Callable:
+def value_and_grad(fn: Callable, jit: bool = False, graph: bool = False) -> Callable:
     """Backend-native `value_and_grad` of a scalar function of keras tensors.
 
     Returns `step(*args) -> (value, grads)` differentiating with respect to
     every argument, with backend tensors out (use `keras.ops.convert_to_numpy`).
-    `jit` compiles the step (jax.jit, tf.function(jit_compile=True)); torch
-    runs eagerly.
+    `jit` compiles the step (jax.jit, tf.function(jit_compile=True)); `graph`
+    (tensorflow) traces it into a tf.function without XLA, as Keras runs a
+    tensorflow train step on a CPU-only machine; torch runs eagerly.
     """
     backend = keras.backend.backend()
     if backend == "jax":
@@ -125,7 +126,10 @@ def value_and_grad(fn: Callable, jit: bool = False) -> Callable:
                 value = fn(*args)
             return value, tuple(tape.gradient(value, list(args)))
 
-        wrapped = tf.function(tf_step, jit_compile=True) if jit else tf_step
+        if jit or graph:
+            wrapped = tf.function(tf_step, jit_compile=bool(jit))
+        else:
+            wrapped = tf_step
 
         def run(*args):
             return wrapped(*[tf.convert_to_tensor(a) for a in args])
