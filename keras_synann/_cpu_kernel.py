@@ -732,14 +732,16 @@ def _jax_function(chunk: int, floor: float, product_floor: float):
         return s(x, kernel), (x, kernel)
 
     def bwd(res, u):
-        x, kernel = res
+        # float32 throughout: jax 0.7 hands back numpy residuals at their own
+        # dtype (a float64 kernel stayed float64 there).
+        x, kernel = (jax.numpy.asarray(a, "float32") for a in res)
         outs = (
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
         )
         return tuple(
             jax.ffi.ffi_call("keras_synann_backward", outs, vmap_method="sequential")(
-                x, kernel, u.astype(x.dtype), **attrs
+                x, kernel, u.astype("float32"), **attrs
             )
         )
 
