@@ -50,6 +50,45 @@ class MaxPool2x2(layers.Layer):
         return (batch, height // 2, width // 2, channels)
 
 
+@keras.saving.register_keras_serializable(package="keras_synann")
+class ValidConv2D(layers.Conv2D):
+    """`keras.layers.Conv2D` for stride 1, "valid" padding, channels last:
+
+        y[b, p, q, o] = sum_{i, j, c} x[b, p + i, q + j, c] kernel[i, j, c, o] + bias[o]
+
+    The same arguments, weights, values and gradients as `Conv2D`. Under jax
+    on a CPU the convolution and its gradients are computed in the forms XLA's
+    CPU backend runs fastest (one input channel: a fused sum over the kernel's
+    taps; input gradient: matmuls and shifted sums); see
+    `keras_synann/_jax_conv.py` and README.md, "Training on MNIST". Elsewhere
+    it is `keras.ops.conv`.
+    """
+
+    def __init__(self, filters, kernel_size, **kwargs):
+        super().__init__(filters, kernel_size, **kwargs)
+        expected = {
+            "strides": (1, 1),
+            "padding": "valid",
+            "dilation_rate": (1, 1),
+            "groups": 1,
+            "data_format": "channels_last",
+        }
+        for name, value in expected.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    "ValidConv2D computes stride-1, unpadded, channels-last "
+                    f"convolutions: {name} must be {value!r}. "
+                    f"Received: {name}={getattr(self, name)!r}"
+                )
+
+    def convolution_op(self, inputs, kernel):
+        if not _jax_on_cpu():
+            return super().convolution_op(inputs, kernel)
+        from keras_synann._jax_conv import conv2d_valid
+
+        return conv2d_valid(inputs, ops.convert_to_tensor(kernel))
+
+
 def _jax_on_cpu() -> bool:
     if keras.backend.backend() != "jax":
         return False
@@ -129,10 +168,10 @@ def lenet(
     """
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(1.0 / MNIST_STD, offset=-MNIST_MEAN / MNIST_STD)(inputs)
-    x = layers.Conv2D(filters[0], 5, name="conv1")(x)
+    x = ValidConv2D(filters[0], 5, name="conv1")(x)
     x = MaxPool2x2(name="pool1")(x)
     x = layers.ReLU(name="relu1")(x)
-    x = layers.Conv2D(filters[1], 5, name="conv2")(x)
+    x = ValidConv2D(filters[1], 5, name="conv2")(x)
     x = layers.SpatialDropout2D(dropout, name="dropout2d")(x)
     x = MaxPool2x2(name="pool2")(x)
     x = layers.ReLU(name="relu2")(x)

@@ -141,3 +141,86 @@ def test_max_pool_2x2_matches_numpy_values_and_gradient(shape):
     )
     reference = keras.layers.MaxPooling2D(2)(x)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(reference), expected)
+
+
+def _numpy_conv_valid(x, kernel, upstream):
+    """Values of conv(x, kernel) (stride 1, "valid", NHWC x HWIO), and the
+    gradients of sum(upstream * conv(x, kernel)), in float64, from windows:
+    dx as the full correlation of the zero-padded upstream with the flipped
+    kernel, dkernel as windows of x against upstream."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    x, kernel, upstream = (np.asarray(a, np.float64) for a in (x, kernel, upstream))
+    kh, kw = kernel.shape[:2]
+    windows = sliding_window_view(x, (kh, kw), axis=(1, 2))  # b, p, q, c, i, j
+    y = np.einsum("bpqcij,ijco->bpqo", windows, kernel)
+    padded = np.pad(upstream, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    up_windows = sliding_window_view(padded, (kh, kw), axis=(1, 2))
+    dx = np.einsum("brsoij,ijco->brsc", up_windows, kernel[::-1, ::-1])
+    dkernel = np.einsum("bpqcij,bpqo->ijco", windows, upstream)
+    return y, dx, dkernel
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape",
+    [((3, 10, 9, 1), (5, 5, 1, 4)), ((2, 8, 7, 3), (3, 2, 3, 5))],
+)
+def test_valid_conv2d_matches_numpy_values_and_gradients(x_shape, kernel_shape, jit):
+    """ValidConv2D's convolution (under jax on a CPU its own forms, elsewhere
+    keras.ops.conv) against float64 NumPy, one and several input channels."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=x_shape).astype("float32")
+    kernel = rng.normal(size=kernel_shape).astype("float32")
+    out_shape = (
+        x_shape[0], x_shape[1] - kernel_shape[0] + 1,
+        x_shape[2] - kernel_shape[1] + 1, kernel_shape[3],
+    )  # fmt: skip
+    upstream = rng.normal(size=out_shape).astype("float32")
+    layer = models.ValidConv2D(kernel_shape[3], kernel_shape[:2])
+
+    def loss(x, kernel):
+        y = layer.convolution_op(x, kernel)
+        return keras.ops.sum(y * keras.ops.convert_to_tensor(upstream))
+
+    value, (dx, dkernel) = value_and_grad(loss, jit=jit)(x, kernel)
+    y, expected_dx, expected_dkernel = _numpy_conv_valid(x, kernel, upstream)
+    actual_y = keras.ops.convert_to_numpy(layer.convolution_op(x, kernel))
+    np.testing.assert_allclose(actual_y, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(value), (y * upstream).sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dx), expected_dx, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dkernel), expected_dkernel, rtol=1e-5, atol=1e-4
+    )
+
+
+def test_valid_conv2d_is_conv2d_with_the_same_weights():
+    """Same config and weights as keras.layers.Conv2D give the same outputs
+    (bias and activation included), and the config round-trips."""
+    x = _images(2)
+    layer = models.ValidConv2D(6, 5, activation="relu", name="conv")
+    y = keras.ops.convert_to_numpy(layer(x))
+    reference = keras.layers.Conv2D.from_config(layer.get_config())
+    reference.build(x.shape)
+    reference.set_weights(layer.get_weights())
+    np.testing.assert_allclose(
+        y, keras.ops.convert_to_numpy(reference(x)), rtol=1e-5, atol=1e-6
+    )
+    clone = models.ValidConv2D.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"strides": 2}, "strides"),
+        ({"padding": "same"}, "padding"),
+        ({"dilation_rate": 2}, "dilation_rate"),
+        ({"data_format": "channels_first"}, "data_format"),
+    ],
+)
+def test_valid_conv2d_rejects_other_convolutions(kwargs, name):
+    with pytest.raises(ValueError, match=f"Received: {name}="):
+        models.ValidConv2D(4, 3, **kwargs)
