@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from training import mnist
+from training import mnist, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "mnist.py"
@@ -28,6 +28,7 @@ METRIC_KEYS = {
     "backend",
     "devices",
     "train_seconds",
+    "cpu_settings",
 }
 
 
@@ -78,6 +79,10 @@ def test_script_end_to_end(mnist_dir, tmp_path):
     assert metrics["backend"] == keras.backend.backend()
     assert metrics["samples"]["train"] == 32  # 2 steps of 16
     assert metrics["process_count"] == 1 and metrics["devices"]
+    # The XLA flags the script set for itself (jax on a recent jaxlib), as
+    # training/xla_flags.py decides for this environment.
+    expected_flags = xla_flags.tune_xla_cpu(keras.backend.backend(), dict(os.environ))
+    assert metrics["cpu_settings"]["xla_flags"] == expected_flags
     # The reported test accuracy is the best checkpoint's on the test files.
     assert metrics["test_accuracy"] == pytest.approx(
         _accuracy(out / "best.keras", mnist_dir), abs=1e-6
@@ -92,12 +97,14 @@ def test_script_end_to_end(mnist_dir, tmp_path):
 def test_mlp_learns_and_leaves_tensorflow_alone(mnist_dir, tmp_path, capsys):
     out = tmp_path / "mlp"
     tf_loaded = "tensorflow" in sys.modules
+    xla_flags_before = os.environ.get("XLA_FLAGS")
     code = mnist.main(
         _args(
             mnist_dir, out, "--model", "mlp", "--epochs", "6", "--learning-rate", "0.01"
         )
     )
     assert code == 0
+    assert os.environ.get("XLA_FLAGS") == xla_flags_before  # main() restored it
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_accuracy"] >= 0.5  # the synthetic classes are easy
     assert "Test accuracy:" in capsys.readouterr().out

@@ -31,7 +31,7 @@ import numpy as np
 from keras_synann import Synapse
 from keras_synann.models import MODELS, get_model
 from keras_synann.ops import IMPLEMENTATIONS
-from training import allocator, cli, data, distribute, environment, plots
+from training import allocator, cli, data, distribute, environment, plots, xla_flags
 
 DEFAULTS = {
     "model": "lenet",
@@ -493,6 +493,8 @@ def evaluate(args, strategy, model, splits: data.Splits, rows: list[dict]) -> di
         "samples": splits.sizes(),
         "environment": environment.versions(keras.backend.backend()),
         "keras_version": keras.__version__,
+        # What main() set up for the CPU (allocator.py, xla_flags.py).
+        "cpu_settings": getattr(args, "cpu_settings", {}),
     }
 
 
@@ -552,10 +554,15 @@ def check_environment() -> None:
 
 
 def main(argv=None) -> int:
-    allocator.tune_malloc()  # keep freed buffers for reuse; SYNANN_MALLOC=0: off
+    # Before jax starts its backend; both are off with SYNANN_MALLOC=0 and
+    # SYNANN_XLA_FLAGS=0 (training/allocator.py, training/xla_flags.py).
+    cpu_settings = {"malloc": allocator.tune_malloc()}
+    xla_flags_before = os.environ.get("XLA_FLAGS")
+    cpu_settings["xla_flags"] = xla_flags.tune_xla_cpu(keras.backend.backend())
     strategy = None
     try:
         args = parse_args(argv)
+        args.cpu_settings = cpu_settings
         check_environment()
         set_precision(args)
         strategy = resolve_strategy(args)
@@ -579,7 +586,15 @@ def main(argv=None) -> int:
     finally:
         if strategy is not None:
             strategy.close()
+        _restore_env("XLA_FLAGS", xla_flags_before)  # for callers in this process
     return 0
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 if __name__ == "__main__":
