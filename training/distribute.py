@@ -258,10 +258,8 @@ class JaxDataParallel(JaxStrategy):
         keras.distribution.set_distribution(self.distribution)
         return contextlib.nullcontext()
 
-    def fit(self, model, x, y, *, batch_size, validation_data=None, **fit_kwargs):
-        self.check_batch(batch_size)
+    def fit(self, model, x, y, *, batch_size, **fit_kwargs):
         keras.distribution.set_distribution(self.distribution)
-        train, validation_data = self._batches(x, y, batch_size, validation_data)
         if not self.is_chief:
             fit_kwargs["verbose"] = 0
         if self.process_count > 1:
@@ -269,7 +267,7 @@ class JaxDataParallel(JaxStrategy):
                 _Undistributed(c) if _chief_only(c) else c
                 for c in fit_kwargs.get("callbacks") or []
             ]
-        return model.fit(train, validation_data=validation_data, **fit_kwargs)
+        return super().fit(model, x, y, batch_size=batch_size, **fit_kwargs)
 
     def restore_best(self, model, path):
         """The chief's best checkpoint (or `model`'s weights), broadcast from
