@@ -287,7 +287,7 @@ def run(root: str | Path, argv: list[str]) -> int:
     return 0
 
 
-def rehearsal_runner(acc: checks.Accelerator, backend: str, output_dir: str) -> Runner:
+def rehearsal_runner(backend: str, output_dir: str) -> Runner:
     """A Runner whose gcloud is this stand-in, acting under OUTPUT_DIR/rehearsal."""
     if backend != "jax":
         raise ValueError(

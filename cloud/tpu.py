@@ -462,7 +462,7 @@ def cmd_submit(args, train_args: list[str]) -> int:
         print_plan(sub)
         return 0
     if sub.rehearse:
-        runner = local_gcloud.rehearsal_runner(sub.acc, sub.backend, sub.output_dir)
+        runner = local_gcloud.rehearsal_runner(sub.backend, sub.output_dir)
     else:
         _need_gcloud()
         runner = Runner()
