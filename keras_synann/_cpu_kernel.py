@@ -786,9 +786,11 @@ def tf_applies(x, kernel) -> bool:
     """float32, CPU only, a graph that XLA does not compile, the loops built."""
     import tensorflow as tf
 
+    from keras_synann import ops
+
     if x.dtype != tf.float32 or kernel.dtype != tf.float32:
         return False
-    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+    if not ops._tensorflow_on_cpu():
         return False
     if _tf_graph_is_compiled():
         return False

@@ -292,13 +292,17 @@ def _on_cpu(x) -> bool:
 
         return jax.default_backend() == "cpu"
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        return not (
-            tf.config.list_logical_devices("GPU")
-            or tf.config.list_logical_devices("TPU")
-        )
+        return _tensorflow_on_cpu()
     return backend != "torch" or x.device.type == "cpu"
+
+
+def _tensorflow_on_cpu() -> bool:
+    """Whether tensorflow sees no GPU or TPU (so computes on the host CPU)."""
+    import tensorflow as tf
+
+    return not (
+        tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
+    )
 
 
 @functools.cache
