@@ -188,12 +188,13 @@ def _replace_lost_slice(
         delete = sub.delete_step()
         say("delete: delete the lost TPU before creating a new one")
         rc, _, _ = runner.run(delete.argv)
+    progress.created = rc != 0
+    runner.raise_pending()  # Ctrl-C while deleting: no new TPU
     if rc != 0:
         raise StepFailed(
             f"could not delete the lost TPU (gcloud exit code {rc}), so no new one "
             "is created"
         )
-    progress.created = False
 
 
 # -- steps ---------------------------------------------------------------------------

@@ -367,6 +367,20 @@ def test_interrupt_during_a_retry_deletes(tmp_path, source, fake):
     assert ran[-2:] == ["install", "delete"]
 
 
+def test_interrupt_while_deleting_a_lost_slice_creates_no_other(tmp_path, source, fake):
+    env = {
+        "FAKE_GCLOUD_PREEMPT_AT": "run",
+        "FAKE_GCLOUD_SIGNAL_AT": "delete",
+        "FAKE_GCLOUD_SIGNAL": "SIGTERM",
+        "FAKE_GCLOUD_SLEEP": "0.5",
+    }
+    result = submit(tmp_path, source, *RETRY, env=env)
+    assert result.returncode == 143
+    assert steps_of(fake()).count("create") == 1
+    assert steps_of(fake())[-1] == "delete"
+    assert "cleanup in progress" in result.stderr
+
+
 def test_worker_count_comes_from_the_created_tpu(tmp_path, source, fake):
     result = submit(tmp_path, source, env={"FAKE_GCLOUD_ENDPOINTS": "2"})
     assert result.returncode == 0, result.stderr
