@@ -105,10 +105,12 @@ def completed_epochs(directory):
 """
 
 # What each worker runs: a training in its own session (as the run step starts
-# it) that completes epoch 1's checkpoint (worker 0) and then goes on.
+# it); then, once both have started, worker 0 completes epoch 1's checkpoint.
 TRAIN = (
-    'mkdir -p "$CKPT/1" && [ "$SYNANN_WORKER_ID" = 0 ] && touch "$CKPT/1/done"; '
-    "setsid sleep 60 < /dev/null > /dev/null 2>&1 & echo $! > trainer.pid; wait"
+    "setsid sleep 60 < /dev/null > /dev/null 2>&1 & echo $! > trainer.pid; "
+    'if [ "$SYNANN_WORKER_ID" = 0 ]; then '
+    "while [ ! -s ../worker-1/trainer.pid ]; do sleep 0.05; done; "
+    'mkdir -p "$CKPT/1" && touch "$CKPT/1/done"; fi; wait'
 )
 
 
