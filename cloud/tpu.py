@@ -244,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         "v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e, v4 and "
         "older tpu-ubuntu2204-base)",
     )
-    p.add_argument("--backend", default="jax", help="jax (default) or tensorflow")
+    p.add_argument(
+        "--backend",
+        default="jax",
+        help="jax (default), or tensorflow on single-host v5litepod, v5p and v6e "
+        "slices (tensorflow-tpu through PJRT)",
+    )
     p.add_argument(
         "--provisioning",
         default="on-demand",
