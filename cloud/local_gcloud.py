@@ -449,7 +449,8 @@ def _watch_for_preemption(tpu: LocalTPU, run: _Connections, options: Options) ->
     while run.running():
         if armed:
             completed = completed or _completed_epochs(tpu)
-            if completed and epoch in completed(directory):
+            # >=: older checkpoints may be deleted (training keeps the newest).
+            if completed and max(completed(directory), default=0) >= epoch:
                 tpu.preempt()
                 return True
         time.sleep(POLL_S)
