@@ -7,9 +7,11 @@ Runs `benchmarks/layer.py` once per size in --sizes (every backend and
 implementation asked for, batch --batch, float32, without the reference
 formula), merges its rows into one JSON (--json) with what the figure needs
 to be reproduced: the CPU (`lscpu` model name), the package versions, the
-command, the date and the commit. Then draws one panel per backend: the
-Synapse layer's ms per step for each implementation and the Dense layer's,
-against n, log-log, into a PNG (--png) that docs/performance.md embeds.
+command, the date and the commit. Then draws, per backend and against n,
+log-log, the Synapse layer's ms per step for each implementation and the Dense
+layer's (top) and the median of their per-pair ratios (bottom; pairing keeps
+the ratio meaningful when the machine's speed drifts) into a PNG (--png) that
+docs/performance.md embeds.
 """
 
 from __future__ import annotations
@@ -114,17 +116,21 @@ def measure(args) -> dict:
     return record
 
 
-def _series(rows, backend):
-    """{label: ([n], [ms])} for one backend: each implementation, then Dense."""
+def _series(rows, backend, key):
+    """{label: ([n], [value])} for one backend and one row field: each
+    implementation's, then (for "synapse_ms") Dense's, the median of the Dense
+    steps paired with that n's implementations."""
     lines: dict[str, dict[int, list[float]]] = {}
+    dense: dict[int, list[float]] = {}
     for row in rows:
         if row["backend"] != backend:
             continue
         label = row["implementation"].replace(" (auto)", "")
-        lines.setdefault(label, {}).setdefault(row["n"], []).append(row["synapse_ms"])
-        lines.setdefault("Dense", {}).setdefault(row["n"], []).append(row["dense_ms"])
-    dense = lines.pop("Dense", {})
-    ordered = sorted(lines.items()) + [("Dense", dense)]
+        lines.setdefault(label, {}).setdefault(row["n"], []).append(row[key])
+        dense.setdefault(row["n"], []).append(row["dense_ms"])
+    ordered = sorted(lines.items()) + (
+        [("Dense", dense)] if key == "synapse_ms" else []
+    )
     return {
         label: (sorted(by_n), [statistics.median(by_n[n]) for n in sorted(by_n)])
         for label, by_n in ordered
@@ -160,11 +166,13 @@ def plot(record: dict, png: Path) -> Path:
         if any(r["backend"] == b for r in record["rows"])
     ]
     fig, axes = plt.subplots(
-        1,
+        2,
         len(backends),
-        figsize=(4.2 * len(backends), 4.2),
-        sharey=True,
+        figsize=(4.2 * len(backends), 7.4),
+        sharex="col",
+        sharey="row",
         squeeze=False,
+        height_ratios=(3, 2),
     )
     colors = {
         "cpu": "C0",
@@ -174,30 +182,34 @@ def plot(record: dict, png: Path) -> Path:
         "triton": "C4",
         "Dense": "black",
     }
-    for ax, backend in zip(axes[0], backends, strict=True):
-        for label, (sizes, ms) in _series(record["rows"], backend).items():
-            style = "--" if label == "Dense" else "-"
-            ax.loglog(
-                sizes,
-                ms,
-                style,
-                marker="o",
-                color=colors.get(label),
-                label=label if label == "Dense" else f'"{label}"',
-            )
-        sizes = sorted({r["n"] for r in record["rows"] if r["backend"] == backend})
-        ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
-        ax.set_xticks([], minor=True)
-        ax.set_title(backend)
-        ax.set_xlabel("n (layer size)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    rows = record["rows"]
+    for column, backend in enumerate(backends):
+        for row, key in enumerate(("synapse_ms", "ratio")):
+            ax = axes[row][column]
+            for label, (sizes, values) in _series(rows, backend, key).items():
+                ax.loglog(
+                    sizes,
+                    values,
+                    "--" if label == "Dense" else "-",
+                    marker="o",
+                    color=colors.get(label),
+                    label=label if label == "Dense" else f'"{label}"',
+                )
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][column].set_title(backend)
+        axes[0][column].legend(fontsize=8)
+        axes[1][column].axhline(1.0, color="black", linestyle="--", linewidth=1)
+        sizes = sorted({r["n"] for r in rows if r["backend"] == backend})
+        axes[1][column].set_xticks(sizes, [str(n) for n in sizes], rotation=45)
+        axes[1][column].set_xticks([], minor=True)
+        axes[1][column].set_xlabel("n (layer size)")
     axes[0][0].set_ylabel("ms per step")
+    axes[1][0].set_ylabel("Synapse / Dense (paired)")
     fig.suptitle("Synapse layer (each implementation) and Dense: ms per step against n")
     fig.text(
         0.5, 0.005, caption(record), ha="center", va="bottom", fontsize=6.5, wrap=True
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
