@@ -116,7 +116,7 @@ def _run_page_up_to(page: Path, number: int, tmp_path_factory, monkeypatch):
 def test_snippet_runs(page, number, marks, tmp_path_factory, monkeypatch):
     reason = _why_not(marks)
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(f"{page.relative_to(ROOT)} block {number}: {reason}")
     _run_page_up_to(page, number, tmp_path_factory, monkeypatch)
 
 
