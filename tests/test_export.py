@@ -103,6 +103,14 @@ def _input(rank: str, batch: int = 6):
     return rng.normal(size=(batch, *SHAPES[rank])).astype("float32")
 
 
+def _cases():
+    """(rank, model, input, the model's prediction) for each input rank."""
+    for rank in SHAPES:
+        model = _model(rank)
+        x = _input(rank)
+        yield rank, model, x, model.predict(x, verbose=0)
+
+
 def _relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -164,13 +172,19 @@ def test_torch_exports_and_traces(tmp_path):
 
     artifacts = Artifacts(tmp_path)
     errors = {}
-    for rank in SHAPES:
-        model = _model(rank)
-        x = _input(rank)
-        expected = model.predict(x, verbose=0)
+    for rank, model, x, expected in _cases():
         x_t = torch.from_numpy(x)
+        # A dynamic batch: Keras exports through torch.jit tracing (TorchScript).
         model.export(str(tmp_path / f"{rank}.onnx"), format="onnx", verbose=False)
         artifacts.add(f"{rank}.onnx", "onnx", rank, expected)
+        # A fixed batch: through torch.export (torch.onnx's dynamo exporter).
+        model.export(
+            str(tmp_path / f"{rank}.static.onnx"),
+            format="onnx",
+            verbose=False,
+            input_signature=[keras.InputSpec(shape=x.shape, dtype="float32")],
+        )
+        artifacts.add(f"{rank}.static.onnx", "onnx", rank, expected)
         program = torch.export.export(model, (x_t,))
         torch.export.save(program, str(tmp_path / f"{rank}.pt2"))
         artifacts.add(f"{rank}.pt2", "torch.export", rank, expected)
@@ -193,10 +207,7 @@ def test_tensorflow_exports_and_traces(tmp_path):
 
     artifacts = Artifacts(tmp_path)
     errors = {}
-    for rank in SHAPES:
-        model = _model(rank)
-        x = _input(rank)
-        expected = model.predict(x, verbose=0)
+    for rank, model, x, expected in _cases():
         model.export(str(tmp_path / f"{rank}.saved"), format="tf_saved_model")
         artifacts.add(f"{rank}.saved", "tf_saved_model", rank, expected)
         model.export(str(tmp_path / f"{rank}.onnx"), format="onnx", verbose=False)
@@ -225,10 +236,7 @@ def test_jax_export_and_jit(tmp_path):
 
     artifacts = Artifacts(tmp_path)
     errors = {}
-    for rank in SHAPES:
-        model = _model(rank)
-        x = _input(rank)
-        expected = model.predict(x, verbose=0)
+    for rank, model, x, expected in _cases():
         predict = _jax_predict(model)
         errors[f"{rank} jax.jit"] = _relative_error(jax.jit(predict)(x), expected)
         shape = export.symbolic_shape(", ".join(["b", *map(str, SHAPES[rank])]))
@@ -252,9 +260,7 @@ def test_jax_exports_through_tensorflow(tmp_path):
     from jax.experimental import jax2tf
 
     artifacts = Artifacts(tmp_path)
-    for rank in SHAPES:
-        model = _model(rank)
-        expected = model.predict(_input(rank), verbose=0)
+    for rank, model, _, expected in _cases():
         model.export(str(tmp_path / f"{rank}.saved"), format="tf_saved_model")
         artifacts.add(f"{rank}.saved", "tf_saved_model", rank, expected)
         module = tf.Module()
