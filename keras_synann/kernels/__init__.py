@@ -2,16 +2,17 @@
 
     s[b, i] = sum_j log(max(1 - W[j, i] x[b, j], FACTOR_FLOOR))   (one log per chunk)
 
-Every implementation is a module of this package stating its `NAME`, the
-`BACKEND` it needs (None: any), `why_not(x, kernel, auto)` (why it does not
-apply to these tensors here, in words, or None) and `log_inhibition(x,
-kernel, chunk)`:
+Every implementation is a module of this package with `why_not(x, kernel,
+auto)` (why it does not apply to these tensors here, in words, or None) and
+`log_inhibition(x, kernel, chunk)`; `IMPLEMENTATIONS` records its name and
+the backend it needs:
 
-    ops      reference.py    keras.ops, any backend, device and tracer
-    cpu      cpu.py          fused C loops (float32, CPU), every backend
-    torch    torch_eager.py  eager torch with reused buffers
-    triton   triton.py       fused Triton kernels (torch, CUDA)
-    pallas   pallas.py       fused Pallas kernels (jax, GPU)
+    name     module          backend   what
+    ops      reference.py    any       keras.ops: every device and tracer
+    cpu      cpu.py          any       fused C loops (float32, CPU)
+    torch    torch_eager.py  torch     eager torch with reused buffers
+    triton   triton.py       torch     fused Triton kernels (CUDA)
+    pallas   pallas.py       jax       fused Pallas kernels (GPU)
 
 "auto" takes the first implementation of its backend's `PRIORITY` list whose
 `why_not(..., auto=True)` is None. An explicit request that does not apply

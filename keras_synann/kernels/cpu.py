@@ -28,10 +28,6 @@ from types import ModuleType
 
 from keras_synann.kernels import cpu_build, devices
 
-NAME = "cpu"
-#: Any backend.
-BACKEND = None
-
 
 def why_not(x, kernel, auto: bool = False) -> str | None:
     """Why the C loops do not apply to these tensors here, in words; None if they do.

@@ -33,8 +33,6 @@ from keras_synann.kernels import devices, jax_primitives
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 from keras_synann.kernels.tiles import TileConfig
 
-NAME = "pallas"
-BACKEND = "jax"
 #: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
 CONFIG = TileConfig(block_rows=32, block_cols=64, chunk=16, num_warps=4)
 #: The weight gradient sums the batch in slices of this many rows, one set of

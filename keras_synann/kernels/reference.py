@@ -37,10 +37,6 @@ from keras import ops
 from keras_synann.kernels import devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 
-NAME = "ops"
-#: Any backend.
-BACKEND = None
-
 #: On a CPU the backward materialises q for at most this many input units at a
 #: time (with the whole batch), so that less of it spills out of L2 while two
 #: contractions read it (XLA: 20 ms instead of 30 at batch 128, n 784, on an

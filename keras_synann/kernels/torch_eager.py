@@ -27,9 +27,6 @@ import torch
 from keras_synann.kernels import devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 
-NAME = "torch"
-BACKEND = "torch"
-
 
 def why_not(x, kernel, auto: bool = False) -> str | None:
     """Why the eager torch kernel does not apply, in words; None if it does."""

@@ -28,8 +28,6 @@ from keras_synann.kernels import devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 from keras_synann.kernels.tiles import TileConfig
 
-NAME = "triton"
-BACKEND = "torch"
 #: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
 CONFIG = TileConfig(block_rows=16, block_cols=64, chunk=16, num_warps=4)
 #: The weight gradient splits the batch into slices of this many rows, each
