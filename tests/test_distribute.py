@@ -1,4 +1,4 @@
-"""training/distribute.py: name checks, and 1 vs several devices per backend.
+"""training/distribute: name checks, and 1 vs several devices per backend.
 
 Multi-device runs happen in subprocesses (tests/distributed_worker.py) whose
 environment gives the devices before the backend starts: jax with 4 simulated
@@ -110,11 +110,11 @@ def test_global_batch_must_split_over_replicas():
 def test_trim_drops_the_remainder_with_a_warning(recwarn):
     x, y = np.arange(10), np.arange(10) * 2
     with pytest.warns(UserWarning, match="last 2 of 10"):
-        tx, ty = distribute._trim((x, y), 4, "training")
+        tx, ty = distribute.trim((x, y), 4, "training")
     np.testing.assert_array_equal(tx, x[:8])
     np.testing.assert_array_equal(ty, y[:8])
     recwarn.clear()
-    kept = distribute._trim((x[:8], y[:8]), 4, "training")  # already even
+    kept = distribute.trim((x[:8], y[:8]), 4, "training")  # already even
     assert not recwarn.list
     np.testing.assert_array_equal(kept[0], x[:8])
     np.testing.assert_array_equal(kept[1], y[:8])
@@ -182,7 +182,7 @@ def test_jax_multihost_detection(monkeypatch, env, expected):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert distribute._jax_multihost_requested() is expected
+    assert distribute.jax.multihost_requested() is expected
 
 
 # ----------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_jax_resume_is_refused_with_several_processes(mnist_dir, tmp_path):
 @only["tensorflow"]
 def test_tensorflow_resolve_errors(monkeypatch):
     monkeypatch.delenv(distribute.ENV_TF_LOGICAL_CPUS, raising=False)
-    if distribute._tpu_hint():
+    if distribute.tensorflow.tpu_hint():
         pytest.skip("this machine may have a TPU")
     with pytest.raises(ValueError, match="'tpu' needs a TPU"):
         distribute.resolve("tpu")

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--distribution",
         default="auto",
-        help="distribution strategy (training/distribute.py) (default: %(default)s)",
+        help="distribution strategy (training/distribute/) (default: %(default)s)",
     )
     add(
         "--steps-per-epoch",

@@ -1,0 +1,255 @@
+"""jax: one device ("default") or `keras.distribution.DataParallel`
+("data_parallel"), over one process or several (multi-host TPU slices, GPU
+hosts, or processes over loopback on a CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from training.distribute.base import Strategy, chief_only
+from training.distribute.batches import GlobalBatches
+
+ENV_MULTIHOST = "SYNANN_MULTIHOST"
+
+
+@dataclass
+class JaxStrategy(Strategy):
+    """jax on one device ("default"): `fit` feeds `GlobalBatches`, so its
+    batches are those of "data_parallel" on any number of devices and
+    processes with the same seed and global batch size."""
+
+    def _batches(self, x, y, batch_size, validation_data):
+        shards = {
+            "replicas": self.num_replicas,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+        }
+        train = GlobalBatches(x, y, batch_size, shuffle=True, **shards)
+        if validation_data is not None:
+            validation_data = GlobalBatches(
+                *validation_data[:2], batch_size, what="validation", **shards
+            )
+        return train, validation_data
+
+    def fit(self, model, x, y, *, batch_size, validation_data=None, **fit_kwargs):
+        self.check_batch(batch_size)
+        train, validation_data = self._batches(x, y, batch_size, validation_data)
+        return model.fit(train, validation_data=validation_data, **fit_kwargs)
+
+
+@dataclass
+class JaxDataParallel(JaxStrategy):
+    """`keras.distribution.DataParallel`: the batch is split over the devices.
+
+    `scope()` sets the distribution globally (it must be set before the model
+    is built and stays set for `fit`). `fit` feeds `GlobalBatches`: the global
+    batch must be a multiple of the device count; training and validation
+    arrays are trimmed to a multiple of it. `evaluate` and `predict` run with
+    the distribution lifted, on a copy of the model on one device of this
+    process (`restore_best` returns one), so they see every sample.
+
+    Several processes (a multi-host TPU slice, GPU hosts): every process
+    holds all the data and feeds its part of each global batch
+    (`auto_shard_dataset=False`); Keras assembles the global batch. After
+    training, `restore_best` gives every process the chief's best checkpoint
+    (broadcast from process 0), so every process evaluates and predicts on
+    its own and reports the same numbers.
+    """
+
+    distribution: Any = None
+
+    @property
+    def can_resume(self) -> bool:
+        # BackupAndRestore runs on the chief only: other processes could not
+        # see its backup and would start from another epoch.
+        return self.process_count == 1
+
+    def scope(self):
+        keras.distribution.set_distribution(self.distribution)
+        return contextlib.nullcontext()
+
+    def fit(self, model, x, y, *, batch_size, **fit_kwargs):
+        keras.distribution.set_distribution(self.distribution)
+        if not self.is_chief:
+            fit_kwargs["verbose"] = 0
+        if self.process_count > 1:
+            fit_kwargs["callbacks"] = [
+                _Undistributed(c) if chief_only(c) else c
+                for c in fit_kwargs.get("callbacks") or []
+            ]
+        return super().fit(model, x, y, batch_size=batch_size, **fit_kwargs)
+
+    def restore_best(self, model, path):
+        """The chief's best checkpoint (or `model`'s weights), broadcast from
+        process 0 when there are several, in a copy of the model on one device
+        of this process: what `evaluate` and `predict` run."""
+        from jax.experimental import multihost_utils
+
+        with self._undistributed():
+            if self.is_chief and Path(path).is_file():
+                weights = keras.saving.load_model(path).get_weights()
+            else:
+                weights = model.get_weights()  # replicated: every process has them
+            if self.process_count > 1:
+                weights = multihost_utils.broadcast_one_to_all(weights)
+            return _local_copy(model, [np.asarray(w) for w in weights])
+
+    @contextlib.contextmanager
+    def _undistributed(self):
+        """Lift the distribution: batches of any size, on one device."""
+        keras.distribution.set_distribution(None)
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(self.distribution)
+
+    def _on_one_device(self, model):
+        """`model`, or a copy on one device of this process if its weights are
+        spread over several (a jitted step without the distribution cannot
+        take them, and weights on other processes' devices mix with no local
+        data)."""
+        if len(model.weights[0].value.sharding.device_set) == 1:
+            return model
+        return _local_copy(model, model.get_weights())
+
+    def evaluate(self, model, x, y, *, batch_size, verbose=0):
+        with self._undistributed():
+            local = self._on_one_device(model)
+            return super().evaluate(local, x, y, batch_size=batch_size, verbose=verbose)
+
+    def predict(self, model, x, *, batch_size, verbose=0):
+        with self._undistributed():
+            local = self._on_one_device(model)
+            return super().predict(local, x, batch_size=batch_size, verbose=verbose)
+
+
+class _Undistributed(keras.callbacks.Callback):
+    """Runs a file-writing callback's epoch hooks with the distribution lifted.
+
+    Saving creates variables (Keras builds a reference optimizer), and under
+    a multi-process distribution creating one is a collective step that every
+    process must take; only the chief saves. Lifted, they are local.
+    """
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback = callback
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def _lifted(self, hook, *args, **kwargs):
+        distribution = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+        try:
+            return getattr(self.callback, hook)(*args, **kwargs)
+        finally:
+            keras.distribution.set_distribution(distribution)
+
+    def on_train_begin(self, logs=None):
+        self._lifted("on_train_begin", logs)
+
+    def on_train_end(self, logs=None):
+        self._lifted("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lifted("on_epoch_begin", epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._lifted("on_epoch_end", epoch, logs)
+
+
+def _local_copy(model, weights):
+    """A compiled copy of `model` on this process's default device with `weights`
+    (call with the distribution lifted)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(weights)
+    if model.compiled:
+        copy.compile_from_config(model.get_compile_config())
+    return copy
+
+
+def multihost_requested() -> bool:
+    """Whether the environment asks for a multi-process jax run (see module doc)."""
+    forced = os.environ.get(ENV_MULTIHOST, "").strip().lower()
+    if forced:
+        return forced in ("1", "true", "yes")
+    env = os.environ
+    if int(env.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1") or 1) > 1:
+        return True
+    if int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:
+        return True
+    for key in (
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+    ):
+        if "," in env.get(key, ""):
+            return True
+    return False
+
+
+def _jax_cpu_only() -> bool:
+    """Whether jax will run on the CPU: JAX_PLATFORMS says so, or no TPU or GPU
+    plugin is installed (checked without starting a jax backend)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    plugins = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
+    return not any(importlib.util.find_spec(name) for name in plugins)
+
+
+def _jax_initialize(jax) -> None:
+    """Join the other processes (keras.distribution.initialize); on CPU, with
+    gloo collectives, which multi-process CPU runs need."""
+    is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+    if is_initialized():
+        return
+    if _jax_cpu_only() and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize()
+
+
+def resolve(name: str) -> Strategy:
+    import jax
+
+    if name != "default" and multihost_requested():
+        _jax_initialize(jax)
+    devices = keras.distribution.list_devices()
+    is_chief = jax.process_index() == 0
+    if name == "auto":
+        name = "data_parallel" if len(devices) > 1 else "default"
+    if name == "default":
+        return JaxStrategy("default", "jax", devices[:1], is_chief=is_chief)
+    if len(devices) < 2:
+        raise ValueError(
+            f"'data_parallel' needs more than one jax device, found {len(devices)}; "
+            "use 'default' (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "simulates N)."
+        )
+    processes = jax.process_count()
+    return JaxDataParallel(
+        "data_parallel",
+        "jax",
+        list(devices),
+        is_chief=is_chief,
+        process_count=processes,
+        # With several processes each feeds its own part (GlobalBatches).
+        distribution=keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=processes == 1
+        ),
+        process_index=jax.process_index(),
+    )
