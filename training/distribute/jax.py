@@ -5,7 +5,6 @@ hosts, or processes over loopback on a CPU)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from training import jax_platform
 from training.distribute.base import Strategy, chief_only
 from training.distribute.batches import GlobalBatches
 
@@ -202,23 +202,15 @@ def multihost_requested() -> bool:
     return False
 
 
-def _jax_cpu_only() -> bool:
-    """Whether jax will run on the CPU: JAX_PLATFORMS says so, or no TPU or GPU
-    plugin is installed (checked without starting a jax backend)."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms:
-        return platforms.split(",")[0] == "cpu"
-    plugins = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
-    return not any(importlib.util.find_spec(name) for name in plugins)
-
-
 def _jax_initialize(jax) -> None:
     """Join the other processes (keras.distribution.initialize); on CPU, with
     gloo collectives, which multi-process CPU runs need."""
     is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
     if is_initialized():
         return
-    if _jax_cpu_only() and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    if jax_platform.accelerator() is None and not os.environ.get(
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION"
+    ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     keras.distribution.initialize()
 
