@@ -18,13 +18,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from processes import finish, start_script
 
 from cloud.local_gcloud import cluster_env, free_ports
 from training import distribute
 
 BACKEND = keras.backend.backend()
 WORKER = Path(__file__).with_name("distributed_worker.py")
-SCRIPT = Path(__file__).resolve().parents[1] / "training" / "mnist.py"
 # Same global batch and seed on 1 and on N devices: the final validation
 # accuracies must agree this closely (jax and tensorflow agree to float noise;
 # torch DDP shuffles differently from model.fit, so only within noise).
@@ -213,37 +213,13 @@ def test_jax_data_parallel_matches_one_device():
     assert multi["weights_sum"] == pytest.approx(single["weights_sum"], rel=1e-4)
 
 
-def start_script(args: list[str], env: dict[str, str], launcher=()):
-    """Start training/mnist.py (optionally under a launcher) as users do."""
-    full_env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("XLA_FLAGS", "WORLD_SIZE") and not k.startswith("KERAS_DIST")
-    }
-    full_env.update(KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3", **env)
-    return subprocess.Popen(
-        [sys.executable, *launcher, str(SCRIPT), *args],
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def finish_all(procs, timeout: float = 300) -> list[str]:
     """Wait for every process (killing all at the timeout); their outputs.
     Each must exit 0."""
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-3000:]
-    return outputs
+    results = finish(procs, timeout)
+    for r in results:
+        assert r.returncode == 0, r.output[-3000:]
+    return [r.output for r in results]
 
 
 def printed_test_accuracy(output: str) -> str:

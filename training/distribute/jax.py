@@ -56,6 +56,9 @@ class JaxDataParallel(JaxStrategy):
     the distribution lifted, on a copy of the model on one device of this
     process (`restore_best` returns one), so they see every sample.
 
+    On CPU with several processes, `fit` runs one step at a time (see
+    `OneStepAtATime`).
+
     Several processes (a multi-host TPU slice, GPU hosts): every process
     holds all the data and feeds its part of each global batch
     (`auto_shard_dataset=False`); Keras assembles the global batch. After
@@ -81,10 +84,13 @@ class JaxDataParallel(JaxStrategy):
         if not self.is_chief:
             fit_kwargs["verbose"] = 0
         if self.process_count > 1:
-            fit_kwargs["callbacks"] = [
+            callbacks = [
                 _Undistributed(c) if chief_only(c) else c
                 for c in fit_kwargs.get("callbacks") or []
             ]
+            if self.devices and self.devices[0].startswith("cpu"):
+                callbacks.append(OneStepAtATime())
+            fit_kwargs["callbacks"] = callbacks
         return super().fit(model, x, y, batch_size=batch_size, **fit_kwargs)
 
     def restore_best(self, model, path):
@@ -131,12 +137,41 @@ class JaxDataParallel(JaxStrategy):
             return super().predict(local, x, batch_size=batch_size, verbose=verbose)
 
 
-class _Undistributed(keras.callbacks.Callback):
-    """Runs a file-writing callback's epoch hooks with the distribution lifted.
+class OneStepAtATime(keras.callbacks.Callback):
+    """Makes `fit` wait for each step's results before it starts the next.
 
-    Saving creates variables (Keras builds a reference optimizer), and under
-    a multi-process distribution creating one is a collective step that every
-    process must take; only the chief saves. Lifted, they are local.
+    jaxlib's CPU client lets each device hold 32 computations in flight. When
+    one process of a multi-process CPU run (gloo collectives) has more than
+    that many multi-device steps queued, its launches deadlock with the other
+    processes' (jaxlib 0.10.2; 2 processes x 2 CPU devices, steps with an
+    all-reduce dispatched without waiting: 100 queued hang every time, 40
+    sometimes, 31 or fewer never, nor with one device per process). Keras
+    dispatches steps without waiting when no callback has batch-end hooks, so
+    a validation pass of more than 32 batches right after the training steps
+    hangs. A callback with batch-end hooks makes Keras run callbacks on the
+    training loop's thread with each step's logs converted to floats, that is,
+    after the step has finished: one step in flight. On CPU that costs little
+    (Keras itself skips look-ahead there).
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_test_batch_end(self, batch, logs=None):
+        pass
+
+    def on_predict_batch_end(self, batch, logs=None):
+        pass
+
+
+class _Undistributed(keras.callbacks.Callback):
+    """Runs a chief-only callback's epoch hooks with the distribution lifted.
+
+    Keras's saving creates variables (a reference optimizer), and under a
+    multi-process distribution creating one is a step that every process must
+    take; only the chief saves. Lifted, they are local. Keras keeps the
+    distribution per thread and calls epoch hooks on the training loop's
+    thread, so lifting it here changes nothing for other threads.
     """
 
     def __init__(self, callback):
