@@ -38,11 +38,6 @@ class Strategy:
     def num_replicas(self) -> int:
         return max(1, len(self.devices))
 
-    @property
-    def can_resume(self) -> bool:
-        """Whether a run can continue from a backup the chief wrote."""
-        return True
-
     def scope(self):
         """Context in which to build and compile the model."""
         return contextlib.nullcontext()
@@ -52,13 +47,33 @@ class Strategy:
         arrays with the GLOBAL batch size; returns a History."""
         return model.fit(x, y, batch_size=batch_size, **fit_kwargs)
 
-    def restore_best(self, model, path):
-        """The model to report: the checkpoint at `path` if the chief saved one
-        (on every process), else `model` as training left it."""
-        if self.is_chief and Path(path).is_file():
+    def restore_best(self, model, path=None, weights=None):
+        """The model to report, on every process: `model` with `weights` (the
+        best epoch's, the same on every process) if given, else the checkpoint
+        at `path` if the chief saved one, else `model` as training left it."""
+        if weights is not None:
+            model.set_weights(weights)
+            return model
+        if self.is_chief and path is not None and Path(path).is_file():
             with self.scope():
                 return keras.saving.load_model(path)
         return model
+
+    def save(self, model, path) -> None:
+        """Write `model` (from `restore_best`) as a .keras file."""
+        model.save(path)
+
+    def agree(self, value: int) -> int:
+        """Process 0's `value`, on every process."""
+        return value
+
+    def done(self) -> None:
+        """This process has finished its part of the run (no more collective
+        steps): the other processes may exit."""
+
+    def failed(self, reason: str, error: BaseException | None = None) -> None:
+        """Tell the other processes why this one stops (one line); `error`,
+        if given, is what stopped it."""
 
     def evaluate(self, model, x, y, *, batch_size, verbose=0) -> dict[str, float]:
         """Metrics of `model` on all of (x, y), the same on every process."""

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from training import jax_platform
+from training.distribute import cluster
 from training.distribute.base import Strategy, chief_only
 from training.distribute.batches import GlobalBatches
 
@@ -49,31 +50,28 @@ class JaxStrategy(Strategy):
 class JaxDataParallel(JaxStrategy):
     """`keras.distribution.DataParallel`: the batch is split over the devices.
 
-    `scope()` sets the distribution globally (it must be set before the model
-    is built and stays set for `fit`). `fit` feeds `GlobalBatches`: the global
-    batch must be a multiple of the device count; training and validation
-    arrays are trimmed to a multiple of it. `evaluate` and `predict` run with
-    the distribution lifted, on a copy of the model on one device of this
-    process (`restore_best` returns one), so they see every sample.
+    `scope()` sets the distribution (it must be set before the model is built
+    and stays set for `fit`; Keras keeps it per thread, and `fit` runs on the
+    caller's thread). `fit` feeds `GlobalBatches`: the global batch must be a
+    multiple of the device count; training and validation arrays are trimmed
+    to a multiple of it. `evaluate` and `predict` run with the distribution
+    lifted, on a copy of the model on one device of this process
+    (`restore_best` returns one), so they see every sample.
+
+    Several processes (a multi-host TPU slice, GPU hosts, processes on one
+    CPU): every process holds all the data and feeds its part of each global
+    batch (`auto_shard_dataset=False`); Keras assembles the global batch.
+    `restore_best` gives every process the same weights (replicated, or the
+    chief's file broadcast from process 0), so every process evaluates and
+    predicts on its own and reports the same numbers. A `Watchdog`
+    (training/distribute/cluster.py) stops every process when one fails.
 
     On CPU with several processes, `fit` runs one step at a time (see
     `OneStepAtATime`).
-
-    Several processes (a multi-host TPU slice, GPU hosts): every process
-    holds all the data and feeds its part of each global batch
-    (`auto_shard_dataset=False`); Keras assembles the global batch. After
-    training, `restore_best` gives every process the chief's best checkpoint
-    (broadcast from process 0), so every process evaluates and predicts on
-    its own and reports the same numbers.
     """
 
     distribution: Any = None
-
-    @property
-    def can_resume(self) -> bool:
-        # BackupAndRestore runs on the chief only: other processes could not
-        # see its backup and would start from another epoch.
-        return self.process_count == 1
+    watchdog: Any = None
 
     def scope(self):
         keras.distribution.set_distribution(self.distribution)
@@ -93,20 +91,53 @@ class JaxDataParallel(JaxStrategy):
             fit_kwargs["callbacks"] = callbacks
         return super().fit(model, x, y, batch_size=batch_size, **fit_kwargs)
 
-    def restore_best(self, model, path):
-        """The chief's best checkpoint (or `model`'s weights), broadcast from
-        process 0 when there are several, in a copy of the model on one device
-        of this process: what `evaluate` and `predict` run."""
+    def restore_best(self, model, path=None, weights=None):
+        """A copy of the model on one device of this process, with `weights`
+        (the same on every process) if given, else the chief's checkpoint at
+        `path` if it saved one (broadcast from process 0 when there are
+        several), else `model`'s weights: what `evaluate` and `predict` run."""
         from jax.experimental import multihost_utils
 
         with self._undistributed():
-            if self.is_chief and Path(path).is_file():
+            if weights is not None:
+                return _local_copy(model, [np.asarray(w) for w in weights])
+            if self.is_chief and path is not None and Path(path).is_file():
                 weights = keras.saving.load_model(path).get_weights()
             else:
                 weights = model.get_weights()  # replicated: every process has them
             if self.process_count > 1:
                 weights = multihost_utils.broadcast_one_to_all(weights)
             return _local_copy(model, [np.asarray(w) for w in weights])
+
+    def save(self, model, path) -> None:
+        """Save `model` (a copy from `restore_best`) with the distribution
+        lifted: saving creates variables, which under a multi-process
+        distribution every process would have to create together."""
+        with self._undistributed():
+            model.save(path)
+
+    def agree(self, value: int) -> int:
+        """Process 0's `value`, on every process."""
+        if self.process_count == 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+    def done(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.done()
+
+    def failed(self, reason: str, error: BaseException | None = None) -> None:
+        if self.watchdog is None:
+            return
+        if error is not None and cluster.lost_a_peer(error):
+            self.watchdog.await_verdict()  # ends this process naming the other
+        self.watchdog.failed(reason)
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     @contextlib.contextmanager
     def _undistributed(self):
@@ -237,24 +268,41 @@ def multihost_requested() -> bool:
     return False
 
 
-def _jax_initialize(jax) -> None:
-    """Join the other processes (keras.distribution.initialize); on CPU, with
-    gloo collectives, which multi-process CPU runs need."""
-    is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
-    if is_initialized():
-        return
+def _join(jax, agree_on_seed: bool = True) -> None:
+    """Join the other processes (cluster.join); on CPU with gloo collectives,
+    which multi-process CPU runs need."""
     if jax_platform.accelerator() is None and not os.environ.get(
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION"
     ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    keras.distribution.initialize()
+    cluster.join(agree_on_seed=agree_on_seed)
+
+
+def report_failure_before_joining(reason: str) -> bool:
+    """A process that fails before joining (bad arguments, a failed check)
+    joins only to tell the others, so that they stop at once instead of
+    waiting for it until the join timeout. Whether it did (then the caller
+    must end the process without jax's shutdown, which would wait for the
+    others). Does nothing for one process."""
+    import jax
+
+    if not multihost_requested() or jax.distributed.is_initialized():
+        return False
+    try:
+        _join(jax, agree_on_seed=False)
+        client = cluster.distributed_client()
+        watchdog = cluster.Watchdog(client, jax.process_index(), jax.process_count())
+        watchdog.failed(reason)
+    except Exception:  # best effort: the others' join timeout still bounds them
+        return False
+    return True
 
 
 def resolve(name: str) -> Strategy:
     import jax
 
     if name != "default" and multihost_requested():
-        _jax_initialize(jax)
+        _join(jax)
     devices = keras.distribution.list_devices()
     is_chief = jax.process_index() == 0
     if name == "auto":
@@ -268,6 +316,10 @@ def resolve(name: str) -> Strategy:
             "simulates N)."
         )
     processes = jax.process_count()
+    watchdog = None
+    if processes > 1:
+        client = cluster.distributed_client()
+        watchdog = cluster.Watchdog(client, jax.process_index(), processes).start()
     return JaxDataParallel(
         "data_parallel",
         "jax",
@@ -279,4 +331,5 @@ def resolve(name: str) -> Strategy:
             devices=devices, auto_shard_dataset=processes == 1
         ),
         process_index=jax.process_index(),
+        watchdog=watchdog,
     )

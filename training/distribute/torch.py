@@ -196,10 +196,14 @@ class TorchDDP(Strategy):
                 dist.broadcast(value, src=0)
                 variable.assign(value)
 
-    def restore_best(self, model, path):
-        """The chief's best checkpoint, its weights broadcast to every rank
-        (ranks on other machines cannot read the chief's file)."""
-        found = self.is_chief and Path(path).is_file()
+    def restore_best(self, model, path=None, weights=None):
+        """`weights` if given (the same on every rank), else the chief's best
+        checkpoint, its weights broadcast to every rank (ranks on other
+        machines cannot read the chief's file)."""
+        if weights is not None:
+            model.set_weights(weights)
+            return model
+        found = self.is_chief and path is not None and Path(path).is_file()
         if self._broadcast_scalar(found):
             if self.is_chief:
                 model.set_weights(keras.saving.load_model(path).get_weights())
