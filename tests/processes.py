@@ -3,7 +3,9 @@ several processes over loopback, and collect what they printed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -96,3 +98,17 @@ def wait_for_line(proc, text: str, timeout: float = 300) -> list[str]:
         if text in line:
             return lines
     raise AssertionError(f"no line with {text!r}:\n" + "".join(lines[-40:]))
+
+
+@contextlib.contextmanager
+def port_held_like_grpc():
+    """A loopback port listened on with SO_REUSEPORT, as jax's coordinator
+    (a gRPC server) holds its port; yields the port number."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        yield holder.getsockname()[1]
+    finally:
+        holder.close()

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 
 import keras
 import numpy as np
 import pytest
-from processes import finish, start_cluster, start_script, wait_for_line
+from processes import (
+    finish,
+    port_held_like_grpc,
+    start_cluster,
+    start_script,
+    wait_for_line,
+)
 
 import keras_synann  # noqa: F401  (best.keras holds its layers)
 from cloud.local_gcloud import cluster_env, free_ports
@@ -164,19 +169,12 @@ def test_a_process_failing_before_joining_stops_the_others(mnist_dir, tmp_path):
 
 def test_a_coordinator_port_in_use_is_refused(mnist_dir, tmp_path):
     """gRPC would share the port (SO_REUSEPORT) with the run holding it."""
-    holder = socket.socket()
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    port = holder.getsockname()[1]
-    try:
+    with port_held_like_grpc() as port:
         ports = [port, *free_ports(1)]
         proc = start_script(
             mlp_args(mnist_dir, tmp_path / "out"), cluster_env(0, ports, 2)
         )
         (result,) = finish([proc], timeout=120)
-    finally:
-        holder.close()
     assert result.returncode == 1
     (line,) = error_lines(result.output)
     assert f"the coordinator port {port} is in use" in line

@@ -3,11 +3,11 @@ jax's key-value store) and the checks made before joining."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
+from processes import port_held_like_grpc
 
 from training.distribute import cluster
 
@@ -142,14 +142,7 @@ def test_coordinator_from_the_keras_variables(monkeypatch):
 
 
 def test_a_port_in_use_is_refused_and_a_free_one_is_not():
-    holder = socket.socket()
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    port = holder.getsockname()[1]
-    try:
+    with port_held_like_grpc() as port:
         with pytest.raises(cluster.JoinError, match=f"port {port} is in use"):
             cluster.check_port_free(f"127.0.0.1:{port}")
-    finally:
-        holder.close()
     cluster.check_port_free(f"127.0.0.1:{port}")  # free again: no error
