@@ -37,6 +37,14 @@ status 143 (130) at once, even while the main thread waits inside a
 collective: jax's own preemption notifier takes SIGTERM over and only logs
 it, so without this a stuck process ignores SIGTERM. A checkpoint written
 at each epoch's end is the point to resume from.
+
+A process whose collective step fails because another process went away
+(`lost_a_peer`) lets its watchdog name that process before it reports a
+failure of its own. Process 0 runs jax's coordination service: when it
+fails it waits a moment after recording why, so that the others read it
+before its exit makes jax abort them; if it dies without a word (SIGKILL),
+jax aborts the others at once with its own message ("Terminating process
+because the JAX distributed service detected fatal errors").
 """
 
 from __future__ import annotations
@@ -55,8 +63,6 @@ ENV_JOIN_TIMEOUT = "SYNANN_JOIN_TIMEOUT"
 ENV_WATCHDOG_TIMEOUT = "SYNANN_WATCHDOG_TIMEOUT"
 DEFAULT_JOIN_TIMEOUT = 300
 DEFAULT_WATCHDOG_TIMEOUT = 60.0
-#: jax's coordinator port on Cloud TPU (jax/_src/clusters/cloud_tpu_cluster.py).
-TPU_COORDINATOR_PORT = 8482
 PREFIX = "synann/watchdog/"
 #: Exit status of a process that the watchdog stops because of another one.
 EXIT_OTHER_FAILED = 1
@@ -145,7 +151,7 @@ def join(agree_on_seed: bool = True) -> None:
     False: a process that joins only to report its failure)."""
     import jax
 
-    if jax.distributed.is_initialized():
+    if distributed_client() is not None:
         return
     address, count, index = coordinator_from_env()
     timeout = int(_seconds(ENV_JOIN_TIMEOUT, DEFAULT_JOIN_TIMEOUT))
@@ -226,9 +232,9 @@ class Watchdog:
     # -- what this process reports ------------------------------------------
 
     def start(self, handle_signals: bool = True) -> Watchdog:
+        self._beat(0)  # first: an unusable client fails before anything is set
         if handle_signals and threading.current_thread() is threading.main_thread():
             self._take_signals()
-        self._beat(0)
         atexit.register(self._at_exit)
         self._thread.start()
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,7 +287,7 @@ def report_failure_before_joining(reason: str) -> bool:
     others). Does nothing for one process."""
     import jax
 
-    if not multihost_requested() or jax.distributed.is_initialized():
+    if not multihost_requested() or cluster.distributed_client() is not None:
         return False
     try:
         _join(jax, agree_on_seed=False)
@@ -319,7 +320,12 @@ def resolve(name: str) -> Strategy:
     watchdog = None
     if processes > 1:
         client = cluster.distributed_client()
-        watchdog = cluster.Watchdog(client, jax.process_index(), processes).start()
+        try:
+            watchdog = cluster.Watchdog(client, jax.process_index(), processes)
+            watchdog.start()
+        except (AttributeError, TypeError) as e:  # an older jaxlib's client
+            warnings.warn(f"No watchdog for this run: {e}", stacklevel=2)
+            watchdog = None
     return JaxDataParallel(
         "data_parallel",
         "jax",
