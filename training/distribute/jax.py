@@ -44,7 +44,13 @@ class JaxStrategy(Strategy):
     def fit(self, model, x, y, *, batch_size, validation_data=None, **fit_kwargs):
         self.check_batch(batch_size)
         train, validation_data = self._batches(x, y, batch_size, validation_data)
-        return model.fit(train, validation_data=validation_data, **fit_kwargs)
+        # GlobalBatches draws each epoch's order itself. Keras's shuffle would
+        # reorder its batches with Python's global `random`, which every
+        # process would then have to consume identically to feed its part of
+        # the same global batch at each step.
+        return model.fit(
+            train, validation_data=validation_data, shuffle=False, **fit_kwargs
+        )
 
 
 @dataclass
