@@ -3,7 +3,7 @@
 `resolve(name)` returns a `Strategy`; training/mnist.py builds and compiles the
 model inside `strategy.scope()`, trains with `strategy.fit(...)` on in-memory
 NumPy arrays with the GLOBAL batch size, then takes `strategy.restore_best(...)`
-(the chief's best checkpoint, on every process) to `strategy.evaluate` and
+(the best epoch's weights, on every process) to `strategy.evaluate` and
 `strategy.predict`, which give every process the same numbers.
 
 Names: "auto", "default" (one device, no strategy), "data_parallel" (jax),
@@ -12,8 +12,8 @@ Names: "auto", "default" (one device, no strategy), "data_parallel" (jax),
 - jax: `keras.distribution.DataParallel` over all devices when there is more
   than one, else "default". Both feed `GlobalBatches`, so the batches do not
   depend on the device or process count. Multi-process runs (multi-host TPU
-  slices, several GPU hosts) call `keras.distribution.initialize()` first
-  (with gloo collectives on CPU); they are detected from the environment only
+  slices, several GPU hosts) join first (`cluster.join`, with gloo collectives
+  on CPU) and run a `cluster.Watchdog`; they are detected from the environment only
   (no network, no jax backend start-up): `SYNANN_MULTIHOST=1` (force; `0`
   forbids), `KERAS_DISTRIBUTION_NUM_PROCESSES` > 1,
   `KERAS_DISTRIBUTION_JOB_ADDRESSES` with several addresses,
@@ -32,7 +32,8 @@ Names: "auto", "default" (one device, no strategy), "data_parallel" (jax),
 Modules: `base` (the `Strategy` interface and what the backends share),
 `batches` (`GlobalBatches`), and one per backend, `jax`, `tensorflow` and
 `torch`, each with its strategies and its `resolve(name)`, as Keras keeps
-`backend/*/distribution_lib.py`.
+`backend/*/distribution_lib.py`; `cluster` joins the processes of a
+multi-process jax run and stops them together when one fails.
 """
 
 from __future__ import annotations
