@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import inspect
 import os
 import select
 import signal
@@ -158,13 +159,19 @@ def join(agree_on_seed: bool = True) -> None:
     heartbeat = int(2 * watchdog_timeout()) + 1
     if address is not None and index == 0:
         check_port_free(address)
+    options = {"initialization_timeout": timeout}
+    # jax releases since mid-2025 take the heartbeat timeout; older ones keep 100 s.
+    if (
+        "heartbeat_timeout_seconds"
+        in inspect.signature(jax.distributed.initialize).parameters
+    ):
+        options["heartbeat_timeout_seconds"] = max(heartbeat, 10)
     try:
         jax.distributed.initialize(
             coordinator_address=address,
             num_processes=count,
             process_id=index,
-            initialization_timeout=timeout,
-            heartbeat_timeout_seconds=max(heartbeat, 10),
+            **options,
         )
     except Exception as e:  # jax raises several kinds; all mean: no cluster
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
