@@ -8,8 +8,8 @@ kernel's `config`, it prints the forward + backward time of the kernel's
 `log_inhibition` (median of --repeats calls after a warm-up that compiles),
 the compile time, and the largest relative difference of the gradients from
 the keras.ops path on the first 256 rows (the keras.ops path is slow at GPU
-batch sizes). The default `CONFIG` of `_triton_kernel.py` and
-`_pallas_kernel.py` was chosen from this table.
+batch sizes). The default `CONFIG` of `keras_synann/kernels/triton.py` and
+`keras_synann/kernels/pallas.py` was chosen from this table.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make keras_synann importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: (block rows, block columns, factors per log, warps): a TileConfig each.
 CONFIGS = [
-    ((16, 64), 16, 4),
-    ((32, 64), 16, 4),
-    ((32, 32), 16, 4),
-    ((64, 32), 16, 4),
-    ((16, 32), 16, 2),
-    ((64, 64), 16, 4),
-    ((32, 64), 32, 4),
+    (16, 64, 16, 4),
+    (32, 64, 16, 4),
+    (32, 32, 16, 4),
+    (64, 32, 16, 4),
+    (16, 32, 16, 2),
+    (64, 64, 16, 4),
+    (32, 64, 32, 4),
 ]
 
 
@@ -46,13 +47,14 @@ def main(argv=None) -> int:
     from keras import ops
 
     from keras_synann import ops as synann_ops
+    from keras_synann.kernels.tiles import TileConfig
     from keras_synann.testing import value_and_grad
 
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
 
-        from keras_synann import _triton_kernel as module
+        from keras_synann.kernels import triton as module
 
         if not torch.cuda.is_available():
             print("error: the Triton kernels need a CUDA GPU here", file=sys.stderr)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     elif backend == "jax":
         import jax
 
-        from keras_synann import _pallas_kernel as module
+        from keras_synann.kernels import pallas as module
 
         if jax.devices()[0].platform != "gpu":
             print("error: the Pallas kernels need a GPU here", file=sys.stderr)
@@ -88,8 +90,7 @@ def main(argv=None) -> int:
 
     def fused(config):
         def log_inhibition(x, w):
-            floors = synann_ops.FACTOR_FLOOR, synann_ops._PRODUCT_FLOOR
-            return module.log_inhibition(x, w, *floors, config=config)
+            return module.log_inhibition(x, w, config.chunk, config=config)
 
         return log_inhibition
 
@@ -102,8 +103,9 @@ def main(argv=None) -> int:
     print(f"{backend} {impl}, batch {args.batch}, n {args.n}")
     print("| block | chunk | warps | fwd+bwd ms | compile s | max rel diff vs ops |")
     print("|---|---|---|---|---|---|")
-    for config in CONFIGS:
-        block, chunk, warps = config
+    for rows, cols, chunk, warps in CONFIGS:
+        block = (rows, cols)
+        config = TileConfig(rows, cols, chunk, warps)
         step = step_for(fused(config), g)
         try:
             start = time.perf_counter()

@@ -91,8 +91,26 @@ class Synapse(keras.layers.Layer):
             allows). The diagonal of the kernel is then ignored.
         chunk_size: positive int, input units processed at once (a memory and
             speed trade-off of the "ops" and "torch" implementations).
-        implementation: "auto", "ops", "torch", "triton" or "pallas"; see
-            `keras_synann.ops.log_inhibition`. All give the same results.
+        implementation: how the log inhibition is computed: "auto"
+            (default), "ops", "cpu", "torch", "triton" or "pallas"; all give
+            the same values and gradients (to float32 rounding). "auto"
+            takes the fastest that applies, and the portable keras.ops path
+            ("ops") wherever a model is traced or exported:
+            - torch: "triton" (float32 CUDA tensors), else "cpu" (fused C
+              loops: float32 CPU tensors and a C compiler), else "torch";
+              "ops" under torch.jit.trace, torch.compile, torch.export and
+              torch.onnx.
+            - jax: "pallas" (float32 on a single GPU), else "cpu" (float32
+              on a single CPU device, a C compiler), else "ops". The fused
+              kernels lower to the keras.ops computation when exported
+              (`jax.export`, jax2tf, `model.export`).
+            - tensorflow: "cpu" (float32, CPU only, a C compiler) in eager
+              calls and training steps (graphs a gradient tape records),
+              "ops" in every other graph: predict, evaluate,
+              `jit_compile=True`, `model.export` (SavedModel, ONNX).
+            Without a C compiler "auto" warns once and runs several times
+            slower on a CPU. An explicit choice that does not apply raises
+            ValueError with the reason; see `keras_synann.ops.log_inhibition`.
         series_order: `None` for the exact layer, or a positive int K to
             approximate `sum_j log(1 - beta_ij x_j)` by its Taylor series to
             order K, computed as matmuls (about K Dense layers' cost; see

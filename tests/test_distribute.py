@@ -1,4 +1,4 @@
-"""training/distribute.py: name checks, and 1 vs several devices per backend.
+"""training/distribute: name checks, and 1 vs several devices per backend.
 
 Multi-device runs happen in subprocesses (tests/distributed_worker.py) whose
 environment gives the devices before the backend starts: jax with 4 simulated
@@ -18,13 +18,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from processes import finish, start_script
 
 from cloud.local_gcloud import cluster_env, free_ports
 from training import distribute
 
 BACKEND = keras.backend.backend()
 WORKER = Path(__file__).with_name("distributed_worker.py")
-SCRIPT = Path(__file__).resolve().parents[1] / "training" / "mnist.py"
 # Same global batch and seed on 1 and on N devices: the final validation
 # accuracies must agree this closely (jax and tensorflow agree to float noise;
 # torch DDP shuffles differently from model.fit, so only within noise).
@@ -110,11 +110,11 @@ def test_global_batch_must_split_over_replicas():
 def test_trim_drops_the_remainder_with_a_warning(recwarn):
     x, y = np.arange(10), np.arange(10) * 2
     with pytest.warns(UserWarning, match="last 2 of 10"):
-        tx, ty = distribute._trim((x, y), 4, "training")
+        tx, ty = distribute.trim((x, y), 4, "training")
     np.testing.assert_array_equal(tx, x[:8])
     np.testing.assert_array_equal(ty, y[:8])
     recwarn.clear()
-    kept = distribute._trim((x[:8], y[:8]), 4, "training")  # already even
+    kept = distribute.trim((x[:8], y[:8]), 4, "training")  # already even
     assert not recwarn.list
     np.testing.assert_array_equal(kept[0], x[:8])
     np.testing.assert_array_equal(kept[1], y[:8])
@@ -182,7 +182,7 @@ def test_jax_multihost_detection(monkeypatch, env, expected):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert distribute._jax_multihost_requested() is expected
+    assert distribute.jax.multihost_requested() is expected
 
 
 # ----------------------------------------------------------------------------
@@ -213,37 +213,13 @@ def test_jax_data_parallel_matches_one_device():
     assert multi["weights_sum"] == pytest.approx(single["weights_sum"], rel=1e-4)
 
 
-def start_script(args: list[str], env: dict[str, str], launcher=()):
-    """Start training/mnist.py (optionally under a launcher) as users do."""
-    full_env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("XLA_FLAGS", "WORLD_SIZE") and not k.startswith("KERAS_DIST")
-    }
-    full_env.update(KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3", **env)
-    return subprocess.Popen(
-        [sys.executable, *launcher, str(SCRIPT), *args],
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def finish_all(procs, timeout: float = 300) -> list[str]:
     """Wait for every process (killing all at the timeout); their outputs.
     Each must exit 0."""
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-3000:]
-    return outputs
+    results = finish(procs, timeout)
+    for r in results:
+        assert r.returncode == 0, r.output[-3000:]
+    return [r.output for r in results]
 
 
 def printed_test_accuracy(output: str) -> str:
@@ -295,14 +271,17 @@ def test_jax_two_processes_train_like_one(mnist_dir, tmp_path):
 
 
 @only["jax"]
-def test_jax_resume_is_refused_with_several_processes(mnist_dir, tmp_path):
+def test_jax_resume_of_several_processes_without_checkpoint_dir(mnist_dir, tmp_path):
+    """Only --checkpoint-dir holds a state every process can read: without it
+    --resume says there is nothing to resume and starts at epoch 1 (so that a
+    retry may always pass --resume)."""
     ports = free_ports(2)
     args = [*cli_args(mnist_dir, tmp_path / "r"), "--resume"]
-    procs = [start_script(args, cluster_env(i, ports, 1)) for i in range(2)]
-    for proc in procs:
-        out = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 2, out[-2000:]
-        assert "--resume is not supported with 2 jax processes" in out
+    procs = [start_script(args, cluster_env(i, ports, 2)) for i in range(2)]
+    for out in finish_all(procs):
+        assert "with 2 processes --resume continues only from --checkpoint-dir" in out
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
 
 
 # ----------------------------------------------------------------------------
@@ -312,7 +291,7 @@ def test_jax_resume_is_refused_with_several_processes(mnist_dir, tmp_path):
 @only["tensorflow"]
 def test_tensorflow_resolve_errors(monkeypatch):
     monkeypatch.delenv(distribute.ENV_TF_LOGICAL_CPUS, raising=False)
-    if distribute._tpu_hint():
+    if distribute.tensorflow.tpu_hint():
         pytest.skip("this machine may have a TPU")
     with pytest.raises(ValueError, match="'tpu' needs a TPU"):
         distribute.resolve("tpu")

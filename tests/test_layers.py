@@ -93,7 +93,7 @@ def test_library_code_has_no_assert_statements():
     package = Path(keras_synann.__file__).parent
     found = [
         f"{path.name}:{node.lineno}"
-        for path in sorted(package.glob("*.py"))
+        for path in sorted(package.rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Assert)
     ]

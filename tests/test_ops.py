@@ -1,6 +1,5 @@
 """keras_synann.ops against independent float64 NumPy formulas, on the active backend."""
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -180,58 +179,6 @@ def test_underflowing_product_gives_zero_output_and_finite_gradient():
     assert np.all(np.isfinite(ops.convert_to_numpy(d_kernel)))
 
 
-def _skip_unless_available(implementation, x, kernel):
-    backend = keras.backend.backend()
-    if implementation == "torch" and backend != "torch":
-        pytest.skip("the eager torch kernel runs under torch")
-    if implementation == "cpu":
-        from keras_synann import _cpu_kernel
-
-        x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-        if backend == "torch" and _cpu_kernel.load() is None:
-            pytest.skip("no C compiler for the fused CPU loops")
-        if backend == "jax" and not _cpu_kernel.jax_applies(x, kernel):
-            pytest.skip("no C compiler, or not a single CPU device")
-        if backend == "tensorflow" and not _cpu_kernel.tf_applies(x, kernel):
-            pytest.skip("no C compiler, or an accelerator")
-
-
-@pytest.mark.parametrize("implementation", ["torch", "cpu"])
-@pytest.mark.parametrize(
-    "shape, case",
-    [
-        ((5, 13), "floored"),  # factors at the floor: no gradient through them
-        ((33, 40), "floored"),
-        ((6, 300), "small"),  # small betas: several chunk products per log
-        ((6, 300), "negative"),  # negative betas: factors above 1
-        ((4, 500), "large"),  # betas near 1: one log per chunk, products underflow
-        ((1, 70), "small"),  # one sample; outputs past the last whole vector
-    ],
-)
-def test_cpu_kernels_match_keras_ops_path(shape, case, implementation):
-    x, kernel = _data(*shape, beta_max={"small": 0.05, "large": 0.999}.get(case, 0.99))
-    _skip_unless_available(implementation, x, kernel)
-    if case == "floored":
-        x[0, :3] = 1.0
-        kernel[:2, :] = 1.0
-    if case == "negative":
-        kernel -= 0.03
-    upstream = np.random.default_rng(4).normal(size=shape).astype("float32")
-    results = {}
-    for impl in ("ops", implementation):
-
-        def loss(x, kernel, impl=impl):
-            out = synann_ops.synapse_graph(x, kernel, chunk_size=6, implementation=impl)
-            return ops.sum(out * ops.convert_to_tensor(upstream))
-
-        value, grads = value_and_grad(loss)(x, kernel)
-        results[impl] = [ops.convert_to_numpy(a) for a in (value, *grads)]
-        s = synann_ops.log_inhibition(x, kernel, 6, implementation=impl)
-        results[impl].append(ops.convert_to_numpy(s))
-    for ours, reference in zip(results[implementation], results["ops"], strict=True):
-        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
-
-
 def test_implementation_argument():
     x, kernel = _data(2, 3)
     with pytest.raises(ValueError, match="implementation='fused'"):
@@ -302,63 +249,3 @@ def test_compiles_with_xla_when_the_batch_size_is_unknown():
     )
     np.testing.assert_allclose(d_x.numpy(), exp_dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(d_kernel.numpy(), exp_dkernel, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch kernels")
-def test_auto_takes_the_fused_cpu_kernel_where_it_builds():
-    from keras_synann import _cpu_kernel
-
-    x, kernel = (ops.convert_to_tensor(a) for a in _data(3, 8))
-    expected = "cpu" if _cpu_kernel.load() is not None else "torch"
-    assert synann_ops.resolve_implementation("auto", x, kernel) == expected
-    # float64 is not for the C loops: the eager torch kernel takes it.
-    x64, kernel64 = (ops.cast(a, "float64") for a in (x, kernel))
-    assert synann_ops.resolve_implementation("auto", x64, kernel64) == "torch"
-    if expected == "cpu":
-        with pytest.raises(ValueError, match="float32 CPU tensors"):
-            synann_ops.log_inhibition(x64, kernel64, implementation="cpu")
-
-
-def test_fused_cpu_kernel_build_failure_gives_none(tmp_path, monkeypatch):
-    """A compiler that fails leaves no library behind: callers fall back."""
-    from keras_synann import _cpu_kernel
-
-    failing = shutil.which("false")
-    if failing is None:
-        pytest.skip("no `false` command")
-    monkeypatch.setenv("KERAS_SYNANN_CACHE", str(tmp_path))
-    assert _cpu_kernel._build(failing, _cpu_kernel.SOURCE) is None
-    assert not list(tmp_path.rglob("*.so"))
-
-
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.function")
-def test_tensorflow_takes_the_cpu_loops_only_outside_xla():
-    import tensorflow as tf
-
-    from keras_synann import _cpu_kernel
-
-    x, kernel = _data(6, 40, beta_max=0.5)
-    x_t, kernel_t = tf.constant(x), tf.constant(kernel)
-    if not _cpu_kernel.tf_applies(x_t, kernel_t):
-        pytest.skip("no C compiler, or an accelerator")
-    picked = {}
-
-    def step(x):
-        picked[tf.inside_function()] = synann_ops.resolve_implementation(
-            "auto", x, kernel_t
-        )
-        with tf.GradientTape() as tape:
-            tape.watch([x, kernel_t])
-            value = tf.reduce_sum(synann_ops.synapse_graph(x, kernel_t))
-        return value, tape.gradient(value, [x, kernel_t])
-
-    expected_dx, expected_dk = numpy_synapse_graph_grads(x, kernel, np.ones((6, 40)))
-    for jit in (False, True):
-        picked.clear()
-        value, (d_x, d_k) = tf.function(step, jit_compile=jit)(x_t)
-        assert picked[True] == ("ops" if jit else "cpu")
-        np.testing.assert_allclose(
-            float(value), numpy_synapse_graph(x, kernel).sum(), rtol=1e-5
-        )
-        np.testing.assert_allclose(d_x.numpy(), expected_dx, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(d_k.numpy(), expected_dk, rtol=1e-4, atol=1e-5)

@@ -6,12 +6,19 @@ import textwrap
 
 import pytest
 
-from training import xla_flags
+from training import jax_platform, xla_flags
 
 ADDED = f"{xla_flags.FLAG}={xla_flags.VALUE}"
 
 
-def test_appends_to_existing_flags_under_jax(monkeypatch):
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """No accelerator plugin installed and no TPU device files."""
+    monkeypatch.setattr(jax_platform, "_installed_distributions", lambda: ["jaxlib"])
+    monkeypatch.setattr(jax_platform, "_device_files", lambda: [])
+
+
+def test_appends_to_existing_flags_under_jax(monkeypatch, cpu_machine):
     monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10, 2))
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert xla_flags.tune_xla_cpu("jax", environ) == [ADDED]
@@ -32,11 +39,60 @@ def test_appends_to_existing_flags_under_jax(monkeypatch):
         ("jax", {}, (0,)),  # no jaxlib
     ],
 )
-def test_leaves_xla_flags_alone(monkeypatch, backend, environ, jaxlib):
+def test_leaves_xla_flags_alone(monkeypatch, cpu_machine, backend, environ, jaxlib):
     monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: jaxlib)
     before = dict(environ)
     assert xla_flags.tune_xla_cpu(backend, environ) == []
     assert environ == before
+
+
+@pytest.mark.parametrize(
+    "environ, plugins, files, reason",
+    [
+        ({"JAX_PLATFORMS": "tpu"}, [], [], "JAX_PLATFORMS=tpu"),
+        ({"JAX_PLATFORMS": "cuda,cpu"}, [], [], "JAX_PLATFORMS=cuda,cpu"),
+        ({"JAX_PLATFORM_NAME": "gpu"}, [], [], "JAX_PLATFORM_NAME=gpu"),
+        ({}, ["libtpu"], [], "libtpu is installed"),
+        ({}, ["jax-cuda12-plugin", "jax-cuda12-pjrt"], [], "jax-cuda12-pjrt"),
+        ({}, ["jax-rocm7-plugin"], [], "jax-rocm7-plugin is installed"),
+        ({"TPU_WORKER_HOSTNAMES": "t-w-0,t-w-1"}, [], [], "TPU_WORKER_HOSTNAMES"),
+        ({}, [], ["/dev/accel0"], "/dev/accel0 exists"),
+        ({}, [], ["/dev/vfio/0"], "/dev/vfio/0 exists"),
+    ],
+)
+def test_no_cpu_flag_when_jax_will_run_on_an_accelerator(
+    monkeypatch, environ, plugins, files, reason
+):
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10, 2))
+    monkeypatch.setattr(jax_platform, "_installed_distributions", lambda: plugins)
+    monkeypatch.setattr(jax_platform, "_device_files", lambda: files)
+    assert reason in jax_platform.accelerator(environ)
+    before = dict(environ)
+    assert xla_flags.tune_xla_cpu("jax", environ) == []
+    assert environ == before
+
+
+@pytest.mark.parametrize("platforms", ["cpu", "CPU", "cpu,cpu"])
+def test_jax_platforms_cpu_wins_over_installed_plugins(monkeypatch, platforms):
+    """JAX_PLATFORMS=cpu makes jax use the CPU even where libtpu is installed."""
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 10, 2))
+    monkeypatch.setattr(jax_platform, "_installed_distributions", lambda: ["libtpu"])
+    monkeypatch.setattr(jax_platform, "_device_files", lambda: ["/dev/accel0"])
+    environ = {"JAX_PLATFORMS": platforms}
+    assert jax_platform.accelerator(environ) is None
+    assert xla_flags.tune_xla_cpu("jax", environ) == [ADDED]
+
+
+def test_this_machine_has_no_accelerator():
+    """The scan itself runs (this CPU-only test machine has no plugin)."""
+    names = list(jax_platform._installed_distributions())
+    assert "jaxlib" in names or "keras" in names
+    if not any(n.startswith(jax_platform.PLUGIN_PREFIXES) for n in names):
+        assert jax_platform.accelerator({}) in (None, *_tpu_vm_reasons())
+
+
+def _tpu_vm_reasons():
+    return [f"{path} exists (a TPU VM)" for path in jax_platform._device_files()]
 
 
 #: Applies the flags, then compiles a convolution with the installed jaxlib and

@@ -8,6 +8,9 @@ Selection (best checkpoint, learning-rate plateaus) uses a validation split
 carved from the training set; the test set is evaluated once, at the end.
 Writes to --output-dir: history.csv/json, best.keras, metrics.json,
 accuracy.png, loss.png, beta.png, and backup/ (the state --resume reads).
+With --checkpoint-dir (jax), every epoch's complete training state goes there
+instead of backup/, written by all processes together, and --resume continues
+from it with any number of processes (training/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `training` importable
@@ -31,7 +32,19 @@ import numpy as np
 from keras_synann import Synapse
 from keras_synann.models import MODELS, get_model
 from keras_synann.ops import IMPLEMENTATIONS
-from training import allocator, cli, data, distribute, environment, plots, xla_flags
+from training import (
+    allocator,
+    callbacks,
+    checkpoints,
+    cli,
+    data,
+    distribute,
+    environment,
+    history,
+    plots,
+    xla_flags,
+)
+from training.distribute import cluster
 
 DEFAULTS = {
     "model": "lenet",
@@ -42,8 +55,8 @@ DEFAULTS = {
 }
 SCHEDULES = ("cosine", "step", "constant", "plateau")
 MIXED_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-#: Testing hook: SIGKILL this process after this many completed epochs.
-KILL_ENV = "SYNANN_KILL_AFTER_EPOCH"
+KILL_ENV = callbacks.KILL_ENV
+FAULT_ENV = callbacks.FAULT_ENV
 #: Testing hook, "CODE@PROCESS": that process exits with CODE once it has done
 #: everything (tests of the Cloud TPU tool's per-worker exit statuses).
 EXIT_ENV = "SYNANN_TEST_EXIT"
@@ -123,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--distribution",
         default="auto",
-        help="distribution strategy (training/distribute.py) (default: %(default)s)",
+        help="distribution strategy (training/distribute/) (default: %(default)s)",
     )
     add(
         "--steps-per-epoch",
@@ -175,9 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
         "into LOGDIR, a local path or gs://... (default: OUTPUT_DIR/tensorboard)",
     )
     add(
+        "--checkpoint-dir",
+        metavar="URI",
+        help="jax: write every epoch's training state here (a gs:// bucket, or "
+        "a path every process can read), all processes together; --resume "
+        "continues from it with any process count",
+    )
+    add(
         "--resume",
         action="store_true",
-        help="continue from the last completed epoch in --output-dir",
+        help="continue from the last completed epoch in --checkpoint-dir, else "
+        "in --output-dir (one process); with nothing to resume, start at epoch 1",
     )
     add(
         "--verbose",
@@ -236,62 +257,6 @@ def learning_rate(args, steps_per_epoch: int):
     return lr
 
 
-class EpochLog(keras.callbacks.Callback):
-    """Appends one row per epoch (metrics, learning rate, seconds) and writes
-    history.csv and history.json after each epoch."""
-
-    def __init__(self, output_dir: Path, rows: list[dict], write: bool = True):
-        super().__init__()
-        self.output_dir = output_dir
-        self.rows = rows
-        self.write = write
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1}
-        row.update({k: float(v) for k, v in (logs or {}).items()})
-        lr = self.model.optimizer.learning_rate
-        row["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-        row["seconds"] = time.perf_counter() - self._start
-        self.rows.append(row)
-        if self.write:
-            write_history(self.output_dir, self.rows)
-
-
-class KillAfterEpoch(keras.callbacks.Callback):
-    """Testing hook: SIGKILLs the process once `epochs` epochs are complete."""
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.epochs:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_history(output_dir: Path, rows: list[dict]) -> None:
-    _atomic_write(output_dir / "history.json", json.dumps(rows, indent=1) + "\n")
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = [",".join(keys)]
-    lines += [",".join(str(row.get(k, "")) for k in keys) for row in rows]
-    _atomic_write(output_dir / "history.csv", "\n".join(lines) + "\n")
-
-
-def read_history(output_dir: Path) -> list[dict]:
-    path = output_dir / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def backup_epoch(backup_dir: Path) -> int:
     """The number of completed epochs the backup holds (0 if none)."""
     path = backup_dir / "training_metadata.json"
@@ -331,9 +296,12 @@ def set_precision(args) -> None:
 
 
 def resolve_strategy(args) -> distribute.Strategy:
-    """Resolves --distribution and checks the batch against it (one-line errors)."""
+    """Resolves --distribution (joining the other processes of a multi-process
+    run) and checks the batch and --checkpoint-dir against it (one-line errors)."""
     try:
         strategy = distribute.resolve(args.distribution)
+    except cluster.JoinError:
+        raise
     except Exception as e:
         message = " ".join(str(e).split())
         raise UsageError(
@@ -343,19 +311,38 @@ def resolve_strategy(args) -> distribute.Strategy:
         strategy.check_batch(args.batch_size)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
-    if args.resume and not strategy.can_resume:
-        raise UsageError(
-            f"--resume is not supported with {strategy.process_count} jax "
-            "processes (only the chief holds the backup); rerun without --resume"
-        )
+    if args.checkpoint_dir:
+        check_checkpoint_dir(args.checkpoint_dir, strategy.backend)
     return strategy
 
 
-def prepare_output(args, strategy) -> tuple[Path, int, list[dict]]:
-    """The output directory (created by the chief), the epochs already
-    completed and their history rows (with --resume), else (out, 0, [])."""
+def check_checkpoint_dir(uri: str, backend: str) -> None:
+    """--checkpoint-dir needs jax and orbax-checkpoint; gs:// without
+    TensorFlow needs gcsfs too (one-line errors)."""
+    import importlib.util
+
+    if backend != "jax":
+        raise UsageError(
+            f"--checkpoint-dir needs the jax backend (orbax-checkpoint), not "
+            f"{backend}; there --resume continues from OUTPUT_DIR/backup"
+        )
+    if importlib.util.find_spec("orbax") is None:
+        raise UsageError(
+            "--checkpoint-dir needs orbax-checkpoint: pip install '.[checkpoint]' "
+            "('.[gcs]' for gs:// paths)"
+        )
+    remote = uri.startswith("gs://")
+    if remote and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+        raise UsageError(
+            f"--checkpoint-dir {uri} needs gcsfs (or TensorFlow) to reach gs://: "
+            "pip install '.[gcs]'"
+        )
+
+
+def prepare_output(args, strategy) -> Path:
+    """The output directory, created by the chief; a fresh run (no --resume)
+    removes the backup an earlier run left there."""
     out = Path(args.output_dir)
-    backup_dir = out / "backup"
     if strategy.is_chief:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -363,21 +350,48 @@ def prepare_output(args, strategy) -> tuple[Path, int, list[dict]]:
             raise UsageError(
                 f"--output-dir {out} cannot be created: {e.strerror or e}"
             ) from None
-    if not args.resume:
-        if strategy.is_chief and backup_dir.exists():
+        backup_dir = out / "backup"
+        if not args.resume and backup_dir.exists():
             shutil.rmtree(backup_dir)  # a fresh run must not restore an old state
-        return out, 0, []
-    initial_epoch = backup_epoch(backup_dir)
-    if initial_epoch > args.epochs:
-        raise UsageError(
-            f"{out} already holds {initial_epoch} epochs; --epochs {args.epochs} is fewer"
+    return out
+
+
+def resume_epoch(args, strategy, out: Path) -> int:
+    """The completed epochs the run continues after (0: it starts at epoch 1):
+    with --resume, the last complete checkpoint in --checkpoint-dir, else the
+    backup in --output-dir (one process)."""
+    if args.checkpoint_dir:
+        done = checkpoints.completed_epochs(args.checkpoint_dir)
+        if not args.resume:
+            if done:
+                raise UsageError(
+                    f"--checkpoint-dir {args.checkpoint_dir} already holds epochs "
+                    f"up to {done[-1]} of a run; pass --resume to continue it, or "
+                    "choose an empty directory"
+                )
+            return 0
+        where, epoch = args.checkpoint_dir, strategy.agree(done[-1] if done else 0)
+    elif not args.resume:
+        return 0
+    elif strategy.backend == "jax" and strategy.process_count > 1:
+        print(
+            f"Nothing to resume in {out}: with {strategy.process_count} processes "
+            "--resume continues only from --checkpoint-dir; starting at epoch 1."
         )
-    if initial_epoch == 0:
-        print(f"Nothing to resume in {out} (no completed epoch); starting at epoch 1.")
-        return out, 0, []
-    rows = [row for row in read_history(out) if row["epoch"] <= initial_epoch]
-    print(f"Resuming {out} after epoch {initial_epoch} of {args.epochs}.")
-    return out, initial_epoch, rows
+        return 0
+    else:
+        where, epoch = out, backup_epoch(out / "backup")
+    if epoch > args.epochs:
+        raise UsageError(
+            f"{where} already holds {epoch} epochs; --epochs {args.epochs} is fewer"
+        )
+    if epoch == 0:
+        print(
+            f"Nothing to resume in {where} (no completed epoch); starting at epoch 1."
+        )
+    else:
+        print(f"Resuming {where} after epoch {epoch} of {args.epochs}.")
+    return epoch
 
 
 def build_model(args, strategy, steps_per_epoch: int):
@@ -398,36 +412,104 @@ def build_model(args, strategy, steps_per_epoch: int):
     return model
 
 
-def make_callbacks(args, strategy, out: Path, rows: list[dict]) -> list:
-    """Learning-rate plateaus, the epoch log and, on the chief only, the best
-    checkpoint, the backup --resume reads and TensorBoard."""
-    callbacks = []
-    if args.schedule == "plateau":
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
+def settings(args) -> dict:
+    """The run's settings, recorded in each checkpoint."""
+    keys = ("model", "epochs", "batch_size", "learning_rate", "schedule", "seed")
+    return {k: getattr(args, k) for k in keys} | {"synapse": not args.dense_baseline}
+
+
+class Training:
+    """The callbacks of one run and the state they carry over from the epochs
+    already completed: history rows, the best epoch (in memory when there is a
+    --checkpoint-dir or several processes, else best.keras) and, with
+    --checkpoint-dir, the checkpointer."""
+
+    def __init__(self, args, strategy, model, out: Path, initial_epoch: int):
+        self.args, self.strategy, self.out = args, strategy, out
+        self.rows: list[dict] = []
+        self.best = None
+        self.checkpointer = None
+        plateau_start = None
+        several_jax = strategy.backend == "jax" and strategy.process_count > 1
+        in_memory = bool(args.checkpoint_dir) or several_jax
+        if args.checkpoint_dir:
+            self.checkpointer = checkpoints.Checkpointer(args.checkpoint_dir)
+        if in_memory:
+            self.best = callbacks.BestWeights()
+        if self.checkpointer is not None and initial_epoch:
+            with strategy.scope():
+                saved, weights = self.checkpointer.restore(model, initial_epoch)
+            self.rows = [row for row in saved.history if row["epoch"] <= initial_epoch]
+            self.best = callbacks.BestWeights(
+                epoch=saved.best_epoch, value=saved.best_value, weights=weights
+            )
+            plateau_start = saved.plateau
+        elif initial_epoch:
+            self.rows = [r for r in history.read(out) if r["epoch"] <= initial_epoch]
+        self.callbacks = self._callbacks(model, plateau_start)
+
+    def _callbacks(self, model, plateau_start) -> list:
+        """Learning-rate plateaus, the epoch log, the best weights and the
+        checkpoints (every process), then on the chief only the best
+        checkpoint and the backup (one process without --checkpoint-dir) and
+        TensorBoard; then the testing hooks."""
+        args, strategy = self.args, self.strategy
+        found = []
+        plateau = None
+        if args.schedule == "plateau":
+            plateau = keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=0.2, patience=5, min_lr=1e-5
             )
-        )
-    callbacks.append(EpochLog(out, rows, write=strategy.is_chief))
-    if strategy.is_chief:
-        best_so_far = max((row.get("val_accuracy", -1.0) for row in rows), default=None)
-        callbacks += [
-            keras.callbacks.ModelCheckpoint(
-                str(out / "best.keras"),
-                monitor="val_accuracy",
-                mode="max",
-                save_best_only=True,
-                initial_value_threshold=best_so_far,
-            ),
-            keras.callbacks.BackupAndRestore(
-                str(out / "backup"), delete_checkpoint=False
-            ),
-        ]
-        if args.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
-    if os.environ.get(KILL_ENV):
-        callbacks.append(KillAfterEpoch(int(os.environ[KILL_ENV])))
-    return callbacks
+            found.append(plateau)
+        found.append(callbacks.EpochLog(self.out, self.rows, write=strategy.is_chief))
+        if self.best is not None:
+            found.append(self.best)
+        if self.checkpointer is not None:
+            found.append(
+                callbacks.SaveCheckpoint(
+                    self.checkpointer,
+                    self.rows,
+                    self.best,
+                    plateau=plateau,
+                    plateau_start=plateau_start,
+                    settings=settings(args),
+                    processes=strategy.process_count,
+                )
+            )
+        if strategy.is_chief and self.best is None:
+            best_so_far = max(
+                (row.get("val_accuracy", -1.0) for row in self.rows), default=None
+            )
+            found += [
+                keras.callbacks.ModelCheckpoint(
+                    str(self.out / "best.keras"),
+                    monitor="val_accuracy",
+                    mode="max",
+                    save_best_only=True,
+                    initial_value_threshold=best_so_far,
+                ),
+                keras.callbacks.BackupAndRestore(
+                    str(self.out / "backup"), delete_checkpoint=False
+                ),
+            ]
+        if strategy.is_chief and args.tensorboard:
+            found.append(keras.callbacks.TensorBoard(args.tensorboard))
+        try:
+            found += callbacks.testing_hooks(strategy.process_index)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return found
+
+    def best_model(self, model):
+        """The model to report (every process): the best epoch's weights."""
+        if self.best is not None:
+            weights = self.best.weights
+            return self.strategy.restore_best(model, weights=weights)
+        return self.strategy.restore_best(model, self.out / "best.keras")
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
 
 def check_tensorboard(args) -> None:
@@ -499,43 +581,50 @@ def evaluate(args, strategy, model, splits: data.Splits, rows: list[dict]) -> di
 
 
 def run(args, strategy: distribute.Strategy) -> dict:
-    """Trains, restores the best checkpoint, evaluates on test, writes artifacts."""
+    """Trains, restores the best epoch's weights, evaluates on test, writes
+    artifacts."""
     check_tensorboard(args)
-    out, initial_epoch, rows = prepare_output(args, strategy)
+    out = prepare_output(args, strategy)
+    initial_epoch = resume_epoch(args, strategy, out)
     splits, steps_per_epoch = load_data(args)
     # A resumed run draws new random numbers (shuffles, dropout masks) rather
     # than replaying those of its first epochs; it matches an uninterrupted
     # run within noise, not bit for bit.
     set_seed(args.seed + initial_epoch)
     model = build_model(args, strategy, steps_per_epoch)
-    callbacks = make_callbacks(args, strategy, out, rows)
+    training = Training(args, strategy, model, out, initial_epoch)
     print(
         f"Training {args.model} on {keras.backend.backend()} ({strategy.name}, "
         f"{strategy.num_replicas} replica(s)); train/val/test = "
         + "/".join(str(n) for n in splits.sizes().values())
         + f", epochs {initial_epoch + 1}..{args.epochs}."
     )
-    strategy.fit(
-        model,
-        splits.x_train,
-        splits.y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        validation_data=(splits.x_val, splits.y_val),
-        callbacks=callbacks,
-        initial_epoch=initial_epoch,
-        verbose=args.verbose,
-    )
-    # Every process reports the chief's best checkpoint.
-    model = strategy.restore_best(model, out / "best.keras")
-    metrics = evaluate(args, strategy, model, splits, rows)
+    try:
+        strategy.fit(
+            model,
+            splits.x_train,
+            splits.y_train,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            validation_data=(splits.x_val, splits.y_val),
+            callbacks=training.callbacks,
+            initial_epoch=initial_epoch,
+            verbose=args.verbose,
+        )
+    finally:
+        training.close()
+    model = training.best_model(model)
+    metrics = evaluate(args, strategy, model, splits, training.rows)
     if strategy.is_chief:
-        write_artifacts(out, model, rows, metrics)
+        write_artifacts(out, model, training.rows, metrics)
+        if training.best is not None:  # best.keras from the best epoch's weights
+            strategy.save(model, out / "best.keras")
     return metrics
 
 
 def write_artifacts(out: Path, model, rows: list[dict], metrics: dict) -> None:
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    history.write(out, rows)
+    history.atomic_write(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     title = f"{metrics['model']} ({metrics['backend']})"
     plots.curve(rows, "accuracy", out / "accuracy.png", f"{title}: accuracy")
     plots.curve(rows, "loss", out / "loss.png", f"{title}: loss")
@@ -553,6 +642,16 @@ def check_environment() -> None:
         environment.check_pins(pins)
 
 
+#: Errors that end a run with a one-line message (exit status 2 for usage).
+ONE_LINE_ERRORS = (
+    UsageError,
+    data.DataError,
+    environment.PinMismatch,
+    checkpoints.CheckpointError,
+    cluster.JoinError,
+)
+
+
 def main(argv=None) -> int:
     # Before jax starts its backend; both are off with SYNANN_MALLOC=0 and
     # SYNANN_XLA_FLAGS=0 (training/allocator.py, training/xla_flags.py).
@@ -563,9 +662,15 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         args.cpu_settings = cpu_settings
-        check_environment()
         set_precision(args)
+        if keras.backend.backend() == "jax":
+            # Seeded before joining: the processes then need no collective
+            # step to agree on a seed.
+            set_seed(args.seed)
         strategy = resolve_strategy(args)
+        # After joining: a process whose environment differs stops every
+        # process at once (its watchdog tells the others).
+        check_environment()
         print(
             environment.banner(
                 keras.backend.backend(),
@@ -576,18 +681,57 @@ def main(argv=None) -> int:
             flush=True,
         )
         run(args, strategy)
+        strategy.done()
         code, _, process = os.environ.get(EXIT_ENV, "").partition("@")
         if code and int(process or 0) == strategy.process_index:
             print(f"{EXIT_ENV}: exiting with {code} as asked", file=sys.stderr)
             return int(code)
-    except (UsageError, data.DataError, environment.PinMismatch) as e:
+    except ONE_LINE_ERRORS as e:
         cli.error("mnist.py", e)
-        return 2 if isinstance(e, UsageError) else 1
+        code = 2 if isinstance(e, UsageError) else 1
+        _failed(strategy, e, code, joined=not isinstance(e, cluster.JoinError))
+        return code
+    except SystemExit as e:  # argparse's usage errors, the exit testing hook
+        if e.code not in (0, None):
+            _failed(strategy, f"exited with status {e.code}", e.code)
+        raise
+    except BaseException as e:
+        _failed(strategy, e, 1)
+        raise
     finally:
         if strategy is not None:
             strategy.close()
         _restore_env("XLA_FLAGS", xla_flags_before)  # for callers in this process
     return 0
+
+
+def _failed(strategy, error, code, joined: bool = True) -> None:
+    """Tell the other processes of a multi-process jax run that this one
+    stops, then end it at once (the others stop too, so there is no one to
+    wait for at jax's shutdown). One process, or torch: nothing to do."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, BaseException) and not isinstance(error, ONE_LINE_ERRORS):
+        reason = f"{type(error).__name__}: {reason}"
+    if strategy is None:
+        if joined and keras.backend.backend() == "jax":
+            if distribute.jax.report_failure_before_joining(reason):
+                _exit_now(code)
+        return
+    if strategy.backend == "jax" and strategy.process_count > 1:
+        strategy.failed(reason, error if isinstance(error, BaseException) else None)
+        if isinstance(error, BaseException) and not isinstance(error, ONE_LINE_ERRORS):
+            import traceback
+
+            traceback.print_exc()
+        _exit_now(code)
+
+
+def _exit_now(code) -> None:
+    """End a process of a multi-process run without jax's shutdown, which
+    waits for every process to shut down too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def _restore_env(name: str, value: str | None) -> None:

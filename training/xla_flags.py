@@ -9,11 +9,13 @@ takes convolutions out of the YNNPACK fusions:
     XLA_FLAGS += --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 
 XLA reads XLA_FLAGS once, when jax starts its backend, so this must run
-before the first jax computation; it changes nothing on GPUs or TPUs (the
-flag is the CPU backend's). It is left out when:
+before the first jax computation. It is left out when:
 
 - the backend is not jax (TensorFlow's XLA may not know the flag, and an
   unknown flag in XLA_FLAGS aborts the process);
+- jax will run on a TPU or GPU (`training.jax_platform.accelerator`: the flag
+  would do nothing there, and the accelerator's own XLA, such as libtpu's,
+  reads XLA_FLAGS too and may not know it);
 - jaxlib is older than 0.8.2 (no such fusion type: the same abort);
 - XLA_FLAGS already sets `--xla_cpu_experimental_ynn_fusion_type` (yours wins);
 - `SYNANN_XLA_FLAGS=0` is in the environment.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import os
 import re
 from importlib import metadata
+
+from training import jax_platform
 
 #: Set to "0" to leave XLA_FLAGS alone.
 ENV = "SYNANN_XLA_FLAGS"
@@ -41,6 +45,8 @@ def tune_xla_cpu(backend: str, environ=None) -> list[str]:
         return []
     current = environ.get("XLA_FLAGS", "")
     if FLAG in current or _jaxlib_version() < MIN_JAXLIB:
+        return []
+    if jax_platform.accelerator(environ) is not None:
         return []
     added = f"{FLAG}={VALUE}"
     environ["XLA_FLAGS"] = f"{current} {added}".strip()

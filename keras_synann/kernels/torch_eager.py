@@ -1,4 +1,4 @@
-"""A torch kernel for `keras_synann.ops.log_inhibition` (torch backend only).
+"""Eager torch ("torch"): the chunked path with reused buffers (torch backend).
 
 Same math and chunking as the keras.ops path, written with preallocated
 buffers and in-place torch ops: eager torch cannot fuse the keras.ops
@@ -11,10 +11,11 @@ fragmentation that many same-sized short-lived tensors cause under glibc.
     ds/dW[j, i] = -x[b, j] / f[b, j, i],  ds/dx[b, j] = -W[j, i] / f[b, j, i]
     (0 where the factor f was floored)
 
-keras_synann.ops.log_inhibition dispatches here under the torch backend;
-tests check it against the keras.ops path. `log_inhibition_fused_cpu` runs
-the compiled C loops of `_cpu_kernel` instead (float32 CPU tensors): one pass
-forward and one backward, several times faster than these buffers.
+Tests check it against the keras.ops path. "auto" takes it under torch
+where neither the Triton kernels nor the C loops apply (float64, or no C
+compiler). It reads the ranges of x and W into Python (`.item()`) to size
+its passes, so a tracer cannot record it: `why_not` says so, and "auto" then
+takes the keras.ops path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ from __future__ import annotations
 import math
 
 import torch
+
+from keras_synann.kernels import devices
+from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+
+
+def why_not(x, kernel, auto: bool = False) -> str | None:
+    """Why the eager torch kernel does not apply, in words; None if it does."""
+    del auto
+    tracer = devices.torch_tracer(x, kernel)
+    if tracer is not None:
+        return (
+            f"{tracer} cannot record it (it reads the ranges of x and the "
+            "kernel into Python to size its passes)"
+        )
+    return None
 
 
 def _factors(neg_xt, kernel, start, stop, out):
@@ -134,63 +150,6 @@ class _LogInhibition(torch.autograd.Function):
         return d_xt.t().neg_(), d_w.neg_(), None, None, None
 
 
-def log_inhibition(x, kernel, chunk: int, floor: float, product_floor: float):
+def log_inhibition(x, kernel, chunk: int):
     """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for torch tensors."""
-    return _LogInhibition.apply(x, kernel, chunk, floor, product_floor)
-
-
-def fused_cpu_applies(x, kernel) -> bool:
-    """Whether `log_inhibition_fused_cpu` can run: float32 CPU tensors, a compiled kernel."""
-    for t in (x, kernel):
-        if t.device.type != "cpu" or t.dtype != torch.float32:
-            return False
-    from keras_synann import _cpu_kernel
-
-    return _cpu_kernel.load() is not None
-
-
-class _FusedCpu(torch.autograd.Function):
-    """The C loops of `_cpu_kernel`: one pass forward, one pass backward."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, chunk, floor, product_floor):
-        from keras_synann import _cpu_kernel
-
-        lib = _cpu_kernel.load()
-        x_c, w_c = x.detach().contiguous(), kernel.detach().contiguous()
-        shape = (x.shape[0], kernel.shape[0], kernel.shape[1])
-        s = x.new_empty((shape[0], shape[2]))
-        _cpu_kernel.forward(
-            lib, x_c.data_ptr(), w_c.data_ptr(), s.data_ptr(), shape,
-            chunk, floor, product_floor, torch.get_num_threads(),
-        )  # fmt: skip
-        ctx.save_for_backward(x_c, w_c)
-        ctx.floor = floor
-        return s
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, upstream):
-        from keras_synann import _cpu_kernel
-
-        x, kernel = ctx.saved_tensors
-        u = upstream.contiguous()
-        d_x, d_w = torch.empty_like(x), torch.empty_like(kernel)
-        shape = (x.shape[0], kernel.shape[0], kernel.shape[1])
-        _cpu_kernel.backward(
-            _cpu_kernel.load(), x.data_ptr(), kernel.data_ptr(), u.data_ptr(),
-            d_x.data_ptr(), d_w.data_ptr(), shape, ctx.floor, torch.get_num_threads(),
-        )  # fmt: skip
-        return d_x, d_w, None, None, None
-
-
-def log_inhibition_fused_cpu(x, kernel, chunk, floor, product_floor):
-    """`log_inhibition` through the compiled C loops (float32 CPU tensors)."""
-    if not fused_cpu_applies(x, kernel):
-        raise ValueError(
-            'implementation="cpu" needs float32 CPU tensors and a C compiler '
-            "(cc, gcc or clang on PATH, or $CC). "
-            f"Received: x {x.dtype} on {x.device}, kernel {kernel.dtype} on "
-            f"{kernel.device}"
-        )
-    return _FusedCpu.apply(x, kernel, chunk, floor, product_floor)
+    return _LogInhibition.apply(x, kernel, chunk, FACTOR_FLOOR, PRODUCT_FLOOR)

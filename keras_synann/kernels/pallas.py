@@ -1,6 +1,6 @@
-"""Fused Pallas kernels for `keras_synann.ops.log_inhibition` (jax on a GPU).
+"""Fused Pallas kernels ("pallas"): jax on a GPU.
 
-The same three kernels as `_triton_kernel.py`, written with Pallas (lowered
+The same three kernels as `triton.py`, written with Pallas (lowered
 through Triton on NVIDIA GPUs): each program keeps a tile of its output in
 registers and loops over the reduced axis, so no (batch, n_in, n_out) tensor
 exists.
@@ -14,6 +14,11 @@ Inputs are zero-padded to whole tiles (a padded factor is exactly 1 and a
 padded upstream gradient 0), so the kernels need no masks. float32 only. On
 a CPU the kernels run in Pallas's interpreter (slow; for tests); TPUs use the
 keras.ops path. The keras.ops path is the reference the tests compare with.
+
+The kernels are the GPU lowering of two jax primitives (`jax_primitives`):
+a module lowered for export, or for a platform without them, holds the
+keras.ops reference instead (with `config.chunk` factors per log, the same
+numbers), since XLA gives Triton calls no compatibility guarantee.
 """
 
 from __future__ import annotations
@@ -24,13 +29,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-#: Output tile (rows, columns) of every kernel and factors multiplied per log
-#: (measured on an H100 with these: benchmarks/results/gpu/README.md).
-BLOCK = (32, 64)
-CHUNK = 16
-NUM_WARPS = 4
-#: The default `config` of `log_inhibition`: (block, chunk, num_warps).
-CONFIG = (BLOCK, CHUNK, NUM_WARPS)
+from keras_synann.kernels import devices, jax_primitives
+from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.tiles import TileConfig
+
+#: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
+CONFIG = TileConfig(block_rows=32, block_cols=64, chunk=16, num_warps=4)
 #: The weight gradient sums the batch in slices of this many rows, one set of
 #: programs per slice (more parallel work), then adds the slices.
 GRAD_W_ROWS = 256
@@ -134,14 +138,11 @@ def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, **k
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _log_inhibition(x, kernel, floor, product_floor, interpret, config):
-    return _forward(x, kernel, floor, product_floor, interpret, config)
-
-
-def _forward(x, kernel, floor, product_floor, interpret, config):
-    block, chunk, num_warps = config
-    rows, cols = block
+def _forward(x, kernel, *, config: TileConfig, interpret: bool, chunk: int):
+    del chunk  # the reference's (config.chunk here)
+    rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
+    block, num_warps = (rows, cols), config.num_warps
+    floor, product_floor = FACTOR_FLOOR, PRODUCT_FLOOR
     batch, n_in = x.shape
     n_out = kernel.shape[1]
     b_pad, n_pad, o_pad = (
@@ -167,16 +168,10 @@ def _forward(x, kernel, floor, product_floor, interpret, config):
     return s[:batch, :n_out]
 
 
-def _vjp_forward(x, kernel, floor, product_floor, interpret, config):
-    s = _forward(x, kernel, floor, product_floor, interpret, config)
-    return s, (x, kernel)
-
-
-def _vjp_backward(floor, product_floor, interpret, config, residuals, g):
-    del product_floor
-    x, kernel = residuals
-    block, chunk, num_warps = config
-    rows, cols = block
+def _backward(x, kernel, g, *, config: TileConfig, interpret: bool, chunk: int):
+    del chunk  # the reference's (config.chunk here)
+    rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
+    block, num_warps, floor = (rows, cols), config.num_warps, FACTOR_FLOOR
     batch, n_in = x.shape
     n_out = kernel.shape[1]
     # d x: tiles of (batch, n_in), looping over the output units.
@@ -231,29 +226,47 @@ def _vjp_backward(floor, product_floor, interpret, config, residuals, g):
     return dx, jnp.sum(dw, axis=0)[:n_in, :n_out]
 
 
-_log_inhibition.defvjp(_vjp_forward, _vjp_backward)
+def _on(interpret: bool):
+    return (
+        functools.partial(_forward, interpret=interpret),
+        functools.partial(_backward, interpret=interpret),
+    )
 
 
-def log_inhibition(x, kernel, floor: float, product_floor: float, config=CONFIG):
+_log_inhibition = jax_primitives.define(
+    "keras_synann_pallas",
+    {"cuda": _on(False), "rocm": _on(False), "cpu": _on(True)},
+)
+
+
+def why_not(x, kernel, auto: bool = False) -> str | None:
+    """Why the Pallas kernels do not apply, in words; None if they do.
+
+    Explicit requests may run in Pallas's interpreter on a CPU (for tests);
+    "auto" takes them on a single GPU only (XLA can partition the keras.ops
+    path across several devices, not a Pallas call).
+    """
+    if not devices.is_float32(x, kernel):
+        return f"the Pallas kernels compute in float32 (received {devices.dtypes(x, kernel)})"
+    count, platform = devices.jax_devices()
+    if platform == "tpu":
+        return "the Pallas kernels target GPUs (Pallas's Triton lowering), not TPUs"
+    if auto and (count, platform) != (1, "gpu"):
+        return (
+            "'auto' takes the Pallas kernels on a single GPU "
+            f"(jax has {count} {platform} device(s))"
+        )
+    return None
+
+
+def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):
     """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 jax arrays.
 
-    `config` is (block, chunk, num_warps): the (rows, columns) output tile of
-    every kernel, the factors multiplied per log, and the warps per program
-    on a GPU (benchmarks/fused_sweep.py times alternatives).
+    `chunk` is the keras.ops path's and does not apply: the kernels multiply
+    `config.chunk` factors per log (see `TileConfig`), and so does the
+    reference they export as.
     """
-    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-        raise ValueError(
-            "implementation='pallas' computes in float32. "
-            f"Received: x of dtype {x.dtype}, kernel of dtype {kernel.dtype}"
-        )
-    platform = jax.devices()[0].platform
-    if platform == "tpu":
-        raise ValueError(
-            "implementation='pallas' targets GPUs (Pallas's Triton lowering); "
-            "use implementation='ops' (or 'auto') on TPU. Received: a TPU device"
-        )
-    (rows, cols), chunk, num_warps = config
-    config = ((int(rows), int(cols)), int(chunk), int(num_warps))  # hashable
+    del chunk
     return _log_inhibition(
-        x, kernel, float(floor), float(product_floor), platform == "cpu", config
+        x, kernel, config=config, chunk=min(config.chunk, int(kernel.shape[0]))
     )

@@ -17,7 +17,9 @@ forms XLA's CPU backend runs fastest at the lenet's shapes (README.md,
   the padding's zeros too);
 - kernel gradient: XLA's own (the vjp of its convolution).
 
-Private: `keras_synann.models.ValidConv2D` calls it under jax on a CPU.
+Private: `keras_synann.models.ValidConv2D` calls it under jax on a CPU. Plain
+jax (a custom_vjp of jnp and lax ops): every jax transformation and
+exporter follows it.
 """
 
 from __future__ import annotations

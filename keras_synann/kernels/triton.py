@@ -1,4 +1,4 @@
-"""Fused Triton kernels for `keras_synann.ops.log_inhibition` (torch on a GPU).
+"""Fused Triton kernels ("triton"): torch on a CUDA GPU.
 
 Each kernel computes a tile of its output in registers and loops over the
 reduced axis, so no (batch, n_in, n_out) tensor and no chunk buffer exists:
@@ -11,7 +11,9 @@ reduced axis, so no (batch, n_in, n_out) tensor and no chunk buffer exists:
                         (0 where the factor f = 1 - W[j, i] x[b, j] is floored)
 
 float32 only. The keras.ops path is the reference: tests run these kernels in
-Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against it.
+Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against it. Like the
+C loops, a launch is invisible to torch's tracers; "auto" takes the keras.ops
+path under them.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-#: Output tile of the forward and of both gradients, and the number of factors
-#: multiplied per log. Measured on an H100: benchmarks/results/gpu/README.md.
-BLOCK = (16, 64)
-CHUNK = 16
-NUM_WARPS = 4
-#: The default `config` of `log_inhibition`: (block, chunk, num_warps).
-CONFIG = (BLOCK, CHUNK, NUM_WARPS)
+from keras_synann.kernels import devices
+from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.tiles import TileConfig
+
+#: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
+CONFIG = TileConfig(block_rows=16, block_cols=64, chunk=16, num_warps=4)
 #: The weight gradient splits the batch into slices of this many rows, each
 #: summed by its own programs (more parallel work), then adds the slices.
 GRAD_W_ROWS = 256
@@ -141,19 +142,39 @@ def _padded(t, rows: int):
     return out
 
 
+def why_not(x, kernel, auto: bool = False) -> str | None:
+    """Why the Triton kernels do not apply, in words; None if they do.
+
+    Explicit requests may run in Triton's interpreter on CPU tensors
+    (TRITON_INTERPRET=1, for tests); "auto" takes compiled kernels only.
+    """
+    if not devices.is_float32(x, kernel):
+        return f"the Triton kernels compute in float32 (received {devices.dtypes(x, kernel)})"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not devices.torch_is_cuda(x, kernel) and (auto or not interpreted):
+        return (
+            "the Triton kernels need CUDA tensors (or Triton's interpreter: "
+            f"TRITON_INTERPRET=1 before import; received tensors on {x.device})"
+        )
+    tracer = devices.torch_tracer(x, kernel)
+    if tracer is not None:
+        return f"{tracer} cannot record a Triton launch"
+    return None
+
+
 class _LogInhibition(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kernel, floor, product_floor, config):
-        block, chunk, warps = config
+    def forward(ctx, x, kernel, floor, product_floor, config: TileConfig):
+        rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
         x, kernel = x.detach().contiguous(), kernel.detach().contiguous()
         batch, n_in = x.shape
         n_out = kernel.shape[1]
         s = x.new_empty((batch, n_out))
         n_pad = triton.cdiv(n_in, chunk) * chunk
-        _forward[_grid((batch, block[0]), (n_out, block[1]))](
+        _forward[_grid((batch, rows), (n_out, cols))](
             _padded(x.t(), n_pad), _padded(kernel, n_pad), s,
             batch, n_pad, n_out, floor, product_floor,
-            BLOCK_B=block[0], BLOCK_I=block[1], CHUNK=chunk, num_warps=warps,
+            BLOCK_B=rows, BLOCK_I=cols, CHUNK=chunk, num_warps=config.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, kernel)
         ctx.floor, ctx.config = floor, config
@@ -163,43 +184,34 @@ class _LogInhibition(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, upstream):
         x, kernel = ctx.saved_tensors
-        block, chunk, warps = ctx.config
+        config = ctx.config
+        rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
         g = upstream.contiguous()
         batch, n_in = x.shape
         n_out = kernel.shape[1]
         dx = torch.empty_like(x)
         n_pad = triton.cdiv(n_out, chunk) * chunk
-        _grad_x[_grid((batch, block[0]), (n_in, block[1]))](
+        _grad_x[_grid((batch, rows), (n_in, cols))](
             x, _padded(kernel.t(), n_pad), _padded(g.t(), n_pad), dx,
             batch, n_in, n_pad, ctx.floor,
-            BLOCK_B=block[0], BLOCK_J=block[1], CHUNK=chunk, num_warps=warps,
+            BLOCK_B=rows, BLOCK_J=cols, CHUNK=chunk, num_warps=config.num_warps,
         )  # fmt: skip
         parts = triton.cdiv(batch, GRAD_W_ROWS)
-        rows = triton.cdiv(triton.cdiv(batch, parts), chunk) * chunk
+        slice_rows = triton.cdiv(triton.cdiv(batch, parts), chunk) * chunk
         dw = x.new_empty((parts, n_in, n_out))
-        _grad_w[_grid((n_in, block[0]), (n_out, block[1])) + (parts,)](
-            _padded(x, parts * rows), kernel, _padded(g, parts * rows), dw,
-            n_in, n_out, ctx.floor, rows,
-            BLOCK_J=block[0], BLOCK_I=block[1], CHUNK=chunk, num_warps=warps,
+        _grad_w[_grid((n_in, rows), (n_out, cols)) + (parts,)](
+            _padded(x, parts * slice_rows), kernel, _padded(g, parts * slice_rows), dw,
+            n_in, n_out, ctx.floor, slice_rows,
+            BLOCK_J=rows, BLOCK_I=cols, CHUNK=chunk, num_warps=config.num_warps,
         )  # fmt: skip
         return dx, dw.sum(0) if parts > 1 else dw[0], None, None, None
 
 
-def log_inhibition(x, kernel, floor: float, product_floor: float, config=CONFIG):
+def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):
     """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 torch tensors.
 
-    `config` is (block, chunk, num_warps): the (rows, columns) output tile of
-    every kernel, the factors multiplied per log, and Triton's warps per
-    program (benchmarks/fused_sweep.py times alternatives).
+    `chunk` is the keras.ops path's and does not apply: the kernels multiply
+    `config.chunk` factors per log (see `TileConfig`).
     """
-    if x.dtype != torch.float32 or kernel.dtype != torch.float32:
-        raise ValueError(
-            "implementation='triton' computes in float32. "
-            f"Received: x of dtype {x.dtype}, kernel of dtype {kernel.dtype}"
-        )
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "implementation='triton' needs CUDA tensors (or Triton's interpreter: "
-            f"TRITON_INTERPRET=1 before import). Received: tensors on {x.device}"
-        )
-    return _LogInhibition.apply(x, kernel, float(floor), float(product_floor), config)
+    del chunk
+    return _LogInhibition.apply(x, kernel, FACTOR_FLOOR, PRODUCT_FLOOR, config)

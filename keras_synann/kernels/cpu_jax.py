@@ -1,0 +1,70 @@
+"""The C loops under jax: two primitives (`jax_primitives`) whose CPU
+lowering is an XLA FFI call of the handlers in cpu_ffi.c.
+
+`jax.jit` on a CPU runs the loops inside the compiled program (no callback
+into Python); a module lowered for export, or for another platform, holds
+the keras.ops reference instead. The library is built with POSIX threads
+("xla_ffi" variant) against jaxlib's FFI header.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from keras_synann.kernels import cpu_build, jax_primitives
+from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+
+VARIANT = "xla_ffi"
+_FORWARD, _BACKWARD = "keras_synann_forward", "keras_synann_backward"
+
+
+def unavailable() -> str | None:
+    """Why the loops cannot run here (None: built, loaded, registered with XLA)."""
+    reason = cpu_build.unavailable(VARIANT)
+    if reason is None:
+        _register()
+    return reason
+
+
+@functools.cache
+def _register() -> None:
+    lib = cpu_build.load(VARIANT)
+    for target, symbol in (
+        (_FORWARD, "synann_ffi_forward"),
+        (_BACKWARD, "synann_ffi_backward"),
+    ):
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+        )
+
+
+def _ffi_forward(x, kernel, *, chunk, threads):
+    out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), x.dtype)
+    return jax.ffi.ffi_call(_FORWARD, out)(
+        x, kernel, chunk=np.int64(chunk), floor=np.float32(FACTOR_FLOOR),
+        product_floor=np.float32(PRODUCT_FLOOR), threads=np.int32(threads),
+    )  # fmt: skip
+
+
+def _ffi_backward(x, kernel, u, *, chunk, threads):
+    del chunk  # the backward's loops have no chunks
+    outs = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+    )
+    return jax.ffi.ffi_call(_BACKWARD, outs)(
+        x, kernel, u, floor=np.float32(FACTOR_FLOOR), threads=np.int32(threads)
+    )
+
+
+_log_inhibition = jax_primitives.define(
+    "keras_synann_cpu", {"cpu": (_ffi_forward, _ffi_backward)}
+)
+
+
+def log_inhibition(x, kernel, chunk: int):
+    """s for float32 arrays x (batch, n_in) and kernel (n_in, n_out)."""
+    return _log_inhibition(x, kernel, chunk=int(chunk), threads=cpu_build.threads())

@@ -1,0 +1,148 @@
+"""Where a computation runs and what records it: every device and tracer check
+the kernels make, one function per question.
+
+The implementations ask these to say why they do not apply (a GPU-only
+kernel on a CPU, compiled C loops under a tracer that would bake their
+result into a graph as a constant); the keras.ops reference asks them which
+of its forms a tracer can hold. Backend modules are imported inside the
+functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def backend() -> str:
+    """The Keras backend: "jax", "tensorflow" or "torch"."""
+    return keras.backend.backend()
+
+
+def on_cpu(x) -> bool:
+    """Whether `x` is computed on the host CPU (under jax: the default device)."""
+    name = backend()
+    if name == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if name == "tensorflow":
+        return tensorflow_on_cpu()
+    if name == "torch":
+        return x.device.type == "cpu"
+    return True
+
+
+def is_float32(*tensors) -> bool:
+    """Whether every tensor is float32."""
+    return all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in tensors)
+
+
+def dtypes(*tensors) -> str:
+    """The tensors' dtypes in words, for messages: "x float64, kernel float32"."""
+    names = ("x", "kernel", "upstream")
+    return ", ".join(
+        f"{name} {keras.backend.standardize_dtype(t.dtype)}"
+        for name, t in zip(names, tensors, strict=False)
+    )
+
+
+# --- jax -------------------------------------------------------------------
+
+
+def jax_devices() -> tuple[int, str]:
+    """(number of jax devices, platform of the first): (1, "cpu") on a plain CPU."""
+    import jax
+
+    devices = jax.devices()
+    return len(devices), devices[0].platform
+
+
+# --- tensorflow --------------------------------------------------------------
+
+
+def tensorflow_on_cpu() -> bool:
+    """Whether tensorflow sees no GPU or TPU (so computes on the host CPU)."""
+    import tensorflow as tf
+
+    return not (
+        tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
+    )
+
+
+#: What `tensorflow_context` answers.
+TF_EAGER = "eager"
+TF_XLA = "an XLA-compiled graph (jit_compile=True, or a TPU)"
+TF_SAVING = "a SavedModel being written"
+TF_TRAINING = "a graph that a gradient tape records"
+TF_INFERENCE = "a graph that no gradient tape records"
+
+
+def tensorflow_context(*tensors) -> str:
+    """What tensorflow is building when `tensors` are computed (a TF_* constant).
+
+    Eager execution; a graph that XLA compiles; a graph written into a
+    SavedModel; a graph a gradient tape records (a training step); any other
+    graph (an inference graph: `predict`, or a function that a converter such
+    as tf2onnx or TFLite reads). The checks use tensorflow's internal
+    helpers (XLA control-flow context, save context, tape); where one is
+    missing, the answer is the one that keeps the portable path.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return TF_EAGER
+    try:
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+        from tensorflow.python.saved_model import save_context
+    except ImportError:
+        return TF_XLA
+    if control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()):
+        return TF_XLA
+    if save_context.in_save_context():
+        return TF_SAVING
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:
+        return TF_INFERENCE
+    if record.should_record_backprop(list(tensors)):
+        return TF_TRAINING
+    return TF_INFERENCE
+
+
+# --- torch -------------------------------------------------------------------
+
+
+def torch_tracer(*tensors) -> str | None:
+    """The torch tracer recording these tensors, in words, or None when eager.
+
+    torch.jit.trace (and the TorchScript ONNX exporter), torch.compile and
+    torch.export (dynamo, or make_fx with fake or functional tensors, which
+    torch.onnx's dynamo exporter uses). A tracer records torch operations
+    only: a value computed outside torch (the C loops) or read into Python
+    (`.item()`) would enter its graph as a constant.
+    """
+    import torch
+
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if torch.jit.is_scripting():
+        return "torch.jit.script"
+    if torch.compiler.is_compiling():
+        return "torch.compile / torch.export"
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    for t in tensors:
+        if isinstance(t, FakeTensor | FunctionalTensor):
+            return f"a traced {type(t).__name__} (torch.export, make_fx)"
+    for key in ("FAKE", "PROXY", "FUNCTIONAL"):
+        mode_key = getattr(torch._C._TorchDispatchModeKey, key, None)
+        if mode_key is not None and torch._C._get_dispatch_mode(mode_key) is not None:
+            return f"a torch {key.lower()} tracing mode (torch.export, make_fx)"
+    return None
+
+
+def torch_is_cuda(*tensors) -> bool:
+    """Whether every tensor is on a CUDA device."""
+    return all(t.is_cuda for t in tensors)

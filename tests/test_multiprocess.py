@@ -1,0 +1,233 @@
+"""Several jax processes as one run (2 processes x 2 simulated CPU devices over
+loopback, gloo collectives), started as users start training/mnist.py:
+
+- the setting that hung (the carried MNIST, validation of more batches than
+  jaxlib's CPU client keeps in flight), several times;
+- when one process fails, exits, is killed or hangs, the others stop within a
+  bounded time with one line naming it; SIGTERM ends a process that waits in
+  a collective step; a process that fails before joining stops the others;
+- checkpoints written by all processes, resumed with 2 -> 1 -> 2 processes.
+
+They depend on how the pinned jaxlib's coordination service and gloo
+collectives behave (marker `pinned`: tox's `min` env leaves them out).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import keras
+import numpy as np
+import pytest
+from processes import (
+    finish,
+    port_held_like_grpc,
+    start_cluster,
+    start_script,
+    wait_for_line,
+)
+
+import keras_synann  # noqa: F401  (best.keras holds its layers)
+from cloud.local_gcloud import cluster_env, free_ports
+from training import checkpoints, data
+from training.distribute import cluster
+
+pytestmark = [
+    pytest.mark.skipif(
+        keras.backend.backend() != "jax", reason="multi-process runs are jax's"
+    ),
+    pytest.mark.pinned,
+]
+#: The watchdog's timeout in these runs (seconds): short, to keep tests fast.
+WATCHDOG = "8"
+
+
+def mlp_args(mnist_dir, out, epochs: int = 3, *extra) -> list[str]:
+    return [
+        "--model", "mlp", "--epochs", str(epochs), "--batch-size", "16",
+        "--val-size", "16", "--data-dir", str(mnist_dir), "--seed", "3",
+        "--verbose", "2", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def assert_ok(results):
+    for r in results:
+        assert r.returncode == 0, r.output[-3000:]
+
+
+def error_lines(output: str) -> list[str]:
+    return [ln for ln in output.splitlines() if ln.startswith("mnist.py: error:")]
+
+
+# ----------------------------------------------------------------------------
+# The setting that hung
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_lenet_on_the_carried_mnist_does_not_hang(tmp_path, attempt):
+    """Each epoch validates on 5,000 samples in 157 batches of 32: more steps
+    than jaxlib's CPU client keeps in flight (32), which deadlocked the
+    processes whenever Keras queued them all."""
+    args = [
+        "--epochs", "2", "--steps-per-epoch", "10", "--batch-size", "32",
+        "--verbose", "2", "--output-dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    results = finish(start_cluster(args), timeout=240)
+    assert_ok(results)
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    tests = [
+        [ln for ln in r.output.splitlines() if ln.startswith("Test accuracy")]
+        for r in results
+    ]
+    assert tests[0] == tests[1] and len(tests[0]) == 1
+
+
+# ----------------------------------------------------------------------------
+# The watchdog
+
+
+def test_the_others_stop_when_a_process_raises(mnist_dir, tmp_path):
+    env = {cluster.ENV_WATCHDOG_TIMEOUT: WATCHDOG}
+    args = mlp_args(mnist_dir, tmp_path / "out")
+    fault = {1: {"env": {"SYNANN_TEST_FAULT": "raise@1:1"}}}
+    first, second = finish(start_cluster(args, env=env, per_process=fault))
+    assert second.returncode == 1 and "RuntimeError" in second.output
+    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    (line,) = error_lines(first.output)
+    assert line.startswith("mnist.py: error: process 0 of 2: stopping because ")
+    assert "process 1 failed: RuntimeError: SYNANN_TEST_FAULT raised" in line
+
+
+def test_the_others_stop_when_a_process_is_killed(mnist_dir, tmp_path):
+    """SIGKILL leaves no word: the others notice the missing heartbeat."""
+    env = {cluster.ENV_WATCHDOG_TIMEOUT: WATCHDOG}
+    args = mlp_args(mnist_dir, tmp_path / "out")
+    kill = {1: {"env": {"SYNANN_KILL_AFTER_EPOCH": "1@1"}}}
+    first, second = finish(start_cluster(args, env=env, per_process=kill))
+    assert second.returncode == -signal.SIGKILL
+    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    (line,) = error_lines(first.output)
+    assert line.startswith(
+        "mnist.py: error: process 0 of 2: stopping because process 1 has not "
+        f"been heard from for {WATCHDOG} s"
+    )
+
+
+def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
+    """Process 1 hangs after epoch 1; process 0 then waits in epoch 2's first
+    collective step, where jax's preemption notifier used to swallow
+    SIGTERM. It ends with 143 and process 1 stops, naming it."""
+    env = {cluster.ENV_WATCHDOG_TIMEOUT: "60"}  # only SIGTERM may end this run
+    args = mlp_args(mnist_dir, tmp_path / "out")
+    hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
+    procs = start_cluster(args, env=env, per_process=hang)
+    wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
+    time.sleep(3)  # process 0 is in the next step by now
+    assert procs[0].poll() is None
+    sent = time.monotonic()
+    procs[0].send_signal(signal.SIGTERM)
+    first, second = finish(procs, timeout=60)
+    assert first.returncode == 143, first.output[-2000:]
+    assert time.monotonic() - sent < 30
+    assert error_lines(first.output) == [
+        "mnist.py: error: process 0 of 2: ended by SIGTERM"
+    ]
+    assert second.returncode == cluster.EXIT_OTHER_FAILED
+    assert "stopping because process 0 failed: ended by SIGTERM" in second.output
+
+
+def test_a_failed_start_up_check_stops_the_others(mnist_dir, tmp_path):
+    """Process 1's pins check fails after joining; process 0 does not wait."""
+    pins = tmp_path / "pins.txt"
+    pins.write_text("numpy==0.0.1\n")
+    args = mlp_args(mnist_dir, tmp_path / "out")
+    bad = {1: {"env": {"SYNANN_PINS": str(pins)}}}
+    first, second = finish(start_cluster(args, per_process=bad), timeout=120)
+    assert second.returncode == 1
+    assert "this environment is not the tested one" in error_lines(second.output)[0]
+    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    assert "process 1 failed: this environment is not the tested one" in first.output
+
+
+def test_a_process_failing_before_joining_stops_the_others(mnist_dir, tmp_path):
+    """A bad argument on process 1: it joins only to say so, and process 0
+    stops at once instead of waiting for it (SYNANN_JOIN_TIMEOUT)."""
+    env = {cluster.ENV_JOIN_TIMEOUT: "200"}
+    args = mlp_args(mnist_dir, tmp_path / "out")
+    bad = {1: {"args": ["--learning-rate", "0"]}}
+    first, second = finish(start_cluster(args, env=env, per_process=bad), 120)
+    assert second.returncode == 2
+    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    assert "process 1 failed: --learning-rate must be a positive number" in (
+        first.output
+    )
+    assert first.seconds < 100  # far from the join timeout
+
+
+def test_a_coordinator_port_in_use_is_refused(mnist_dir, tmp_path):
+    """gRPC would share the port (SO_REUSEPORT) with the run holding it."""
+    with port_held_like_grpc() as port:
+        ports = [port, *free_ports(1)]
+        proc = start_script(
+            mlp_args(mnist_dir, tmp_path / "out"), cluster_env(0, ports, 2)
+        )
+        (result,) = finish([proc], timeout=120)
+    assert result.returncode == 1
+    (line,) = error_lines(result.output)
+    assert f"the coordinator port {port} is in use" in line
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and --resume with another process count
+
+
+def test_resume_with_other_process_counts(mnist_dir, tmp_path):
+    """2 processes train epochs 1-2 and are killed; 1 process resumes epoch 3
+    and is killed; 2 processes finish epoch 4. Each attempt has its own (new)
+    output directory, as on a new TPU; the checkpoint directory is shared."""
+    ckpt = str(tmp_path / "ckpt")
+
+    def args(attempt, *extra):
+        out = tmp_path / f"out{attempt}"
+        return mlp_args(mnist_dir, out, 4, "--checkpoint-dir", ckpt, *extra)
+
+    kill = {"SYNANN_KILL_AFTER_EPOCH": "2"}
+    for r in finish(start_cluster(args(1), env=kill)):
+        assert r.returncode == -signal.SIGKILL, r.output[-2000:]
+    assert checkpoints.completed_epochs(ckpt) == [1, 2]
+    saved = checkpoints.read_saved(ckpt, 2)
+    assert [row["epoch"] for row in saved.history] == [1, 2]
+    assert saved.processes == 2
+
+    one = start_script(
+        args(2, "--resume"),
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "SYNANN_KILL_AFTER_EPOCH": "3"},
+    )  # fmt: skip
+    (r,) = finish([one])
+    assert r.returncode == -signal.SIGKILL, r.output[-2000:]
+    assert f"Resuming {ckpt} after epoch 2 of 4." in r.output
+    assert checkpoints.completed_epochs(ckpt) == [2, 3]  # the two newest
+
+    results = finish(start_cluster(args(3, "--resume")))
+    assert_ok(results)
+    out = tmp_path / "out3"
+    rows = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert rows[:3] == checkpoints.read_saved(ckpt, 3).history
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    first_best = next(r for r in rows if r["val_accuracy"] == best["val_accuracy"])
+    assert metrics["best_epoch"] == first_best["epoch"]
+    assert metrics["val_accuracy"] == pytest.approx(first_best["val_accuracy"])
+    # The reported test accuracy is best.keras's, computed here.
+    splits = data.load_mnist(mnist_dir, val_size=16, seed=3)
+    model = keras.saving.load_model(out / "best.keras")
+    predicted = np.argmax(model.predict(splits.x_test, verbose=0), axis=-1)
+    assert metrics["test_accuracy"] == pytest.approx(
+        float(np.mean(predicted == splits.y_test)), abs=1e-6
+    )
+    assert not (tmp_path / "out1" / "metrics.json").exists()

@@ -1,0 +1,207 @@
+"""The Keras callbacks training/mnist.py trains with, besides Keras's own.
+
+Every process of a multi-process run runs `EpochLog`, `BestWeights` and
+`SaveCheckpoint` alike (only the chief writes files), so that they take the
+same collective steps: none of them computes on the distributed model except
+through values every process already holds (its replicated weights).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from training import checkpoints, history
+
+#: Testing hook: SIGKILL after K completed epochs ("K": every process, "K@P":
+#: process P only); with --checkpoint-dir, after epoch K's checkpoint.
+KILL_ENV = "SYNANN_KILL_AFTER_EPOCH"
+#: Testing hook, "ACTION@P:K": process P, after epoch K, `raise`s an error,
+#: `exit`s (status 3) or `hang`s (sleeps on the training loop's thread).
+FAULT_ENV = "SYNANN_TEST_FAULT"
+FAULT_ACTIONS = ("raise", "exit", "hang")
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Appends one row per epoch (metrics, learning rate, seconds) to `rows`
+    and, if `write`, writes history.csv and history.json after each epoch."""
+
+    def __init__(self, output_dir: Path, rows: list[dict], write: bool = True):
+        super().__init__()
+        self.output_dir = output_dir
+        self.rows = rows
+        self.write = write
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in (logs or {}).items()})
+        lr = self.model.optimizer.learning_rate
+        row["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        row["seconds"] = time.perf_counter() - self._start
+        self.rows.append(row)
+        if self.write:
+            history.write(self.output_dir, self.rows)
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps a host copy of the model's weights after the epoch with the
+    highest `monitor` (strictly higher than every earlier one, as Keras's
+    ModelCheckpoint with save_best_only), on every process.
+
+    `epoch` (1-based, 0 before any) and `value` describe that epoch; a resumed
+    run passes in what the checkpoint held."""
+
+    def __init__(
+        self,
+        monitor: str = "val_accuracy",
+        epoch: int = 0,
+        value: float | None = None,
+        weights: list | None = None,
+    ):
+        super().__init__()
+        self.monitor = monitor
+        self.epoch, self.value, self.weights = epoch, value, weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is None or not math.isfinite(float(current)):
+            return
+        if self.value is None or float(current) > self.value:
+            self.epoch, self.value = epoch + 1, float(current)
+            # Replicated weights: every process copies its own devices' values.
+            self.weights = [np.array(w) for w in self.model.get_weights()]
+
+
+def plateau_state(callback) -> dict | None:
+    """ReduceLROnPlateau's counters (JSON; None without one)."""
+    if callback is None:
+        return None
+    best = None if callback.best is None else float(callback.best)
+    return {
+        "wait": int(callback.wait),
+        "cooldown_counter": int(callback.cooldown_counter),
+        "best": best if best is not None and math.isfinite(best) else None,
+    }
+
+
+def restore_plateau(callback, state: dict | None) -> None:
+    if callback is None or not state:
+        return
+    callback.wait = state["wait"]
+    callback.cooldown_counter = state["cooldown_counter"]
+    if state["best"] is not None:
+        callback.best = state["best"]
+
+
+class SaveCheckpoint(keras.callbacks.Callback):
+    """At each epoch's end, on every process together: the epoch's training
+    state into a checkpoint directory (training/checkpoints.py). Goes after
+    EpochLog, BestWeights and ReduceLROnPlateau in the callback list: it saves
+    what they hold after the epoch. Restores ReduceLROnPlateau's counters at
+    the start of training (after that callback has reset them)."""
+
+    def __init__(
+        self,
+        checkpointer: checkpoints.Checkpointer,
+        rows: list[dict],
+        best: BestWeights,
+        plateau=None,
+        plateau_start: dict | None = None,
+        settings: dict | None = None,
+        processes: int = 1,
+    ):
+        super().__init__()
+        self.checkpointer = checkpointer
+        self.rows, self.best, self.plateau = rows, best, plateau
+        self.plateau_start = plateau_start
+        self.settings = settings or {}
+        self.processes = processes
+
+    def on_train_begin(self, logs=None):
+        restore_plateau(self.plateau, self.plateau_start)
+
+    def on_epoch_end(self, epoch, logs=None):
+        weights = self.best.weights
+        if weights is None:  # no validation metric yet: the current weights
+            weights = [np.array(w) for w in self.model.get_weights()]
+        saved = checkpoints.Saved(
+            epoch=epoch + 1,
+            history=list(self.rows),
+            best_epoch=self.best.epoch,
+            best_value=self.best.value,
+            plateau=plateau_state(self.plateau),
+            settings=self.settings,
+            processes=self.processes,
+        )
+        self.checkpointer.save(self.model, weights, saved)
+
+
+def _target(value: str) -> tuple[str, int | None]:
+    """ "X" -> (X, None); "X@P" -> (X, P)."""
+    head, _, process = value.partition("@")
+    return head, int(process) if process else None
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    """Testing hook: SIGKILLs this process once `epochs` epochs are complete."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultAfterEpoch(keras.callbacks.Callback):
+    """Testing hook: after epoch `epochs`, raise, exit with status 3, or hang."""
+
+    def __init__(self, action: str, epochs: int):
+        super().__init__()
+        self.action, self.epochs = action, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 != self.epochs:
+            return
+        print(f"{FAULT_ENV}: {self.action} after epoch {epoch + 1}", flush=True)
+        if self.action == "raise":
+            raise RuntimeError(f"{FAULT_ENV} raised after epoch {epoch + 1}")
+        if self.action == "exit":
+            sys.exit(3)
+        while True:  # hang: alive, never reaching the next collective step
+            time.sleep(3600)
+
+
+def testing_hooks(process_index: int) -> list[keras.callbacks.Callback]:
+    """The testing hooks the environment asks for this process (see KILL_ENV
+    and FAULT_ENV); one-line ValueError for a malformed value."""
+    hooks = []
+    kill = os.environ.get(KILL_ENV, "").strip()
+    if kill:
+        epochs, process = _target(kill)
+        if process in (None, process_index):
+            hooks.append(KillAfterEpoch(int(epochs)))
+    fault = os.environ.get(FAULT_ENV, "").strip()
+    if fault:
+        action, _, rest = fault.partition("@")
+        process, _, epochs = rest.partition(":")
+        if action not in FAULT_ACTIONS or not process.isdigit() or not epochs.isdigit():
+            raise ValueError(
+                f"{FAULT_ENV}={fault!r} is not valid; expected ACTION@PROCESS:EPOCH "
+                f"with ACTION one of {', '.join(FAULT_ACTIONS)}"
+            )
+        if int(process) == process_index:
+            hooks.append(FaultAfterEpoch(action, int(epochs)))
+    return hooks
