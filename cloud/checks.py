@@ -278,6 +278,24 @@ def checkpoint_dir(value: str, rehearse: bool) -> str:
     return value.rstrip("/")
 
 
+def checkpoint_extra(directory: str, backend: str, pyproject: Path) -> str:
+    """The package extra the workers need to write checkpoints to `directory`:
+    `gcs` for gs:// (orbax-checkpoint and its gs:// file system), else
+    `checkpoint`. training/mnist.py writes them with orbax under jax only."""
+    if backend != "jax":
+        raise ValueError(
+            f"--checkpoint-dir needs --backend jax (training writes checkpoints with "
+            f"orbax under jax), not {backend}"
+        )
+    name = "gcs" if directory.startswith("gs://") else "checkpoint"
+    if name not in project_extras(pyproject)[1]:
+        raise ValueError(
+            f"--checkpoint-dir needs the {name!r} extra (orbax-checkpoint), which "
+            f"{pyproject} does not define"
+        )
+    return name
+
+
 def count(value: str, what: str, low: int = 0) -> int:
     """A whole number >= low, for options such as --retries."""
     if not value.strip().isdigit() or int(value) < low:

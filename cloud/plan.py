@@ -101,7 +101,7 @@ class Submission:
         """Worker environment: multi-host jax runs must join one jax cluster."""
         env = {}
         if self.backend == "jax" and self.acc.multi_host:
-            env["SYNANN_MULTIHOST"] = "1"  # see training/distribute.py
+            env["SYNANN_MULTIHOST"] = "1"  # see training/distribute/jax.py
         return {**env, **self.env}
 
     def setup_steps(self) -> list[Step]:

@@ -69,6 +69,11 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
     checkpoint_dir = None
     if args.checkpoint_dir is not None:
         checkpoint_dir = checks.checkpoint_dir(args.checkpoint_dir, args.rehearse)
+    if checkpoint_dir:
+        needed = checks.checkpoint_extra(
+            checkpoint_dir, backend, source / "pyproject.toml"
+        )
+        extras += [needed] if needed not in extras else []
     if retries and not checkpoint_dir:
         raise ValueError(
             f"--retries {retries} needs --checkpoint-dir (gs://BUCKET/PATH): a new "

@@ -447,6 +447,10 @@ def test_keep_stops_the_training_after_a_failure(tmp_path, source, fake):
         ),
         (["--backend", "tensorflow", "--extra", "legacy"], "requires tf_keras"),
         (["--extra", "nosuch"], "'nosuch' is not in"),
+        (
+            ["--backend", "tensorflow", "--checkpoint-dir", "gs://bkt/c"],
+            "--checkpoint-dir needs --backend jax",
+        ),
         (["--", "--checkpoint-dir", "gs://bkt/c"], "give --checkpoint-dir to submit"),
     ],
 )

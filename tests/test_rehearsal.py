@@ -11,6 +11,7 @@ stack (marker `pinned`; tox's `min` env leaves them out).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -30,9 +31,9 @@ pytestmark = [
 ]
 
 
-def train_args(mnist_dir) -> list[str]:
+def train_args(mnist_dir, epochs: int = 1) -> list[str]:
     return [
-        "--model", "mlp", "--epochs", "1", "--steps-per-epoch", "2",
+        "--model", "mlp", "--epochs", str(epochs), "--steps-per-epoch", "2",
         "--batch-size", "16", "--val-size", "16", "--data-dir", str(mnist_dir),
     ]  # fmt: skip
 
@@ -95,6 +96,32 @@ def test_rehearsal_of_a_two_host_slice(tmp_path, mnist_dir, monkeypatch):
     # "Deleted": the worker homes are gone, as a deleted TPU's disks are.
     assert not list((out / "rehearsal").glob("worker-*"))
     assert "deleted r" in result.stderr
+
+
+def test_rehearsal_resumes_a_preempted_training(tmp_path, mnist_dir):
+    """A spot slice preempted once epoch 1's checkpoint is complete: with
+    --retries 1 a new slice resumes from --checkpoint-dir and the run finishes
+    with one history row per epoch."""
+    out = tmp_path / "dir"
+    result = submit(
+        tmp_path, "--rehearse", "--accelerator-type", "v4-16", "--output-dir", "dir",
+        "--provisioning", "spot", "--retries", "1", "--checkpoint-dir", "ckpt",
+        "--rehearse-preempt-after-epoch", "1", "--", *train_args(mnist_dir, 3),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "the slice was lost during step run (queued resource r is SUSPENDED)" in (
+        result.stderr
+    )
+    assert "attempt 2 of 2 succeeded" in result.stderr
+    metrics = json.loads((out / "output" / "metrics.json").read_text())
+    assert metrics["process_count"] == 2 and metrics["epochs"] == 3
+    with open(out / "output" / "history.csv") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == [1, 2, 3]
+    for w in (0, 1):  # attempt 2's logs: both processes resumed
+        assert f"Resuming {tmp_path / 'ckpt'} after epoch" in worker_log(out, w)
+    assert "deleted r" in result.stderr
+    assert not list((out / "rehearsal").glob("worker-*"))
 
 
 def test_rehearsal_fails_when_one_worker_fails(tmp_path, mnist_dir):
