@@ -230,8 +230,8 @@ def run_command(
             'pid="$(cat ../run/pid 2>/dev/null)"',
             'if [ -z "$pid" ]; then echo "worker $w: training did not start" >&2; '
             "exit 1; fi",
-            'if [ "$w" = 0 ]; then tail -n +1 -F --pid="$pid" "$log" 2>/dev/null; '
-            'else while kill -0 "$pid" 2>/dev/null; do sleep 2; done; fi',
+            'if [ "$w" = 0 ]; then tail -n +1 -F -s 0.5 --pid="$pid" "$log" '
+            '2>/dev/null; else while kill -0 "$pid" 2>/dev/null; do sleep 1; done; fi',
             'if [ ! -f "$status" ]; then echo "worker $w: training ended without an '
             'exit status" >&2; exit 1; fi',
             'exit "$(cat "$status")"',
