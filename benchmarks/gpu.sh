@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers in the README, in one run (jax and torch on one CUDA GPU):
+# The GPU numbers in docs/performance.md, in one run (jax and torch on one CUDA GPU):
 # the layer at batch 4096, n = 1024 with every implementation, the fused
 # kernels' tile sweep, the opt-in series, and MNIST seconds per epoch
 # against Dense.

@@ -10,7 +10,7 @@ or, for its weights only, into a Keras 3 model of the same architecture:
 
     keras_synann.load_legacy_weights(model, "synann_weights.h5")
 
-Note: the reference code mixed the samples of a batch (see README.md); the
+Note: the reference code mixed the samples of a batch (see docs/layer.md); the
 loaded model computes the paper's per-sample formula, so its predictions
 equal the reference's at batch size 1.
 """

@@ -34,7 +34,7 @@ class MaxPool2x2(layers.Layer):
     the same values, and the same gradient except where a block holds equal
     maxima (then split among them). XLA's CPU code for the gradient of a
     pooling window (select-and-scatter) took about half of a lenet train step;
-    see README.md, "Training on MNIST". Elsewhere it is `keras.ops.max_pool`.
+    see docs/performance.md, "Training speed". Elsewhere it is `keras.ops.max_pool`.
     """
 
     def call(self, x):
@@ -60,7 +60,7 @@ class ValidConv2D(layers.Conv2D):
     on a CPU the convolution and its gradients are computed in the forms XLA's
     CPU backend runs fastest (one input channel: a fused sum over the kernel's
     taps; input gradient: matmuls and shifted sums); see
-    `keras_synann/kernels/jax_conv.py` and README.md, "Training on MNIST". Elsewhere
+    `keras_synann/kernels/jax_conv.py` and docs/performance.md, "Training speed". Elsewhere
     it is `keras.ops.conv`.
     """
 
@@ -164,7 +164,7 @@ def lenet(
     epochs with Adam instead of 100+ with SGD: `filters` (16, 32) instead of
     (10, 20) (more capacity), `dropout` 0.25 instead of 0.5 (fewer epochs to
     a given validation accuracy). `filters=(10, 20), dropout=0.5` give the
-    reference's net. Measured effects: README.md, "The models".
+    reference's net. Measured effects: docs/training.md, "The models".
     """
     inputs = keras.Input(input_shape, name="image")
     x = layers.Rescaling(1.0 / MNIST_STD, offset=-MNIST_MEAN / MNIST_STD)(inputs)
@@ -201,7 +201,7 @@ def mlp(
     probabilities (the paper does not name that activation). Dropout 0.25 is
     the paper's keep probability of 0.75. Deviation: dropout on the input
     pixels (`input_dropout`, 0.2; 0 gives the paper's net), against the
-    overfitting of the paper's net. Measured effects: README.md, "The models".
+    overfitting of the paper's net. Measured effects: docs/training.md, "The models".
     """
     inputs = keras.Input(input_shape, name="image")
     x = layers.Flatten(name="flatten")(inputs)

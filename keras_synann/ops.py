@@ -7,7 +7,7 @@ beta_ij = W[j, i].
 
 Everything here computes per sample: a sample's output never depends on the
 other samples of its batch (the reference code sums over the whole batch; see
-README.md, "Divergence from the reference code").
+docs/layer.md, "Divergence from the reference code").
 """
 
 from __future__ import annotations

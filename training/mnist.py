@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Default: lenet, 10 epochs, Adam 2e-3 with cosine decay, batch 128, "
-            "55,000/5,000 train/validation split (README.md: measured accuracy "
+            "55,000/5,000 train/validation split (docs/training.md: measured accuracy "
             "and time)."
         ),
     )

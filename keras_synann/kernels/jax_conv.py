@@ -3,8 +3,8 @@
     y[b, p, q, o] = sum_{i, j, c} x[b, p + i, q + j, c] k[i, j, c, o]
 
 The same values and gradients as `lax.conv_general_dilated`, computed in the
-forms XLA's CPU backend runs fastest at the lenet's shapes (README.md,
-"Training on MNIST", has the measurements):
+forms XLA's CPU backend runs fastest at the lenet's shapes (docs/performance.md,
+"Training speed", has the measurements):
 
 - forward with one input channel: a sum over the kh x kw taps of a shifted
   slice of x times one row of k (an outer product), which XLA fuses into one
