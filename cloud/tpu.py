@@ -6,7 +6,7 @@
 `submit --rehearse` runs the same plan on this machine first, with no gcloud and
 no TPU (cloud/local_gcloud.py stands in for both). Also: status, logs and delete
 for a TPU kept with --keep. Run from the repo root; `python cloud/tpu.py ...`
-works too. See README.md, "Training on Cloud TPU".
+works too. Guide: docs/cloud-tpu.md.
 """
 
 from __future__ import annotations
