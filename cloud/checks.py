@@ -6,7 +6,9 @@ Every check raises `ValueError` with one line: what was wrong and what is accept
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKENDS = ("jax", "tensorflow")
 PROVISIONING = ("on-demand", "spot", "reserved")
@@ -28,6 +30,14 @@ GENERATIONS: dict[str, tuple[str, int, str]] = {
     "v6e": ("chips", 4, "v2-alpha-tpuv6e"),
 }
 SINGLE_HOST_CHIP_COUNTS = (1, 4, 8)
+#: Generations whose TPUs tensorflow-tpu 2.19 reaches through PJRT (the
+#: PJRT_DEVICE / pluggable-device variables cloud/remote.py sets); v2-v4 TPU
+#: VMs need the tpu-vm-tf-* runtimes instead, which this tool does not use.
+TF_PJRT_GENERATIONS = ("v5litepod", "v5p", "v6e")
+#: Distributions that bring the stock `tensorflow` package with them (tf-keras's
+#: own requirements name tensorflow); on a tensorflow-tpu worker a second
+#: `tensorflow` would replace the TPU build's module.
+PULLS_TENSORFLOW = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-keras")
 
 _NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
@@ -35,6 +45,8 @@ _PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-
 _ACCELERATOR = re.compile(r"([a-z0-9]+)-([0-9]+)")
 _RUNTIME = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 _EXTRA = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_REQUIREMENT = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
+_BUCKET = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/[^\s]*)?")
 _DURATION = re.compile(r"(?:[0-9]+[smhd])+|[0-9]+")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -167,6 +179,130 @@ def extra(value: str) -> str:
     return value
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def project_extras(pyproject: Path) -> tuple[str, dict[str, list[str]]]:
+    """(project name, {extra: requirements}) from a pyproject.toml; an absent
+    or unreadable file gives ("", {})."""
+    try:
+        project = tomllib.loads(Path(pyproject).read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return "", {}
+    return project.get("name", ""), dict(project.get("optional-dependencies", {}))
+
+
+def tensorflow_pullers(extra_name: str, pyproject: Path) -> list[str]:
+    """The requirements of `extra_name` (following the project's references to
+    its own extras) that bring the stock tensorflow package."""
+    name, table = project_extras(pyproject)
+    found, todo, seen = [], [extra_name], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for requirement in table.get(current, []):
+            match = _REQUIREMENT.match(requirement)
+            if not match:
+                continue
+            if name and _normalized(match.group(1)) == _normalized(name):
+                todo += [e.strip() for e in (match.group(2) or "").split(",")]
+            elif _normalized(match.group(1)) in PULLS_TENSORFLOW:
+                found.append(requirement.strip())
+    return found
+
+
+def extras(values: list[str], pyproject: Path, backend: str, always=()) -> list[str]:
+    """Extras for the workers: each one pyproject.toml defines, and on
+    tensorflow workers none (nor the `always` ones) that would install stock
+    tensorflow beside tensorflow-tpu."""
+    _, table = project_extras(pyproject)
+    for value in values:
+        extra(value)
+        if value not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise ValueError(
+                f"package extra {value!r} is not in {pyproject}'s "
+                f"[project.optional-dependencies] (defined: {known})"
+            )
+    if backend == "tensorflow":
+        for value in [*always, *values]:
+            pulled = tensorflow_pullers(value, pyproject)
+            if pulled:
+                raise ValueError(
+                    f"package extra {value!r} requires {', '.join(pulled)}, which "
+                    "would install the stock tensorflow package beside tensorflow-tpu "
+                    "on the tensorflow workers; leave it out, or use --backend jax"
+                )
+    return list(values)
+
+
+def tensorflow_slice(acc: Accelerator) -> None:
+    """Refuse the slices tensorflow-tpu cannot run on as this tool installs it."""
+    if acc.multi_host:
+        raise ValueError(
+            f"--backend tensorflow on {acc.name} ({acc.hosts} hosts) is refused: "
+            "multi-host tensorflow needs the tpu-vm-tf-*-pod runtimes and is "
+            "untested here; use --backend jax, or a single-host slice"
+        )
+    if acc.generation not in TF_PJRT_GENERATIONS:
+        raise ValueError(
+            f"--backend tensorflow on {acc.name} is refused: tensorflow-tpu reaches "
+            f"TPUs through PJRT on {', '.join(TF_PJRT_GENERATIONS)} only ("
+            f"{acc.generation} needs the tpu-vm-tf-* runtimes, untested here); use "
+            "--backend jax, or a v5litepod, v5p or v6e slice"
+        )
+
+
+def checkpoint_dir(value: str, rehearse: bool) -> str:
+    """Where every worker writes the training checkpoints: a gs:// bucket path
+    on Cloud TPU (a worker's disk goes with the TPU); a local directory, made
+    absolute, in a rehearsal (the workers are local processes)."""
+    if "\n" in value or "\x00" in value or not value.strip():
+        raise ValueError(f"--checkpoint-dir {value!r} is not a usable path")
+    if rehearse:
+        if "://" in value:
+            raise ValueError(
+                f"--checkpoint-dir {value!r}: a rehearsal's workers are processes "
+                "on this machine; give a local directory"
+            )
+        return str(Path(value).resolve())
+    if not _BUCKET.fullmatch(value):
+        raise ValueError(
+            f"--checkpoint-dir {value!r} is not a gs:// path; a TPU worker's disk "
+            "is deleted with the TPU, so checkpoints must go to a bucket, e.g. "
+            "gs://my-bucket/synann/run1"
+        )
+    return value.rstrip("/")
+
+
+def checkpoint_extra(directory: str, backend: str, pyproject: Path) -> str:
+    """The package extra the workers need to write checkpoints to `directory`:
+    `gcs` for gs:// (orbax-checkpoint and its gs:// file system), else
+    `checkpoint`. training/mnist.py writes them with orbax under jax only."""
+    if backend != "jax":
+        raise ValueError(
+            f"--checkpoint-dir needs --backend jax (training writes checkpoints with "
+            f"orbax under jax), not {backend}"
+        )
+    name = "gcs" if directory.startswith("gs://") else "checkpoint"
+    if name not in project_extras(pyproject)[1]:
+        raise ValueError(
+            f"--checkpoint-dir needs the {name!r} extra (orbax-checkpoint), which "
+            f"{pyproject} does not define"
+        )
+    return name
+
+
+def count(value: str, what: str, low: int = 0) -> int:
+    """A whole number >= low, for options such as --retries."""
+    if not value.strip().isdigit() or int(value) < low:
+        raise ValueError(f"{what} {value!r} is not valid; use a whole number >= {low}")
+    return int(value)
+
+
 def duration(value: str) -> int:
     """Seconds in a duration such as 90, 90s, 30m, 2h or 1h30m (must be > 0)."""
     text = value.strip().lower()
@@ -222,12 +358,17 @@ def env_var(value: str) -> tuple[str, str]:
 
 
 def train_args(args: list[str]) -> list[str]:
-    """Training arguments; the tool sets --output-dir itself."""
+    """Training arguments; the tool sets --output-dir and --checkpoint-dir."""
     for arg in args:
         if arg == "--output-dir" or arg.startswith("--output-dir="):
             raise ValueError(
                 "do not pass --output-dir to training/mnist.py; give submit "
                 "--output-dir LOCAL_DIR, the tool sets the remote one"
+            )
+        if arg == "--checkpoint-dir" or arg.startswith("--checkpoint-dir="):
+            raise ValueError(
+                "give --checkpoint-dir to submit (before --), not to "
+                "training/mnist.py; the tool passes it to every worker"
             )
         if "\x00" in arg:
             raise ValueError("training arguments cannot contain NUL characters")

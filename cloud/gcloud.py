@@ -18,6 +18,7 @@ REMOTE_DIR = "synann_run"  # src/ (the code), output/, logs/worker-N.log
 QR_STATE = "value(state.state)"  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, ...
 VM_STATE = "value(state)"  # CREATING, READY, ...
 NAME_ONLY = "value(name)"
+NODE_JSON = "json"  # the TPU VM node: state, networkEndpoints (one per worker)
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,10 @@ def ready_state(t: Target) -> str:
     return "ACTIVE" if t.queued else "READY"
 
 
-def scp_to_all(t: Target, local: str, remote: str) -> list[str]:
-    """Copy a local file to `remote` on every worker."""
+def scp_to(t: Target, local: str, remote: str, worker: str) -> list[str]:
+    """Copy a local file to `remote` on one worker. One worker per command:
+    with several (--worker=all) gcloud requires the ssh key in the ssh-agent
+    and fails with SSHKeyNotInAgent when an agent holds only other keys."""
     return [
         GCLOUD,
         *VM,
@@ -103,7 +106,7 @@ def scp_to_all(t: Target, local: str, remote: str) -> list[str]:
         local,
         f"{t.name}:{remote}",
         *t.where(),
-        "--worker=all",
+        f"--worker={worker}",
         "--quiet",
     ]
 

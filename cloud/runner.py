@@ -43,11 +43,12 @@ class Runner:
         self.children: list[subprocess.Popen] = []
         self.cleaning = False
         self.warned = False
+        self.pending: int | None = None  # a signal that only warned
 
     # -- signals ---------------------------------------------------------------
     def _on_signal(self, signum, frame):
         if self.cleaning and not self.warned:
-            self.warned = True
+            self.warned, self.pending = True, signum
             say(
                 "cleanup in progress, please wait; "
                 "send the signal again to abandon it (the TPU may keep running)"
@@ -70,12 +71,19 @@ class Runner:
 
     @contextlib.contextmanager
     def protect(self):
-        """Cleanup mode: commands run in their own session; one signal warns."""
-        self.cleaning = True
+        """Cleanup mode: commands run in their own session; one signal warns
+        (`raise_pending` raises it afterwards)."""
+        self.cleaning, self.pending = True, None
         try:
             yield self
         finally:
             self.cleaning, self.warned = False, False
+
+    def raise_pending(self) -> None:
+        """Raise Interrupted for a signal that arrived during `protect()`."""
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
 
     # -- processes -------------------------------------------------------------
     def _terminate(self):

@@ -6,7 +6,7 @@
 `submit --rehearse` runs the same plan on this machine first, with no gcloud and
 no TPU (cloud/local_gcloud.py stands in for both). Also: status, logs and delete
 for a TPU kept with --keep. Run from the repo root; `python cloud/tpu.py ...`
-works too. See README.md, "Training on Cloud TPU".
+works too. Guide: docs/cloud-tpu.md.
 """
 
 from __future__ import annotations
@@ -15,187 +15,18 @@ import argparse
 import shlex
 import shutil
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: python cloud/tpu.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud import checks, gcloud, local_gcloud, pack, remote  # noqa: E402
-from cloud.runner import Interrupted, Runner, say  # noqa: E402
+from cloud import checks, gcloud, local_gcloud, remote  # noqa: E402
+from cloud.plan import Submission, print_plan  # noqa: E402
+from cloud.runner import Interrupted, Runner  # noqa: E402
+from cloud.submit import run_submission  # noqa: E402
 from training import cli  # noqa: E402  (standard library only)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BAD_STATES = {
-    True: {"FAILED", "SUSPENDING", "SUSPENDED", "DELETING"},
-    False: {"PREEMPTED", "TERMINATED", "STOPPING", "STOPPED", "DELETING", "HIDDEN"},
-}
-DESCRIBE_RETRIES = 5  # consecutive failed readiness checks before giving up
-LOGS_TIMEOUT_S = 300
-
-
-class StepFailed(Exception):
-    """A submit step failed; the message says which and why."""
-
-
-@dataclass
-class Step:
-    name: str
-    about: str
-    argv: list[str] | None = None
-    remote: str | None = None  # the shell string run on the workers, if any
-    parallel: list[list[str]] = field(default_factory=list)  # run at once
-
-
-@dataclass
-class Submission:
-    """A validated submit request."""
-
-    target: gcloud.Target
-    acc: checks.Accelerator
-    runtime: str
-    backend: str
-    provisioning: str
-    wait_timeout_s: int
-    poll_s: float
-    output_dir: str
-    source: Path
-    excludes: list[str]
-    extras: list[str]
-    run_timeout_s: int | None
-    keep: bool
-    rehearse: bool = False
-    train_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-
-    def run_env(self) -> dict[str, str]:
-        """Worker environment: multi-host jax runs must join one jax cluster."""
-        env = {}
-        if self.backend == "jax" and self.acc.multi_host:
-            env["SYNANN_MULTIHOST"] = "1"  # see training/distribute.py
-        return {**env, **self.env}
-
-    @property
-    def tarball(self) -> str:
-        return str(Path(self.output_dir) / "source.tar.gz")
-
-    def steps(self) -> list[Step]:
-        t = self.target
-        kind = "queued resource" if t.queued else "TPU VM"
-        free = [
-            Step(
-                "check",
-                f"check that no {kind} is called {t.name}",
-                gcloud.describe(t, gcloud.NAME_ONLY),
-            )
-        ]
-        if t.queued:
-            free.append(
-                Step(
-                    "check",
-                    f"check that no TPU VM is called {t.name}",
-                    gcloud.describe_vm(t, gcloud.NAME_ONLY),
-                )
-            )
-        state = gcloud.QR_STATE if t.queued else gcloud.VM_STATE
-        hosts = (
-            "the single host"
-            if self.acc.hosts == 1
-            else f"all {self.acc.hosts} hosts at once"
-        )
-        install = remote.install_command(self.backend, self.extras)
-        run = remote.run_command(
-            self.backend, self.train_args, self.run_timeout_s, self.run_env()
-        )
-        return [
-            *free,
-            Step(
-                "pack",
-                f"pack {_shown(self.source)} into {self.tarball} (local; without "
-                ".git, caches, build outputs, runs/; with training/data/)",
-            ),
-            Step(
-                "create",
-                f"create {kind} {t.name}: {self.acc.describe()}, {self.provisioning},"
-                f" runtime {self.runtime}",
-                gcloud.create(
-                    t, self.acc.name, self.runtime, self.provisioning, self.wait_s
-                ),
-            ),
-            Step(
-                "wait",
-                f"wait until it is {gcloud.ready_state(t)} (a check every "
-                f"{self.poll_s:g}s, at most {_hms(self.wait_timeout_s)})",
-                gcloud.describe(t, state),
-            ),
-            Step(
-                "copy",
-                "copy the source to every worker",
-                gcloud.scp_to_all(t, self.tarball, gcloud.REMOTE_TARBALL),
-            ),
-            Step(
-                "install",
-                f"install Python {remote.WORKER_PYTHON} and the {self.backend} "
-                f"packages pinned in {remote.pins_file(self.backend)} on every worker",
-                gcloud.ssh(t, install),
-                install,
-            ),
-            Step(
-                "run",
-                f"train on {hosts}, streaming worker 0's log",
-                gcloud.ssh(t, run),
-                run,
-            ),
-            self.logs_step(),
-            Step(
-                "copy-back",
-                f"copy the outputs back from worker 0 into {self.output_dir}/output",
-                gcloud.scp_back(t, f"{gcloud.REMOTE_DIR}/output", self.output_dir),
-            ),
-            Step(
-                "verify",
-                "check that every worker's training exited 0 and that "
-                f"{self.output_dir}/output/metrics.json came back",
-            ),
-        ]
-
-    @property
-    def wait_s(self) -> int | None:
-        return self.wait_timeout_s if self.target.queued else None
-
-    def logs_step(self) -> Step:
-        """One copy per worker, all at once: gcloud scp copies from one worker."""
-        return Step(
-            "logs",
-            f"copy every worker's log and exit status into {self.output_dir}/logs "
-            "(also after a failure, once training has started)",
-            parallel=[
-                gcloud.scp_back(
-                    self.target, f"{gcloud.REMOTE_DIR}/logs", self.output_dir, str(w)
-                )
-                for w in range(self.acc.hosts)
-            ],
-        )
-
-    def delete_step(self) -> Step:
-        return Step(
-            "delete",
-            "delete the TPU (always: after success, failure or Ctrl-C)",
-            gcloud.delete(self.target),
-        )
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return str(path)
 
 
 # -- submit ------------------------------------------------------------------------
@@ -229,240 +60,70 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
         raise ValueError(
             f"--source {source} has no training/mnist.py; give the repository root"
         )
+    backend = checks.backend(args.backend)
+    if backend == "tensorflow":
+        checks.tensorflow_slice(acc)
+    always = [*remote.TPU_INSTALL[backend][1], "training"]
+    extras = checks.extras(args.extra, source / "pyproject.toml", backend, always)
+    retries = checks.count(args.retries, "--retries")
+    checkpoint_dir = None
+    if args.checkpoint_dir is not None:
+        checkpoint_dir = checks.checkpoint_dir(args.checkpoint_dir, args.rehearse)
+    if checkpoint_dir:
+        needed = checks.checkpoint_extra(
+            checkpoint_dir, backend, source / "pyproject.toml"
+        )
+        extras += [needed] if needed not in extras else []
+    if retries and not checkpoint_dir:
+        raise ValueError(
+            f"--retries {retries} needs --checkpoint-dir (gs://BUCKET/PATH): a new "
+            "slice resumes from the checkpoints there; without them there is "
+            "nothing to resume from"
+        )
+    preempt = args.rehearse_preempt_after_epoch
+    if preempt is not None:
+        preempt = checks.count(preempt, "--rehearse-preempt-after-epoch", 1)
+        if not args.rehearse or not checkpoint_dir:
+            raise ValueError(
+                "--rehearse-preempt-after-epoch needs --rehearse and "
+                "--checkpoint-dir (it preempts once that epoch's checkpoint is "
+                "complete)"
+            )
     return Submission(
         target=target,
         acc=acc,
         runtime=runtime,
-        backend=checks.backend(args.backend),
+        backend=backend,
         provisioning=args.provisioning,
         wait_timeout_s=checks.duration(args.wait_timeout),
         poll_s=checks.poll_interval(args.poll_interval),
         output_dir=output_dir,
         source=source,
         excludes=list(args.exclude),
-        extras=[checks.extra(e) for e in args.extra],
+        extras=extras,
         run_timeout_s=checks.duration(args.run_timeout) if args.run_timeout else None,
         keep=args.keep,
         train_args=checks.train_args(train_args),
         env=dict(checks.env_var(e) for e in args.env),
         rehearse=args.rehearse,
+        retries=retries,
+        checkpoint_dir=checkpoint_dir,
+        preempt_after_epoch=preempt,
     )
-
-
-def print_plan(sub: Submission) -> None:
-    """--dry-run: every gcloud command, in order, with what each step does."""
-    print("# dry run: these commands would run, in this order (nothing was run)")
-    for number, step in enumerate(sub.steps(), 1):
-        print(f"# {number}. {step.name}: {step.about}")
-        if step.remote:
-            print(f"#    on the workers: {step.remote}")
-        for argv in [step.argv] if step.argv else step.parallel:
-            print(shlex.join(argv))
-    delete = sub.delete_step()
-    if sub.keep:
-        print("# --keep: the TPU is left running (and billing); delete it with:")
-        print("# " + shlex.join(delete.argv))
-    else:
-        print(f"# finally, {delete.name}: {delete.about}")
-        print(shlex.join(delete.argv))
-
-
-def _check_free(runner: Runner, step: Step, name: str) -> None:
-    rc, _, err = runner.run(step.argv, capture=True)
-    if rc == 0:
-        raise ValueError(
-            f"{name} already exists in this zone; choose another --name, or delete "
-            f"it first (python -m cloud.tpu delete --name {name} ...)"
-        )
-    if "not_found" not in err.lower() and "not found" not in err.lower():
-        last = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
-        raise ValueError(f"could not check whether {name} exists: {last}")
-
-
-def _wait_ready(runner: Runner, sub: Submission, step: Step) -> None:
-    t = sub.target
-    kind = "queued resource" if t.queued else "TPU VM"
-    ready = gcloud.ready_state(t)
-    start = time.monotonic()
-    last, failures, polls = None, 0, 0
-    while True:
-        rc, out, err = runner.run(step.argv, capture=True, echo=polls == 0)
-        polls += 1
-        elapsed = time.monotonic() - start
-        state = out.strip() if rc == 0 else None
-        if state == ready:
-            say(f"{kind} {t.name} is {ready} after {_hms(elapsed)}")
-            return
-        if state in BAD_STATES[t.queued]:
-            raise StepFailed(f"{kind} {t.name} is {state}; it will not become {ready}")
-        failures = 0 if rc == 0 else failures + 1
-        if failures >= DESCRIBE_RETRIES:
-            last_err = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
-            raise StepFailed(f"cannot read the state of {t.name}: {last_err}")
-        if state != last or polls % 10 == 0:
-            say(
-                f"waiting for {kind} {t.name} to be {ready}: it is "
-                f"{state or 'not readable yet'} ({_hms(elapsed)} of "
-                f"{_hms(sub.wait_timeout_s)})"
-            )
-            last = state
-        remaining = sub.wait_timeout_s - elapsed
-        if remaining <= 0:
-            raise StepFailed(
-                f"{kind} {t.name} was not {ready} within {_hms(sub.wait_timeout_s)} "
-                f"(last state: {state or 'unknown'}); raise --wait-timeout or try "
-                "another zone or --provisioning"
-            )
-        time.sleep(min(sub.poll_s, remaining))
-
-
-def _pack(sub: Submission) -> None:
-    try:
-        files = pack.select_files(sub.source, [sub.output_dir], sub.excludes)
-        size = pack.write_tarball(sub.source, files, Path(sub.tarball))
-    except OSError as error:
-        raise StepFailed(f"cannot pack {sub.source}: {error}") from error
-    say(f"packed {len(files)} files ({size / 1e6:.1f} MB) into {sub.tarball}")
-    if size > 200e6:
-        say("that is large: leave data out with --exclude PATTERN")
-
-
-def _run_step(runner: Runner, step: Step) -> None:
-    rc, _, _ = runner.run(step.argv)
-    if rc != 0:
-        raise StepFailed(f"step {step.name} failed (gcloud exit code {rc})")
-
-
-def _copy_logs(runner: Runner, sub: Submission) -> None:
-    """Every worker's log and exit status into OUTPUT_DIR/logs (best effort)."""
-    codes = runner.run_parallel(sub.logs_step().parallel, timeout=LOGS_TIMEOUT_S)
-    missing = [str(w) for w, rc in enumerate(codes) if rc != 0]
-    if missing:
-        say(f"could not copy the logs of worker(s) {', '.join(missing)}")
-
-
-def worker_statuses(logs_dir: Path, hosts: int) -> dict[int, int | None]:
-    """Each worker's training exit status from logs/worker-N.exit (None: none
-    came back)."""
-    statuses: dict[int, int | None] = {}
-    for w in range(hosts):
-        try:
-            statuses[w] = int((logs_dir / f"worker-{w}.exit").read_text().strip())
-        except (OSError, ValueError):
-            statuses[w] = None
-    return statuses
-
-
-def _verify(sub: Submission, run_rc: int) -> None:
-    """Success needs every worker's exit status 0 (read from the statuses the
-    workers wrote, not only gcloud's exit code) and worker 0's metrics.json."""
-    logs = Path(sub.output_dir) / "logs"
-    statuses = worker_statuses(logs, sub.acc.hosts)
-    failed = {w: rc for w, rc in statuses.items() if rc != 0}
-    if failed:
-        what = ", ".join(
-            f"{w} ("
-            + ("no exit status came back" if rc is None else f"exit {rc}")
-            + ")"
-            for w, rc in failed.items()
-        )
-        logs_named = ", ".join(str(logs / f"worker-{w}.log") for w in failed)
-        raise StepFailed(f"training failed on worker(s) {what}; see {logs_named}")
-    if run_rc != 0:
-        say(
-            f"note: gcloud ssh exited {run_rc}, but every worker's training "
-            "exited 0 (a connection dropped after training?)"
-        )
-    metrics = Path(sub.output_dir) / "output" / "metrics.json"
-    if not metrics.is_file():
-        raise StepFailed(f"training ran but {metrics} did not come back")
-
-
-def run_submission(sub: Submission, runner: Runner) -> int:
-    """Run every step; fetch logs and delete the TPU whatever happens."""
-    created = started = logs_copied = False
-    run_rc, code = 0, 1
-    try:
-        for step in sub.steps():
-            say(f"{step.name}: {step.about}")
-            if step.name == "check":
-                _check_free(runner, step, sub.target.name)
-            elif step.name == "create":
-                created = True
-                _run_step(runner, step)
-            elif step.name == "wait":
-                _wait_ready(runner, sub, step)
-            elif step.name == "pack":
-                _pack(sub)
-            elif step.name == "run":
-                started = True
-                run_rc, _, _ = runner.run(step.argv)  # the workers' statuses decide
-            elif step.name == "logs":
-                logs_copied = True
-                _copy_logs(runner, sub)
-            elif step.name == "copy-back":
-                rc, _, _ = runner.run(step.argv)
-                if rc != 0:
-                    say(f"copying the outputs back failed (gcloud exit code {rc})")
-            elif step.name == "verify":
-                _verify(sub, run_rc)
-            else:
-                _run_step(runner, step)
-        say(f"done: results in {sub.output_dir}/output")
-        code = 0
-    except ValueError as error:  # a pre-flight check, before anything was created
-        say(f"error: {error}")
-        code = 2
-    except StepFailed as error:
-        say(f"error: {error}")
-    except Interrupted as stop:
-        say(f"interrupted ({stop}); cleaning up")
-        code = stop.exit_code
-    finally:
-        code = _finish(sub, runner, code, created, started and not logs_copied)
-    return code
-
-
-def _finish(sub: Submission, runner: Runner, code, created, copy_logs) -> int:
-    delete = sub.delete_step()
-    try:
-        with runner.protect():
-            if copy_logs:
-                say(f"logs: {sub.logs_step().about}")
-                _copy_logs(runner, sub)
-            if not created:
-                return code
-            if sub.keep:
-                say(
-                    f"--keep: {sub.target.name} is still running (and billing); "
-                    f"delete it with:\n  {shlex.join(delete.argv)}"
-                )
-                return code
-            say(f"delete: {delete.about}")
-            rc, _, _ = runner.run(delete.argv)
-            if rc == 0:
-                say(f"deleted {sub.target.name}")
-                return code
-            say(f"delete failed (gcloud exit code {rc}); run it by hand:")
-    except Interrupted as stop:
-        say(f"cleanup abandoned ({stop}); the TPU may still be running. Run:")
-        code = code or stop.exit_code
-    print(f"  {shlex.join(delete.argv)}", file=sys.stderr, flush=True)
-    return code or 1
 
 
 def cmd_submit(args, train_args: list[str]) -> int:
     sub = submission_from_args(args, train_args)
-    if sub.backend == "tensorflow" and sub.acc.multi_host:
-        say(
-            "note: tensorflow on a multi-host slice relies on the training script's "
-            "TPUStrategy setup for pods; jax is the main multi-host path"
-        )
     if args.dry_run:
         print_plan(sub)
         return 0
     if sub.rehearse:
-        runner = local_gcloud.rehearsal_runner(sub.backend, sub.output_dir)
+        options = local_gcloud.Options(
+            agent_holds_other_keys=True,
+            preempt_after_epoch=sub.preempt_after_epoch,
+            checkpoint_dir=sub.checkpoint_dir if sub.preempt_after_epoch else None,
+        )
+        runner = local_gcloud.rehearsal_runner(sub.backend, sub.output_dir, options)
     else:
         _need_gcloud()
         runner = Runner()
@@ -561,11 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         "submit",
         parents=[common],
         help="create a TPU, train, copy results back, delete the TPU",
-        description="Create a TPU, copy this tree to every worker, install, train "
-        "on all workers at once, copy the outputs back from worker 0, then delete "
-        "the TPU (also after a failure or Ctrl-C) unless --keep. Arguments after "
-        "`--` go to training/mnist.py. Exit code 0 only when training succeeded "
-        "and its results came back.",
+        description="Create a TPU, copy this tree to every worker, install, check "
+        "every worker, train on all workers at once, copy the outputs back from "
+        "worker 0, then delete the TPU (also after a failure or Ctrl-C) unless "
+        "--keep. With --retries N, a slice lost on the way (preempted) is "
+        "replaced by a new one, training resuming from --checkpoint-dir. "
+        "Arguments after `--` go to training/mnist.py. Exit code 0 only when "
+        "training succeeded and its results came back.",
+        epilog="Prerequisites: the Google Cloud CLI, authenticated (gcloud auth "
+        "login) with a project that has TPU quota in the zone; for slices with "
+        "several workers (v4-16, v5litepod-16 and up) your ssh key in the "
+        "ssh-agent (ssh-add ~/.ssh/google_compute_engine), as gcloud runs ssh on "
+        "all workers at once; the workers must reach each other (jax's "
+        "coordinator listens on port 8482 of worker 0); --checkpoint-dir needs a "
+        "bucket the TPU's service account can write.",
     )
     p.add_argument(
         "--accelerator-type",
@@ -579,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         "v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e, v4 and "
         "older tpu-ubuntu2204-base)",
     )
-    p.add_argument("--backend", default="jax", help="jax (default) or tensorflow")
+    p.add_argument(
+        "--backend",
+        default="jax",
+        help="jax (default), or tensorflow on single-host v5litepod, v5p and v6e "
+        "slices (tensorflow-tpu through PJRT)",
+    )
     p.add_argument(
         "--provisioning",
         default="on-demand",
@@ -627,12 +302,35 @@ def build_parser() -> argparse.ArgumentParser:
         "printed, so not for secrets)",
     )
     p.add_argument(
+        "--checkpoint-dir",
+        metavar="URI",
+        help="gs://BUCKET/PATH every worker's training writes each epoch's "
+        "checkpoint to (training/mnist.py --checkpoint-dir); a local directory in "
+        "a rehearsal",
+    )
+    p.add_argument(
+        "--retries",
+        default="0",
+        metavar="N",
+        help="when the slice is lost (preempted spot TPU, FAILED or SUSPENDED "
+        "queued resource, no worker answering), delete it, create a new one and "
+        "resume from --checkpoint-dir (training/mnist.py --resume), at most N "
+        "times (default 0); needs --checkpoint-dir",
+    )
+    p.add_argument(
         "--rehearse",
         action="store_true",
         help="run this submission's plan on this machine first: no gcloud, no TPU; "
         "each worker is a local process with simulated CPU devices, running the "
         "exact commands a TPU worker gets (the package install is stubbed: this "
         "Python and its packages stand in for the workers')",
+    )
+    p.add_argument(
+        "--rehearse-preempt-after-epoch",
+        metavar="K",
+        help="with --rehearse and --checkpoint-dir: once epoch K's checkpoint is "
+        "complete, the stand-in kills every worker and reports the slice "
+        "preempted (once), so the --retries path runs",
     )
     p.add_argument(
         "--keep",

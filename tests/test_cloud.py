@@ -27,13 +27,28 @@ import json, os, signal, sys, time
 from pathlib import Path
 
 argv = sys.argv[1:]
-with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+env = os.environ
+with open(env["FAKE_GCLOUD_LOG"], "a") as log:
     log.write(json.dumps(argv) + "\\n")
+STATE = Path(env["FAKE_GCLOUD_LOG"] + ".state")
+state = json.loads(STATE.read_text()) if STATE.exists() else {{}}
+
+
+def save():
+    STATE.write_text(json.dumps(state))
+
+
+def count(key):
+    state[key] = state.get(key, 0) + 1
+    save()
+    return state[key]
 
 
 def step():
     if "describe" in argv:
-        return "exists" if "--format=value(name)" in argv else "describe"
+        if "--format=value(name)" in argv:
+            return "exists"
+        return "workers" if "--format=json" in argv else "describe"
     for verb in ("create", "delete"):
         if verb in argv:
             return verb
@@ -44,46 +59,87 @@ def step():
         return "logs" if source.endswith("/logs") else "copy-back"
     if "ssh" in argv:
         command = [a for a in argv if a.startswith("--command=")][0]
-        return "run" if "training/mnist.py" in command else "install"
+        if "training/mnist.py" in command:
+            return "run"
+        if "preflight:" in command:
+            return "preflight"
+        if command == "--command=true":
+            return "probe"
+        return "stop" if "kill -s TERM" in command else "install"
     return "other"
 
 
 s = step()
-if s == os.environ.get("FAKE_GCLOUD_FAIL"):
+hosts = state.get("endpoints", 1)
+if s == "create":
+    state.update(preempted=False, unreachable=False)
+    acc = [a for a in argv if a.startswith("--accelerator-type=")][0].split("=")[1]
+    from cloud import checks
+    hosts = int(env.get("FAKE_GCLOUD_ENDPOINTS") or checks.accelerator(acc).hosts)
+    state["endpoints"] = hosts
+    save()
+if s == env.get("FAKE_GCLOUD_PREEMPT_AT") and not state.get("preempted"):
+    if count("preemptions") <= int(env.get("FAKE_GCLOUD_PREEMPT_TIMES", "1")):
+        state["preempted"] = True
+        save()
+        print("ERROR: connection lost", file=sys.stderr)
+        sys.exit(255)
+if s == env.get("FAKE_GCLOUD_UNREACHABLE_AT") and not state.get("unreachable"):
+    if count("unreachable_times") == 1:
+        state["unreachable"] = True
+        save()
+if s in ("copy", "install", "preflight", "run", "logs", "copy-back", "probe", "stop"):
+    if state.get("preempted"):
+        print('ERROR: This TPU has terminal state "PREEMPTED"', file=sys.stderr)
+        sys.exit(1)
+    if state.get("unreachable"):
+        print("ssh: connect to host: Connection timed out", file=sys.stderr)
+        sys.exit(255)
+if s == env.get("FAKE_GCLOUD_FAIL"):
     print(f"ERROR: fake failure at {{s}}", file=sys.stderr)
     sys.exit(1)
-if s == os.environ.get("FAKE_GCLOUD_SIGNAL_AT"):
-    for _ in range(int(os.environ.get("FAKE_GCLOUD_SIGNAL_COUNT", "1"))):
-        os.kill(os.getppid(), getattr(signal, os.environ["FAKE_GCLOUD_SIGNAL"]))
-        time.sleep(0.2)
-    time.sleep(float(os.environ.get("FAKE_GCLOUD_SLEEP", "30")))
-    sys.exit(0 if s == "delete" else 1)
+if s == env.get("FAKE_GCLOUD_SIGNAL_AT"):
+    if count("signal_at") == int(env.get("FAKE_GCLOUD_SIGNAL_NTH", "1")):
+        for _ in range(int(env.get("FAKE_GCLOUD_SIGNAL_COUNT", "1"))):
+            os.kill(os.getppid(), getattr(signal, env["FAKE_GCLOUD_SIGNAL"]))
+            time.sleep(0.2)
+        time.sleep(float(env.get("FAKE_GCLOUD_SLEEP", "30")))
+        sys.exit(0 if s == "delete" else 1)
 if s == "exists":
-    if os.environ.get("FAKE_GCLOUD_EXISTS"):
+    if env.get("FAKE_GCLOUD_EXISTS"):
         print(argv[argv.index("describe") + 1])
         sys.exit(0)
     print("ERROR: NOT_FOUND: Resource was not found", file=sys.stderr)
     sys.exit(1)
 if s == "describe":
-    states = os.environ.get("FAKE_GCLOUD_STATES", "").split(",")
-    counter = Path(os.environ["FAKE_GCLOUD_LOG"] + ".polls")
-    n = int(counter.read_text()) if counter.exists() else 0
-    counter.write_text(str(n + 1))
-    ready = "ACTIVE" if "queued-resources" in argv else "READY"
-    print(states[n] if n < len(states) and states[n] else ready)
+    queued = "queued-resources" in argv
+    if state.get("preempted"):
+        print("SUSPENDED" if queued else "PREEMPTED")
+        sys.exit(0)
+    states = env.get("FAKE_GCLOUD_STATES", "").split(",")
+    n = count("polls") - 1
+    print(states[n] if n < len(states) and states[n] else ("ACTIVE" if queued else "READY"))
+if s == "workers":
+    print(json.dumps({{"state": "READY", "networkEndpoints": [{{}}] * hosts}}))
+if s == "preflight":
+    lines = env.get("FAKE_GCLOUD_PREFLIGHT") or ",".join(f"{{w}}:ok" for w in range(hosts))
+    for item in lines.split(","):
+        w, _, result = item.partition(":")
+        print(f"preflight: worker {{w}} {{result}}")
+    sys.exit(0 if "failed" not in lines else 1)
 if s in ("copy-back", "logs"):
     dest = Path(argv[argv.index("--recurse") + 2])
     if s == "logs":
         w = [a for a in argv if a.startswith("--worker=")][0].split("=")[1]
         statuses = dict(
             item.split(":")
-            for item in os.environ.get("FAKE_GCLOUD_WORKER_EXIT", "").split(",")
+            for item in env.get("FAKE_GCLOUD_WORKER_EXIT", "").split(",")
             if item
         )
         (dest / "logs").mkdir(parents=True, exist_ok=True)
         (dest / "logs" / f"worker-{{w}}.log").write_text("epoch 1\\n")
         (dest / "logs" / f"worker-{{w}}.exit").write_text(statuses.get(w, "0") + "\\n")
-    elif not os.environ.get("FAKE_GCLOUD_NO_METRICS"):
+    elif not env.get("FAKE_GCLOUD_NO_METRICS"):
         (dest / "output").mkdir(parents=True, exist_ok=True)
         (dest / "output" / "metrics.json").write_text("{{}}")
 if s == "run":
@@ -98,7 +154,7 @@ def source(tmp_path):
     """A small tree like the repository's, with things that must stay behind."""
     src = tmp_path / "src"
     files = {
-        "pyproject.toml": "[project]\n",
+        "pyproject.toml": (REPO / "pyproject.toml").read_text(),
         "training/mnist.py": "print('train')\n",
         "training/data/mnist/train-images-idx3-ubyte.gz": "data",
         "keras_synann/__init__.py": "",
@@ -147,7 +203,10 @@ def steps_of(calls: list[list[str]]) -> list[str]:
     names = []
     for argv in calls:
         if "describe" in argv:
-            names.append("exists" if "--format=value(name)" in argv else "describe")
+            if "--format=value(name)" in argv:
+                names.append("exists")
+            else:
+                names.append("workers" if "--format=json" in argv else "describe")
         elif "create" in argv or "delete" in argv:
             names.append("create" if "create" in argv else "delete")
         elif "scp" in argv:
@@ -158,8 +217,24 @@ def steps_of(calls: list[list[str]]) -> list[str]:
                 names.append("logs" if src.endswith("/logs") else "copy-back")
         else:
             command = [a for a in argv if a.startswith("--command=")][0]
-            names.append("run" if "training/mnist.py" in command else "install")
+            if "training/mnist.py" in command:
+                names.append("run")
+            elif "preflight:" in command:
+                names.append("preflight")
+            elif command == "--command=true":
+                names.append("probe")
+            else:
+                names.append("stop" if "kill -s TERM" in command else "install")
     return names
+
+
+def commands_of(calls: list[list[str]], step: str) -> list[str]:
+    """The remote commands of the recorded calls of one step."""
+    return [
+        [a for a in argv if a.startswith("--command=")][0]
+        for argv, name in zip(calls, steps_of(calls), strict=True)
+        if name == step
+    ]
 
 
 def submit(tmp_path, source, *extra, env=None, popen=False):
@@ -176,8 +251,10 @@ def submit(tmp_path, source, *extra, env=None, popen=False):
     )
 
 
-HAPPY = ["exists", "exists", "create", "describe", "copy", "install", "run"]
-HAPPY += ["logs", "copy-back", "delete"]
+HAPPY = ["exists", "exists", "create", "describe", "workers", "copy", "install"]
+HAPPY += ["preflight", "run", "logs", "copy-back", "delete"]
+ATTEMPT = HAPPY[2:-1]  # create .. copy-back
+HEALTH = ["describe", "describe"]  # the queued resource's state, then the node's
 
 
 # -- submit against the fake gcloud -------------------------------------------------
@@ -193,9 +270,210 @@ def test_success_runs_every_step_and_deletes(tmp_path, source, fake):
     names = tarfile.open(tmp_path / "out/source.tar.gz").getnames()
     assert "training/mnist.py" in names
     assert "training/data/mnist/train-images-idx3-ubyte.gz" in names
-    run = [a for a in fake()[6] if a.startswith("--command=")][0]
+    (run,) = commands_of(fake(), "run")
     assert "--epochs 1 --output-dir ../output" in run
     assert "SYNANN_PINS=constraints.txt" in run and "../venv/bin/python" in run
+
+
+RETRY = ["--retries", "1", "--checkpoint-dir", "gs://synann-ckpt/run1"]
+
+
+def test_preempted_run_is_retried_and_resumes(tmp_path, source, fake):
+    env = {"FAKE_GCLOUD_PREEMPT_AT": "run"}
+    result = submit(tmp_path, source, *RETRY, "--", "--epochs", "3", env=env)
+    assert result.returncode == 0, result.stderr
+    # Preempted during run: logs and outputs (refused: the TPU is PREEMPTED),
+    # the queued resource's state (SUSPENDED), delete, then a new attempt.
+    lost = ["logs", "copy-back", "describe", "delete"]
+    assert steps_of(fake()) == HAPPY[:2] + ATTEMPT[:7] + lost + ATTEMPT + ["delete"]
+    first, second = commands_of(fake(), "run")
+    assert "--epochs 3 --checkpoint-dir gs://synann-ckpt/run1 --output-dir" in first
+    assert "--resume" not in first and "synann-test-1" in first
+    assert "--checkpoint-dir gs://synann-ckpt/run1 --resume --output-dir" in second
+    assert "synann-test-2" in second
+    lines = [ln for ln in result.stderr.splitlines() if "] attempt " in ln]
+    assert lines == [
+        "[tpu] attempt 1 of 2: create the TPU, copy, install, train",
+        "[tpu] attempt 1 of 2: the slice was lost during step run (queued resource "
+        "synann-test is SUSPENDED); deleting it, then attempt 2 resumes from "
+        "gs://synann-ckpt/run1",
+        "[tpu] attempt 2 of 2: a new TPU; training resumes from "
+        "gs://synann-ckpt/run1 (--resume)",
+        "[tpu] attempt 2 of 2 succeeded",
+    ]
+    assert (tmp_path / "out/output/metrics.json").is_file()
+
+
+def test_preemption_without_retries_is_named_with_the_way_out(tmp_path, source, fake):
+    result = submit(tmp_path, source, env={"FAKE_GCLOUD_PREEMPT_AT": "install"})
+    assert result.returncode == 1
+    assert steps_of(fake()) == HAPPY[:7] + ["describe", "delete"]
+    last_error = [ln for ln in result.stderr.splitlines() if "error:" in ln][-1]
+    assert last_error == (
+        "[tpu] error: the slice was lost during step install: queued resource "
+        "synann-test is SUSPENDED; with --retries N --checkpoint-dir "
+        "gs://BUCKET/PATH, submit replaces a lost slice and training resumes"
+    )
+
+
+def test_retries_run_out(tmp_path, source, fake):
+    env = {"FAKE_GCLOUD_PREEMPT_AT": "preflight", "FAKE_GCLOUD_PREEMPT_TIMES": "2"}
+    result = submit(tmp_path, source, *RETRY, env=env)
+    assert result.returncode == 1
+    assert steps_of(fake()).count("create") == 2
+    assert steps_of(fake()).count("delete") == 2
+    assert "no retries left (--retries 1)" in result.stderr
+
+
+def test_lost_while_waiting_is_retried(tmp_path, source, fake):
+    env = {"FAKE_GCLOUD_STATES": "PROVISIONING,FAILED"}
+    result = submit(tmp_path, source, *RETRY, env=env)
+    assert result.returncode == 0, result.stderr
+    assert steps_of(fake()).count("create") == 2
+    assert "lost during step wait (queued resource synann-test is FAILED)" in (
+        result.stderr
+    )
+
+
+def test_workers_that_no_longer_answer_count_as_lost(tmp_path, source, fake):
+    # The node still says READY, but no worker answers ssh: a new slice.
+    env = {"FAKE_GCLOUD_UNREACHABLE_AT": "run"}
+    result = submit(tmp_path, source, *RETRY, "--accelerator-type", "v4-16", env=env)
+    assert result.returncode == 0, result.stderr
+    ran = steps_of(fake())
+    assert ran.count("create") == 2 and ran.count("probe") == 2
+    assert "none of its 2 workers answers ssh" in result.stderr
+
+
+def test_a_failed_worker_on_a_healthy_slice_is_not_retried(tmp_path, source, fake):
+    env = {"FAKE_GCLOUD_WORKER_EXIT": "0:1"}
+    result = submit(tmp_path, source, *RETRY, env=env)
+    assert result.returncode == 1
+    assert steps_of(fake()).count("create") == 1
+    assert "training failed on worker(s) 0 (exit 1)" in result.stderr
+
+
+def test_interrupt_during_a_retry_deletes(tmp_path, source, fake):
+    env = {
+        "FAKE_GCLOUD_PREEMPT_AT": "run",
+        "FAKE_GCLOUD_SIGNAL_AT": "install",
+        "FAKE_GCLOUD_SIGNAL_NTH": "2",
+        "FAKE_GCLOUD_SIGNAL": "SIGINT",
+    }
+    result = submit(tmp_path, source, *RETRY, env=env)
+    assert result.returncode == 130
+    ran = steps_of(fake())
+    assert ran.count("create") == 2 and ran.count("delete") == 2
+    assert ran[-2:] == ["install", "delete"]
+
+
+def test_interrupt_while_deleting_a_lost_slice_creates_no_other(tmp_path, source, fake):
+    env = {
+        "FAKE_GCLOUD_PREEMPT_AT": "run",
+        "FAKE_GCLOUD_SIGNAL_AT": "delete",
+        "FAKE_GCLOUD_SIGNAL": "SIGTERM",
+        "FAKE_GCLOUD_SLEEP": "0.5",
+    }
+    result = submit(tmp_path, source, *RETRY, env=env)
+    assert result.returncode == 143
+    assert steps_of(fake()).count("create") == 1
+    assert steps_of(fake())[-1] == "delete"
+    assert "cleanup in progress" in result.stderr
+
+
+def test_worker_count_comes_from_the_created_tpu(tmp_path, source, fake):
+    result = submit(tmp_path, source, env={"FAKE_GCLOUD_ENDPOINTS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert steps_of(fake()).count("copy") == 2
+    assert steps_of(fake()).count("logs") == 2
+    assert (
+        "note: synann-test has 2 workers (networkEndpoints) but the accelerator "
+        "table says 1 for v5litepod-8; using 2" in result.stderr
+    )
+    copies = [argv for argv in fake() if steps_of([argv]) == ["copy"]]
+    workers = [a for argv in copies for a in argv if a.startswith("--worker=")]
+    assert sorted(workers) == ["--worker=0", "--worker=1"]  # run at once: any order
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            "0:ok,1:failed: Python 3.10 (pinned 3.11)",
+            "preflight failed on worker 1: Python 3.10 (pinned 3.11)",
+        ),
+        ("0:ok,0:ok", "no report from worker(s) 1 (reported: 0)"),
+    ],
+)
+def test_preflight_stops_before_any_worker_trains(
+    tmp_path, source, fake, lines, message
+):
+    env = {"FAKE_GCLOUD_PREFLIGHT": lines}
+    result = submit(tmp_path, source, "--accelerator-type", "v4-16", *RETRY, env=env)
+    assert result.returncode == 1
+    assert "run" not in steps_of(fake())
+    assert steps_of(fake()).count("create") == 1  # not a lost slice: no retry
+    assert steps_of(fake())[-1] == "delete"
+    assert message in result.stderr
+
+
+def test_keep_stops_the_training_after_a_failure(tmp_path, source, fake):
+    env = {"FAKE_GCLOUD_WORKER_EXIT": "0:1"}
+    result = submit(tmp_path, source, "--keep", env=env)
+    assert result.returncode == 1
+    assert steps_of(fake())[-1] == "stop"
+    assert "delete" not in steps_of(fake())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--retries", "2"], "--retries 2 needs --checkpoint-dir"),
+        (["--checkpoint-dir", "ckpt"], "is not a gs:// path"),
+        (["--checkpoint-dir", "gs://x"], "is not a gs:// path"),
+        (["--retries", "-1"], "--retries '-1' is not valid"),
+        (
+            ["--rehearse-preempt-after-epoch", "1", "--checkpoint-dir", "gs://bkt/c"],
+            "needs --rehearse",
+        ),
+        (["--rehearse", "--checkpoint-dir", "gs://bkt/c"], "give a local directory"),
+        (["--backend", "tensorflow", "--accelerator-type", "v4-16"], "multi-host"),
+        (["--backend", "tensorflow", "--accelerator-type", "v4-8"], "PJRT"),
+        (
+            ["--backend", "tensorflow", "--extra", "tensorboard"],
+            "'tensorboard' requires tensorflow>=2.19",
+        ),
+        (["--backend", "tensorflow", "--extra", "legacy"], "requires tf_keras"),
+        (["--extra", "nosuch"], "'nosuch' is not in"),
+        (
+            ["--backend", "tensorflow", "--checkpoint-dir", "gs://bkt/c"],
+            "--checkpoint-dir needs --backend jax",
+        ),
+        (["--", "--checkpoint-dir", "gs://bkt/c"], "give --checkpoint-dir to submit"),
+    ],
+)
+def test_bad_combinations_fail_before_any_gcloud_call(
+    tmp_path, source, fake, args, message
+):
+    result = submit(tmp_path, source, *args)
+    assert result.returncode == 2, result.stderr
+    assert fake() == []
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_tensorflow_extras_are_derived_from_pyproject(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\nname = "my-pkg"\n[project.optional-dependencies]\n'
+        'tf = ["tensorflow-cpu>=2"]\nviz = ["my_pkg[tf]", "rich"]\n'
+        'plots = ["matplotlib"]\n'
+    )
+    assert checks.tensorflow_pullers("viz", pyproject) == ["tensorflow-cpu>=2"]
+    assert checks.tensorflow_pullers("plots", pyproject) == []
+    assert checks.extras(["plots"], pyproject, "tensorflow") == ["plots"]
+    assert checks.extras(["viz"], pyproject, "jax") == ["viz"]  # jax workers: fine
+    with pytest.raises(ValueError, match="'viz' requires tensorflow-cpu>=2"):
+        checks.extras(["viz"], pyproject, "tensorflow")
 
 
 def test_waits_until_active_and_says_so(tmp_path, source, fake):
@@ -211,11 +489,12 @@ def test_waits_until_active_and_says_so(tmp_path, source, fake):
     "step, ran",
     [
         ("create", ["exists", "exists", "create"]),
-        ("copy", ["exists", "exists", "create", "describe", "copy"]),
-        ("install", HAPPY[:6]),
+        ("copy", HAPPY[:6] + HEALTH + ["probe"]),
+        ("install", HAPPY[:7] + HEALTH + ["probe"]),
     ],
 )
 def test_failure_stops_there_and_still_deletes(tmp_path, source, fake, step, ran):
+    # The slice is healthy (its state, a worker answering ssh): no retry.
     result = submit(tmp_path, source, env={"FAKE_GCLOUD_FAIL": step})
     assert result.returncode == 1
     assert steps_of(fake()) == ran + ["delete"]
@@ -227,7 +506,7 @@ def test_a_failed_worker_fails_the_run_and_its_log_is_kept(tmp_path, source, fak
     env = {"FAKE_GCLOUD_FAIL": "run", "FAKE_GCLOUD_WORKER_EXIT": "0:1"}
     result = submit(tmp_path, source, env=env)
     assert result.returncode == 1
-    assert steps_of(fake()) == HAPPY
+    assert steps_of(fake()) == HAPPY[:-1] + HEALTH + ["delete"]
     assert "training failed on worker(s) 0 (exit 1)" in result.stderr
     assert (tmp_path / "out/logs/worker-0.log").is_file()
 
@@ -258,14 +537,18 @@ def test_missing_status_is_a_failure(tmp_path, source, fake):
     result = submit(tmp_path, source, env={"FAKE_GCLOUD_FAIL": "logs"})
     assert result.returncode == 1
     assert "worker(s) 0 (no exit status came back)" in result.stderr
-    assert steps_of(fake())[-1] == "delete"
+    # No status came back: is any worker reachable? (Yes: not a lost slice.)
+    assert steps_of(fake())[-5:] == ["copy-back", *HEALTH, "probe", "delete"]
 
 
 def test_failed_queued_resource_is_deleted(tmp_path, source, fake):
     result = submit(tmp_path, source, env={"FAKE_GCLOUD_STATES": "ACCEPTED,FAILED"})
     assert result.returncode == 1
     assert steps_of(fake())[-1] == "delete"
-    assert "is FAILED" in result.stderr
+    assert "lost during step wait: queued resource synann-test is FAILED" in (
+        result.stderr
+    )
+    assert "with --retries N --checkpoint-dir" in result.stderr
 
 
 def test_wait_timeout_deletes(tmp_path, source, fake):
@@ -285,7 +568,7 @@ def test_missing_metrics_is_a_failure(tmp_path, source, fake, env):
     result = submit(tmp_path, source, env=env)
     assert result.returncode == 1
     assert "metrics.json did not come back" in result.stderr
-    assert steps_of(fake()) == HAPPY
+    assert steps_of(fake()) == HAPPY[:-1] + HEALTH + ["delete"]
 
 
 @pytest.mark.parametrize(
@@ -418,8 +701,9 @@ echo "trained"
 """
 
 
-def run_remote(tmp_path, command, worker, python=None):
-    """Run a remote command string with sh in a worker home, as ssh would."""
+def run_remote(tmp_path, command, worker, python=None, wait=True):
+    """Run a remote command string with sh in a worker home, as ssh would
+    (`wait=False`: return the running process)."""
     home = tmp_path / "home"
     (home / "synann_run/src/training").mkdir(parents=True, exist_ok=True)
     (home / "synann_run/logs").mkdir(exist_ok=True)
@@ -436,9 +720,85 @@ def run_remote(tmp_path, command, worker, python=None):
         "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin",
         "ARGV_OUT": str(tmp_path / "argv.json"),
     }
+    if not wait:
+        pipe = subprocess.PIPE
+        return subprocess.Popen(
+            ["sh", "-c", command],
+            cwd=home,
+            env=env,
+            stdout=pipe,
+            stderr=pipe,
+            text=True,
+        )
     return subprocess.run(
         ["sh", "-c", command], cwd=home, env=env, capture_output=True, text=True
     )
+
+
+SLOW_PYTHON = """\
+#!/bin/sh
+# a training that takes a while: counts its starts, prints, exits 3
+echo start >> "{starts}"
+echo "epoch 1"; sleep 1.5; echo "epoch 2"
+exit 3
+"""
+
+
+@pytest.mark.parametrize("second_while_first_runs", [True, False])
+def test_run_step_twice_starts_one_training(tmp_path, second_while_first_runs):
+    # gcloud runs an ssh command again when its connection failed: the second
+    # run follows the first training instead of starting another.
+    starts = tmp_path / "starts"
+    python = SLOW_PYTHON.format(starts=starts)
+    command = remote.run_command("jax", ["--epochs", "2"], run_id="tpu-1")
+    first = run_remote(tmp_path, command, 0, python=python, wait=False)
+    if not second_while_first_runs:
+        first.wait(timeout=30)
+    else:
+        time.sleep(0.5)
+    second = run_remote(tmp_path, command, 0, python=python)
+    out, _ = first.communicate(timeout=30)
+    assert first.returncode == second.returncode == 3
+    assert starts.read_text() == "start\n"
+    assert "epoch 1\nepoch 2\n" in out and "epoch 1\nepoch 2\n" in second.stdout
+    assert "run tpu-1 was started already; following it" in second.stderr
+
+
+def test_run_step_refuses_a_second_training(tmp_path):
+    starts = tmp_path / "starts"
+    python = SLOW_PYTHON.format(starts=starts)
+    first = remote.run_command("jax", [], run_id="tpu-1")
+    assert run_remote(tmp_path, first, 1, python=python).returncode == 3
+    other = remote.run_command("jax", [], run_id="tpu-2")
+    result = run_remote(tmp_path, other, 1, python=python)
+    assert result.returncode == 1
+    assert "another training (tpu-1) holds this worker; not starting run tpu-2" in (
+        result.stderr
+    )
+    assert starts.read_text() == "start\n"
+
+
+def test_stop_ends_the_training_and_its_children(tmp_path):
+    python = "#!/bin/sh\nsleep 60 &\nwait\n"
+    run = run_remote(tmp_path, remote.run_command("jax", []), 0, python, wait=False)
+    pid_file = tmp_path / "home/synann_run/run/pid"
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop = run_remote(tmp_path, remote.stop_command(), 0)
+    assert stop.returncode == 0 and "stopped training" in stop.stdout
+    run.communicate(timeout=20)
+    status = tmp_path / "home/synann_run/logs/worker-0.exit"
+    assert run.returncode == 143 and status.read_text() == "143\n"
+    group, deadline = int(pid_file.read_text()), time.monotonic() + 10
+    while time.monotonic() < deadline:  # nothing of the group is left
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process group {group} still has members")
 
 
 @pytest.mark.parametrize("worker", [0, 3])

@@ -13,6 +13,7 @@ import pytest
 from cloud import tpu
 
 GOLDEN = Path(__file__).parent / "golden" / "cloud"
+REPO = Path(__file__).resolve().parent.parent
 
 CASES = {
     "single_host": [
@@ -30,6 +31,8 @@ CASES = {
         "--accelerator-type=v4-32",
         "--provisioning=spot",
         "--wait-timeout=2h",
+        "--retries=2",
+        "--checkpoint-dir=gs://my-bucket/synann-v4",
         "--",
         "--epochs",
         "5",
@@ -64,6 +67,9 @@ CASES = {
 def test_dry_run_matches_golden(case, tmp_path, monkeypatch, capsys):
     (tmp_path / "src" / "training").mkdir(parents=True)
     (tmp_path / "src" / "training" / "mnist.py").write_text("")
+    (tmp_path / "src" / "pyproject.toml").write_text(
+        (REPO / "pyproject.toml").read_text()  # the extras submit checks
+    )
     monkeypatch.chdir(tmp_path)
     args = CASES[case]
     cut = args.index("--") if "--" in args else len(args)
