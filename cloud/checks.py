@@ -269,11 +269,18 @@ def checkpoint_dir(value: str, rehearse: bool) -> str:
                 "on this machine; give a local directory"
             )
         return str(Path(value).resolve())
-    if not _BUCKET.fullmatch(value):
+    if not value.startswith("gs://"):
         raise ValueError(
             f"--checkpoint-dir {value!r} is not a gs:// path; a TPU worker's disk "
             "is deleted with the TPU, so checkpoints must go to a bucket, e.g. "
             "gs://my-bucket/synann/run1"
+        )
+    if not _BUCKET.fullmatch(value):
+        raise ValueError(
+            f"--checkpoint-dir {value!r} does not name a valid bucket: bucket "
+            "names have 3 to 222 characters (lowercase letters, digits, '.', '_', "
+            "'-', starting and ending with a letter or digit), and the path no "
+            "spaces; e.g. gs://my-bucket/synann/run1"
         )
     return value.rstrip("/")
 

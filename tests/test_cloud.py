@@ -430,7 +430,7 @@ def test_keep_stops_the_training_after_a_failure(tmp_path, source, fake):
     [
         (["--retries", "2"], "--retries 2 needs --checkpoint-dir"),
         (["--checkpoint-dir", "ckpt"], "is not a gs:// path"),
-        (["--checkpoint-dir", "gs://x"], "is not a gs:// path"),
+        (["--checkpoint-dir", "gs://x"], "does not name a valid bucket"),
         (["--retries", "-1"], "--retries '-1' is not valid"),
         (
             ["--rehearse-preempt-after-epoch", "1", "--checkpoint-dir", "gs://bkt/c"],
