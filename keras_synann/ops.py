@@ -281,7 +281,9 @@ def synapse_graph(
     y = flat * ops.exp(s)
     if alpha is not None:
         y = y * ops.cast(alpha, dtype)
-    return ops.reshape(y, ops.shape(x))
+    # -1 for the leading axis: it keeps a symbolic batch (jax.export, jax2onnx)
+    # from having to be split out of a product.
+    return ops.reshape(y, (-1, *ops.shape(x)[1:]))
 
 
 def _accumulation_dtype(dtype) -> str:

@@ -11,7 +11,8 @@ that stay in the process (torch.compile, jit_compile, jax.jit) are compared
 in the test itself.
 
 Tests marked `export` need the [export] extra (onnx, onnxscript, onnxruntime,
-tf2onnx) or, under jax, tensorflow: tox installs them where they resolve.
+tf2onnx) or, under jax, tensorflow (the cross env) or jax2onnx (the jax-onnx
+env): tox installs them where they resolve.
 """
 
 import importlib.util
@@ -271,4 +272,19 @@ def test_jax_exports_through_tensorflow(tmp_path):
         )
         tf.saved_model.save(module, str(tmp_path / f"{rank}.jax2tf"))
         artifacts.add(f"{rank}.jax2tf", "tf_saved_model", rank, expected)
+    _check(artifacts.load_elsewhere())
+
+
+@pytest.mark.export
+@pytest.mark.skipif(BACKEND != "jax", reason="jax exporters")
+@pytest.mark.skipif(
+    not _has("jax2onnx", "onnxruntime"),
+    reason="ONNX under jax needs jax2onnx and onnxruntime (tox: the jax-onnx env)",
+)
+def test_jax_exports_onnx(tmp_path):
+    artifacts = Artifacts(tmp_path)
+    for rank, model, x, expected in _cases():
+        model(x)  # Keras's jax ONNX export refuses a model never called directly
+        model.export(str(tmp_path / f"{rank}.onnx"), format="onnx", verbose=False)
+        artifacts.add(f"{rank}.onnx", "onnx", rank, expected)
     _check(artifacts.load_elsewhere())

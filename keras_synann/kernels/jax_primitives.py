@@ -12,12 +12,14 @@ Keras's `model.export(format="tf_saved_model")` under jax). So `jax.jit`
 runs the kernel while a serialized module holds only standard ops, which
 any XLA runtime can load. Eager calls run a jitted bind; `jax.vmap` folds a
 mapped batch into the forward's batch and maps the backward one slice at a
-time.
+time. When jax2onnx is imported, both primitives get a jax2onnx plugin that
+converts them as the reference too (`kernels.jax_onnx`).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Mapping
 
 import jax
@@ -93,6 +95,11 @@ def define(name: str, kernels: Mapping[str, Pair]) -> Callable:
     apply.defvjp(apply_forward, apply_backward)
 
     def log_inhibition(x, kernel, **params):
+        if "jax2onnx" in sys.modules:  # Keras's model.export(format="onnx")
+            from keras_synann.kernels import jax_onnx
+
+            jax_onnx.register(forward.name, _reference_forward)
+            jax_onnx.register(backward.name, _reference_backward)
         return apply(x, kernel, tuple(sorted(params.items())))
 
     return log_inhibition
