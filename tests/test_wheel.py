@@ -42,7 +42,7 @@ def test_installed_wheel_compiles_and_runs_the_c_loops(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(REPO / "keras_synann", source / "keras_synann",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -53,6 +53,7 @@ def test_installed_wheel_compiles_and_runs_the_c_loops(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "keras_synann/kernels/cpu_loops.c" in names
     assert "keras_synann/kernels/cpu_ffi.c" in names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), names
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
