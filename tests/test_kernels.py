@@ -565,6 +565,26 @@ def test_jax_runs_the_loops_under_jit_and_exports_the_reference():
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="jax tracing")
+def test_jax_traces_the_loops_without_importing_jax2onnx(tmp_path):
+    """The jax2onnx plugins are registered only once jax2onnx is imported by
+    someone else (Keras's ONNX export): the layer never imports it."""
+    out = _run(
+        """
+        import sys
+        import jax
+        import numpy as np
+        from keras_synann import ops
+        x = np.full((3, 8), 0.5, "float32")
+        kernel = np.full((8, 8), 0.1, "float32")
+        jax.jit(lambda x, k: ops.log_inhibition(x, k, implementation="cpu"))(x, kernel)
+        print("jax2onnx" in sys.modules)
+        """,
+        tmp_path,
+    )
+    assert out.split() == ["False"]
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="jax transformations")
 def test_jax_vmap_of_the_loops_and_their_gradient():
     import jax
