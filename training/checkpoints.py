@@ -37,6 +37,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.cli import first_line
+
 FORMAT = 1
 #: Checkpoints kept (the newest first); older ones are deleted after a save.
 KEEP = 2
@@ -163,7 +165,7 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(
                 f"writing checkpoint {saved.epoch} to {self.directory} failed: "
-                + _first_line(e)
+                + first_line(e)
             ) from e
 
     def restore(self, model, epoch: int) -> tuple[Saved, list]:
@@ -171,6 +173,7 @@ class Checkpointer:
         in their current layout); returns the metadata and the best epoch's
         model variables (NumPy arrays)."""
         import jax
+        import numpy as np
         import orbax.checkpoint as ocp
 
         model_vars, opt_vars = _variables(model)
@@ -194,7 +197,7 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {epoch} in {self.directory} does not fit this model "
-                f"(written for other settings?): {_first_line(e)}"
+                f"(written for other settings?): {first_line(e)}"
             ) from None
         saved = Saved.from_json(dict(restored.meta))
         for variables, values in (
@@ -203,8 +206,6 @@ class Checkpointer:
         ):
             for variable, value in zip(variables, values, strict=True):
                 variable.assign(value)
-        import numpy as np
-
         best = [np.asarray(a) for a in restored.best["model"]]
         return saved, best
 
@@ -212,10 +213,6 @@ class Checkpointer:
         if self._mgr is not None:
             self._mgr.close()
             self._mgr = None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def read_saved(directory: str, epoch: int) -> Saved:

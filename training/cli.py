@@ -22,3 +22,8 @@ class Parser(argparse.ArgumentParser):
 def error(prog: str, message: object) -> None:
     """Print `PROG: error: MESSAGE` on one line of stderr."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type's name if it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

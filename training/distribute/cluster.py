@@ -60,6 +60,8 @@ import sys
 import threading
 import time
 
+from training.cli import first_line
+
 ENV_JOIN_TIMEOUT = "SYNANN_JOIN_TIMEOUT"
 ENV_WATCHDOG_TIMEOUT = "SYNANN_WATCHDOG_TIMEOUT"
 DEFAULT_JOIN_TIMEOUT = 300
@@ -174,10 +176,9 @@ def join(agree_on_seed: bool = True) -> None:
             **options,
         )
     except Exception as e:  # jax raises several kinds; all mean: no cluster
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise JoinError(
             f"process {index if index is not None else '?'} could not join "
-            f"the others within {timeout} s ({ENV_JOIN_TIMEOUT}): {first}"
+            f"the others within {timeout} s ({ENV_JOIN_TIMEOUT}): {first_line(e)}"
         ) from None
     if agree_on_seed:
         _agree_on_seed()
@@ -378,10 +379,10 @@ class Watchdog:
                 reached = now
             except Exception as e:
                 if now - reached > self.timeout:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     self._end(
                         "stopping because the coordination service on process 0 "
-                        f"has been unreachable for {self.timeout:.0f} s: {first}",
+                        f"has been unreachable for {self.timeout:.0f} s: "
+                        + first_line(e),
                         EXIT_OTHER_FAILED,
                     )
                     return

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from training.cli import first_line
 from training.distribute.base import Strategy, trim
 
 ENV_TF_LOGICAL_CPUS = "SYNANN_TF_LOGICAL_CPUS"
@@ -107,8 +108,7 @@ def _tf_tpu_strategy(tf):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver), ""
     except Exception as err:  # any failure means: no usable TPU
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return None, first_line
+        return None, first_line(err)
 
 
 def resolve(name: str) -> Strategy:
