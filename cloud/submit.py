@@ -26,13 +26,13 @@ from cloud.runner import Interrupted, Runner, say
 #: States in which a slice will not become usable again: the queued resource
 #: (True) or the TPU VM node (False). Those in LOST are what preemption (or a
 #: failed provisioning) leaves: with --retries, a new slice replaces it.
-BAD_STATES = {
-    True: {"FAILED", "SUSPENDING", "SUSPENDED", "DELETING"},
-    False: {"PREEMPTED", "TERMINATED", "STOPPING", "STOPPED", "DELETING", "HIDDEN"},
-}
 LOST_STATES = {
     True: {"FAILED", "SUSPENDING", "SUSPENDED"},
     False: {"PREEMPTED", "TERMINATED"},
+}
+BAD_STATES = {
+    True: LOST_STATES[True] | {"DELETING"},
+    False: LOST_STATES[False] | {"STOPPING", "STOPPED", "DELETING", "HIDDEN"},
 }
 DESCRIBE_RETRIES = 5  # consecutive failed readiness checks before giving up
 LOGS_TIMEOUT_S = 300
@@ -208,8 +208,13 @@ def _check_free(runner: Runner, step: Step, name: str) -> None:
             f"it first (python -m cloud.tpu delete --name {name} ...)"
         )
     if not _not_found(err):
-        last = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
+        last = _last_line(err, f"exit code {rc}")
         raise ValueError(f"could not check whether {name} exists: {last}")
+
+
+def _last_line(err: str, default: str) -> str:
+    """gcloud's last line of stderr (its error), or `default` if it said nothing."""
+    return (err.strip().splitlines() or [default])[-1]
 
 
 def _not_found(err: str) -> bool:
@@ -235,7 +240,7 @@ def _wait_ready(runner: Runner, sub: Submission, step: Step) -> None:
             raise StepFailed(f"{kind} {t.name} is {state}; it will not become {ready}")
         failures = 0 if rc == 0 else failures + 1
         if failures >= DESCRIBE_RETRIES:
-            last_err = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
+            last_err = _last_line(err, f"exit code {rc}")
             raise StepFailed(f"cannot read the state of {t.name}: {last_err}")
         if state != last or polls % 10 == 0:
             say(
@@ -264,7 +269,7 @@ def _count_workers(runner: Runner, sub: Submission, step: Step) -> None:
     except (ValueError, KeyError, TypeError):
         found = 0
     if not found:
-        why = (err.strip().splitlines() or ["no networkEndpoints"])[-1]
+        why = _last_line(err, "no networkEndpoints")
         say(
             f"note: could not read {sub.target.name}'s workers ({why}); using the "
             f"accelerator table's {table}"
