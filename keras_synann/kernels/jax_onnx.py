@@ -8,7 +8,7 @@ reference (`kernels.reference`), inlined where the primitive stood: the ONNX
 graph holds the reference's standard operators, just as `jax.export` holds
 the reference's StableHLO.
 
-`register(name, primitive_name, reference)` is called by `jax_primitives`
+`register(primitive_name, reference)` is called by `jax_primitives`
 when jax2onnx is imported (so importing keras_synann never imports it); it
 is idempotent.
 """
