@@ -60,7 +60,7 @@ class ValidConv2D(layers.Conv2D):
     on a CPU the convolution and its gradients are computed in the forms XLA's
     CPU backend runs fastest (one input channel: a fused sum over the kernel's
     taps; input gradient: matmuls and shifted sums); see
-    `keras_synann/kernels/jax_conv.py` and docs/performance.md, "Training speed". Elsewhere
+    `keras_synann/kernels/jax/conv.py` and docs/performance.md, "Training speed". Elsewhere
     it is `keras.ops.conv`.
     """
 
@@ -84,7 +84,7 @@ class ValidConv2D(layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         if not _jax_on_cpu():
             return super().convolution_op(inputs, kernel)
-        from keras_synann.kernels.jax_conv import conv2d_valid
+        from keras_synann.kernels.jax.conv import conv2d_valid
 
         return conv2d_valid(inputs, ops.convert_to_tensor(kernel))
 

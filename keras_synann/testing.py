@@ -332,3 +332,419 @@ def _check_masking(layer, input_data, supports_masking: bool, rng) -> None:
         np.array_equal(keras.ops.convert_to_numpy(out), mask),
         "compute_mask() changed the mask",
     )
+
+
+# --- derivatives of every order ------------------------------------------------------
+
+#: The transforms `check_derivatives` runs, per backend.
+TRANSFORMS = {
+    "jax": (
+        "grad", "gradient_penalty", "hvp", "third_order", "jvp", "linearize",
+        "forward_over_reverse_hvp", "jacrev", "jacfwd", "hessian", "vmap",
+        "per_sample_grads",
+    ),
+    "torch": (
+        "grad", "gradient_penalty", "hvp", "third_order", "jvp", "forward_ad",
+        "forward_over_reverse_hvp", "jacrev", "jacfwd", "vmap", "func_grad",
+        "per_sample_grads",
+    ),
+    "tensorflow": (
+        "grad", "gradient_penalty", "hvp", "third_order", "jvp",
+        "forward_over_reverse_hvp", "batch_jacobian", "jacobian", "vmap",
+        "per_sample_grads",
+    ),
+}  # fmt: skip
+
+#: The factor floor of the plain formula (keras_synann.ops.FACTOR_FLOOR).
+_FLOOR = 1e-6
+
+
+def derivative_inputs(batch: int = 3, n: int = 6, floored: bool = False, seed: int = 0):
+    """float64 NumPy (x, kernel, alpha, vx, vkernel) for `check_derivatives`:
+    x uniform in [0.05, 0.95], beta in [0, 0.6), alpha in [1, 2), directions
+    standard normal. `floored` sets some factors to 1 - 1 * 1 = 0 (floored)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.05, 0.95, (batch, n))
+    kernel = rng.uniform(0.0, 0.6, (n, n))
+    alpha = rng.uniform(1.0, 2.0, (n,))
+    if floored:
+        x[0, :2] = 1.0
+        kernel[:2, 1:3] = 1.0
+    return x, kernel, alpha, rng.normal(size=x.shape), rng.normal(size=kernel.shape)
+
+
+def check_derivatives(
+    implementation: str = "auto",
+    *,
+    use_alpha: bool = False,
+    zero_diagonal: bool = False,
+    series_order: int | None = None,
+    floored: bool = False,
+    compiled: bool = False,
+    transforms: tuple[str, ...] | None = None,
+    batch: int = 3,
+    n: int = 6,
+    rtol: float = 1e-5,
+) -> dict[str, float]:
+    """Checks the derivatives of a Synapse configuration on the running backend.
+
+    For y = synapse_graph(x, W) (float32, the given implementation and
+    variant) and L = sum(y ** 2), each transform of `TRANSFORMS[backend]`
+    (first order; gradient penalty d/dW sum((dL/dx) ** 2); Hessian-vector
+    product by reverse over reverse and forward over reverse; a third order;
+    forward mode; Jacobians; vectorising maps and per-sample gradients) is
+    compared with the same transform of the plain formula
+
+        y_i = alpha_i x_i prod_j max(1 - W[j, i] x_j, 1e-6)
+
+    written with the backend's own ops in float64 (no keras_synann code).
+    `compiled` runs both inside jax.jit / tf.function / torch.compile.
+
+    Returns:
+        {transform: max |ours - reference| / max |reference|}.
+
+    Raises:
+        AssertionError: naming every transform whose error exceeds `rtol`.
+    """
+    backend = keras.backend.backend()
+    names = transforms or TRANSFORMS[backend]
+    x, kernel, alpha, vx, vw = derivative_inputs(batch, n, floored)
+    config = {
+        "implementation": implementation,
+        "alpha": alpha if use_alpha else None,
+        "zero_diagonal": zero_diagonal,
+        "series_order": series_order,
+    }
+    harness = {"jax": _jax_harness, "torch": _torch_harness}.get(
+        backend, _tensorflow_harness
+    )
+    ours, reference = harness(config, names, compiled, x, kernel, vx, vw)
+    errors = {}
+    for name in names:
+        got = [np.asarray(a, np.float64) for a in ours[name]]
+        want = [np.asarray(a, np.float64) for a in reference[name]]
+        scale = max(float(np.max(np.abs(w))) for w in want) or 1.0
+        errors[name] = (
+            max(float(np.max(np.abs(g - w))) for g, w in zip(got, want, strict=True))
+            / scale
+        )
+    bad = {k: v for k, v in errors.items() if not v <= rtol}
+    if bad:
+        raise AssertionError(
+            f"derivatives of Synapse ({backend}, {config['implementation']}) off by "
+            f"more than {rtol:g} (relative): {bad}"
+        )
+    return errors
+
+
+def _synapse_fn(config, ops_module):
+    """y(x, W) through keras_synann for the configuration."""
+    from keras_synann import ops as synann_ops
+
+    def fn(x, w):
+        if config["zero_diagonal"]:
+            w = w * (1.0 - ops_module.eye(w.shape[0], dtype=w.dtype))
+        return synann_ops.synapse_graph(
+            x,
+            w,
+            alpha=config["alpha_tensor"],
+            implementation=config["implementation"],
+            series_order=config["series_order"],
+        )
+
+    return fn
+
+
+def _plain_fn(config, xp):
+    """y(x, W) as the plain float64 formula, in the backend namespace `xp`."""
+
+    def fn(x, w):
+        if config["zero_diagonal"]:
+            w = w * (1.0 - xp.eye(w.shape[0], dtype=w.dtype))
+        if config["series_order"] is None:
+            f = xp.maximum(1.0 - x[..., :, None] * w, _FLOOR)
+            s = xp.sum(xp.log(f), -2)
+        else:
+            s = 0.0
+            for k in range(1, config["series_order"] + 1):
+                s = s - (x**k) @ (w**k) / k
+        y = x * xp.exp(s)
+        if config["alpha_tensor"] is not None:
+            y = y * config["alpha_tensor"]
+        return y
+
+    return fn
+
+
+def _jax_harness(config, names, compiled, x, w, vx, vw):
+    import jax
+    import jax.numpy as jnp
+
+    def transforms(fn):
+        def loss(x, w):
+            return jnp.sum(fn(x, w) ** 2)
+
+        def gx(x, w):
+            return jax.grad(loss, 0)(x, w)
+
+        def hvp(x, w, vx):
+            return jax.grad(lambda x: jnp.vdot(gx(x, w), vx))(x)
+
+        return {
+            "grad": lambda x, w, vx, vw: jax.grad(loss, (0, 1))(x, w),
+            "gradient_penalty": lambda x, w, vx, vw: [
+                jax.grad(lambda w: jnp.sum(gx(x, w) ** 2))(w)
+            ],
+            "hvp": lambda x, w, vx, vw: [hvp(x, w, vx)],
+            "third_order": lambda x, w, vx, vw: [
+                jax.grad(lambda w: jnp.sum(hvp(x, w, vx) ** 2))(w)
+            ],
+            "jvp": lambda x, w, vx, vw: [jax.jvp(fn, (x, w), (vx, vw))[1]],
+            "linearize": lambda x, w, vx, vw: [jax.linearize(fn, x, w)[1](vx, vw)],
+            "forward_over_reverse_hvp": lambda x, w, vx, vw: [
+                jax.jvp(lambda x: gx(x, w), (x,), (vx,))[1]
+            ],
+            "jacrev": lambda x, w, vx, vw: list(jax.jacrev(fn, (0, 1))(x, w)),
+            "jacfwd": lambda x, w, vx, vw: list(jax.jacfwd(fn, (0, 1))(x, w)),
+            "hessian": lambda x, w, vx, vw: [jax.hessian(loss, 0)(x, w)],
+            "vmap": lambda x, w, vx, vw: [jax.vmap(lambda xi: fn(xi[None], w)[0])(x)],
+            "per_sample_grads": lambda x, w, vx, vw: [
+                jax.vmap(lambda xi: jax.grad(lambda w: loss(xi[None], w))(w))(x)
+            ],
+        }
+
+    def run(fn, dtype, alpha):
+        cfg = {
+            **config,
+            "alpha_tensor": None if alpha is None else jnp.asarray(alpha, dtype),
+        }
+        table = transforms(fn(cfg))
+        args = [jnp.asarray(a, dtype) for a in (x, w, vx, vw)]
+        out = {}
+        for name in names:
+            t = jax.jit(table[name]) if compiled else table[name]
+            out[name] = [np.asarray(a) for a in jax.tree_util.tree_leaves(t(*args))]
+        return out
+
+    import keras
+
+    ours = run(lambda cfg: _synapse_fn(cfg, keras.ops), "float32", config["alpha"])
+    with _jax_x64():
+        reference = run(lambda cfg: _plain_fn(cfg, jnp), "float64", config["alpha"])
+    return ours, reference
+
+
+def _jax_x64():
+    import jax
+
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+def _torch_harness(config, names, compiled, x, w, vx, vw):
+    import torch
+    import torch.autograd.forward_ad as fwad
+    from torch import func
+
+    def transforms(fn):
+        def loss(x, w):
+            return (fn(x, w) ** 2).sum()
+
+        def leaves(*ts):
+            return [t.detach().clone().requires_grad_(True) for t in ts]
+
+        def grad(x, w, vx, vw):
+            x, w = leaves(x, w)
+            return list(torch.autograd.grad(loss(x, w), (x, w)))
+
+        def gx(x, w):
+            return torch.autograd.grad(loss(x, w), x, create_graph=True)[0]
+
+        def penalty(x, w, vx, vw):
+            x, w = leaves(x, w)
+            return list(torch.autograd.grad((gx(x, w) ** 2).sum(), w))
+
+        def hvp(x, w, vx, vw):
+            x, w = leaves(x, w)
+            return list(torch.autograd.grad((gx(x, w) * vx).sum(), x))
+
+        def third(x, w, vx, vw):
+            x, w = leaves(x, w)
+            h = torch.autograd.grad((gx(x, w) * vx).sum(), x, create_graph=True)[0]
+            return list(torch.autograd.grad((h**2).sum(), w))
+
+        def forward_ad(x, w, vx, vw):
+            with fwad.dual_level():
+                y = fn(fwad.make_dual(x, vx), fwad.make_dual(w, vw))
+                return [fwad.unpack_dual(y).tangent]
+
+        return {
+            "grad": grad,
+            "gradient_penalty": penalty,
+            "hvp": hvp,
+            "third_order": third,
+            "jvp": lambda x, w, vx, vw: [func.jvp(fn, (x, w), (vx, vw))[1]],
+            "forward_ad": forward_ad,
+            "forward_over_reverse_hvp": lambda x, w, vx, vw: [
+                func.jvp(lambda x: func.grad(loss, 0)(x, w), (x,), (vx,))[1]
+            ],
+            "jacrev": lambda x, w, vx, vw: list(func.jacrev(fn, (0, 1))(x, w)),
+            "jacfwd": lambda x, w, vx, vw: list(func.jacfwd(fn, (0, 1))(x, w)),
+            "vmap": lambda x, w, vx, vw: [func.vmap(lambda xi: fn(xi[None], w)[0])(x)],
+            "func_grad": lambda x, w, vx, vw: list(func.grad(loss, (0, 1))(x, w)),
+            "per_sample_grads": lambda x, w, vx, vw: [
+                func.vmap(func.grad(lambda w, xi: loss(xi[None], w)), (None, 0))(w, x)
+            ],
+        }
+
+    def run(fn, dtype, alpha):
+        cfg = {
+            **config,
+            "alpha_tensor": None if alpha is None else torch.tensor(alpha, dtype=dtype),
+        }
+        table = transforms(fn(cfg))
+        args = [torch.tensor(a, dtype=dtype) for a in (x, w, vx, vw)]
+        out = {}
+        for name in names:
+            t = torch.compile(table[name]) if compiled else table[name]
+            out[name] = [a.detach().numpy() for a in t(*args)]
+        return out
+
+    import keras
+
+    ours = run(lambda cfg: _synapse_fn(cfg, keras.ops), torch.float32, config["alpha"])
+    reference = run(
+        lambda cfg: _plain_fn(cfg, _TorchNamespace()), torch.float64, config["alpha"]
+    )
+    return ours, reference
+
+
+class _TorchNamespace:
+    """The few array functions `_plain_fn` needs, from torch."""
+
+    def __init__(self):
+        import torch
+
+        self.maximum, self.log, self.exp = torch.clamp_min, torch.log, torch.exp
+        self.eye = lambda n, dtype: torch.eye(n, dtype=dtype)
+        self.sum = lambda t, axis: t.sum(axis)
+
+
+class _TFNamespace:
+    """The few array functions `_plain_fn` needs, from tensorflow."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.maximum, self.log, self.exp = tf.maximum, tf.math.log, tf.exp
+        self.eye = lambda n, dtype: tf.eye(n, dtype=dtype)
+        self.sum = lambda t, axis: tf.reduce_sum(t, axis)
+
+
+def _tensorflow_harness(config, names, compiled, x, w, vx, vw):
+    import tensorflow as tf
+
+    def transforms(fn):
+        def loss(x, w):
+            return tf.reduce_sum(fn(x, w) ** 2)
+
+        def gx(x, w):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                value = loss(x, w)
+            return tape.gradient(value, x)
+
+        def hvp(x, w, vx):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                inner = tf.reduce_sum(gx(x, w) * vx)
+            return tape.gradient(inner, x)
+
+        def grad(x, w, vx, vw):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                value = loss(x, w)
+            return tape.gradient(value, [x, w])
+
+        def penalty(x, w, vx, vw):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                p = tf.reduce_sum(gx(x, w) ** 2)
+            return [tape.gradient(p, w)]
+
+        def third(x, w, vx, vw):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                p = tf.reduce_sum(hvp(x, w, vx) ** 2)
+            return [tape.gradient(p, w)]
+
+        def jvp(x, w, vx, vw):
+            with tf.autodiff.ForwardAccumulator([x, w], [vx, vw]) as acc:
+                y = fn(x, w)
+            return [acc.jvp(y)]
+
+        def fwd_over_rev(x, w, vx, vw):
+            with tf.autodiff.ForwardAccumulator(x, vx) as acc:
+                g = gx(x, w)
+            return [acc.jvp(g)]
+
+        def batch_jacobian(x, w, vx, vw):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = fn(x, w)
+            return [tape.batch_jacobian(y, x)]
+
+        def jacobian(x, w, vx, vw):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                y = fn(x, w)
+            return [tape.jacobian(y, w)]
+
+        def vmap(x, w, vx, vw):
+            return [tf.vectorized_map(lambda xi: fn(xi[None], w)[0], x)]
+
+        def per_sample(x, w, vx, vw):
+            def one(xi):
+                with tf.GradientTape() as tape:
+                    tape.watch(w)
+                    value = loss(xi[None], w)
+                return tape.gradient(value, w)
+
+            return [tf.vectorized_map(one, x)]
+
+        return {
+            "grad": grad,
+            "gradient_penalty": penalty,
+            "hvp": lambda x, w, vx, vw: [hvp(x, w, vx)],
+            "third_order": third,
+            "jvp": jvp,
+            "forward_over_reverse_hvp": fwd_over_rev,
+            "batch_jacobian": batch_jacobian,
+            "jacobian": jacobian,
+            "vmap": vmap,
+            "per_sample_grads": per_sample,
+        }
+
+    def run(fn, dtype, alpha):
+        cfg = {
+            **config,
+            "alpha_tensor": None if alpha is None else tf.constant(alpha, dtype),
+        }
+        table = transforms(fn(cfg))
+        args = [tf.constant(a, dtype) for a in (x, w, vx, vw)]
+        out = {}
+        for name in names:
+            t = tf.function(table[name]) if compiled else table[name]
+            out[name] = [np.asarray(a) for a in t(*args)]
+        return out
+
+    import keras
+
+    ours = run(lambda cfg: _synapse_fn(cfg, keras.ops), tf.float32, config["alpha"])
+    reference = run(
+        lambda cfg: _plain_fn(cfg, _TFNamespace()), tf.float64, config["alpha"]
+    )
+    return ours, reference

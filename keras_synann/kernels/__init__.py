@@ -2,33 +2,38 @@
 
     s[b, i] = sum_j log(max(1 - W[j, i] x[b, j], FACTOR_FLOOR))   (one log per chunk)
 
-Every implementation is a module of this package with `why_not(x, kernel,
-auto)` (why it does not apply to these tensors here, in words, or None) and
-`log_inhibition(x, kernel, chunk)`; `IMPLEMENTATIONS` records its name and
-the backend it needs:
+The implementations live per backend, the way Keras lays out its backends:
 
-    name     module          backend   what
-    ops      reference.py    any       keras.ops: every device and tracer
-    cpu      cpu.py          any       fused C loops (float32, CPU)
-    torch    torch_eager.py  torch     eager torch with reused buffers
-    triton   triton.py       torch     fused Triton kernels (CUDA)
-    pallas   pallas.py       jax       fused Pallas kernels (GPU)
+    name     jax                 torch               tensorflow
+    ops      jax/reference.py    torch/reference.py  tensorflow/reference.py
+    cpu      jax/cpu.py          torch/cpu.py        tensorflow/cpu.py
+    torch                        torch/eager.py
+    triton                       torch/triton.py
+    pallas   jax/pallas.py
 
-"auto" takes the first implementation of its backend's `PRIORITY` list whose
-`why_not(..., auto=True)` is None. An explicit request that does not apply
-raises one ValueError with the reason and the way out. Imports point one
-way: `keras_synann.ops` imports this package, never the reverse, and the
-implementation modules are imported on first use (each imports its own
-backend).
+Each backend package lists its modules and "auto"'s `PRIORITY`; each module
+says why it does not apply (`not_supported_reasons(x, kernel, auto)`, a list,
+no side effects) and computes s, differentiable to every order through its
+backend's rules (jax primitives, torch autograd Functions, tensorflow custom
+gradients, all from `rules`). "auto" takes the first of its backend's
+`PRIORITY` with no reason; the choice is cached per backend, shapes, dtypes
+and context (device, tracer or graph). An explicit request that does not
+apply raises one ValueError with the reasons and the way out. Imports point
+one way: `keras_synann.ops` imports this package, never the reverse, and
+each backend package is imported on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import importlib
+import warnings
 from types import ModuleType
 
-from keras_synann.kernels import devices
+import keras
+
+from keras_synann.kernels import cpu_build, devices
 from keras_synann.kernels._numerics import (
     DEFAULT_CHUNK_SIZE,
     FACTOR_FLOOR,
@@ -39,91 +44,96 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FACTOR_FLOOR",
     "IMPLEMENTATIONS",
-    "PRIORITY",
     "PRODUCT_FLOOR",
     "Implementation",
     "log_inhibition",
+    "priority",
     "resolve",
 ]
+
+#: The backends each implementation runs on.
+_HOMES = {
+    "ops": ("jax", "torch", "tensorflow"),
+    "cpu": ("jax", "torch", "tensorflow"),
+    "torch": ("torch",),
+    "triton": ("torch",),
+    "pallas": ("jax",),
+}
+
+
+@functools.cache
+def _backend_package(backend: str) -> ModuleType:
+    return importlib.import_module(f"keras_synann.kernels.{backend}")
+
+
+@functools.cache
+def _load(backend: str, name: str) -> tuple[ModuleType | None, str | None]:
+    """(module, None), or (None, why it cannot be imported); imported once."""
+    package = _backend_package(backend)
+    try:
+        return importlib.import_module(
+            f"{package.__name__}.{package.MODULES[name]}"
+        ), None
+    except ImportError as e:
+        return None, f"{e.name or 'a package it needs'} is not installed"
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """One way to compute `log_inhibition`: its name, backend and module."""
+    """One way to compute `log_inhibition`: its name and the backends it runs on."""
 
     name: str
-    #: The Keras backend it needs; None for any.
-    backend: str | None
-    #: Imports and returns the module of this package that implements it.
-    load: Callable[[], ModuleType]
+    backends: tuple[str, ...]
+
+    def module(self) -> ModuleType:
+        """Its module for the running backend (call `not_supported_reasons` first)."""
+        module, error = _load(devices.backend(), self.name)
+        if module is None:
+            raise ImportError(error)
+        return module
+
+    def not_supported_reasons(self, x, kernel, auto: bool = False) -> list[str]:
+        """Why it does not apply to these tensors here, in words (empty: it does)."""
+        current = devices.backend()
+        if current not in self.backends:
+            homes = " or ".join(self.backends)
+            return [f"it needs the {homes} backend (Keras runs {current})"]
+        module, error = _load(current, self.name)
+        if module is None:
+            return [error]
+        return module.not_supported_reasons(x, kernel, auto)
 
     def why_not(self, x, kernel, auto: bool = False) -> str | None:
-        """Why it does not apply to these tensors here, in words; None if it does."""
-        current = devices.backend()
-        if self.backend is not None and self.backend != current:
-            return f"it needs the {self.backend} backend (Keras runs {current})"
-        try:
-            module = self.load()
-        except ImportError as e:
-            return f"{e.name or 'a package it needs'} is not installed"
-        return module.why_not(x, kernel, auto)
+        """The reasons joined into one sentence, or None where it applies."""
+        reasons = self.not_supported_reasons(x, kernel, auto)
+        return "; ".join(reasons) if reasons else None
 
     def log_inhibition(self, x, kernel, chunk: int):
         """s (batch, n_out) for x (batch, n_in), kernel (n_in, n_out), chunk <= n_in."""
-        return self.load().log_inhibition(x, kernel, chunk)
-
-
-# Each module is imported on first use, with an import statement (which
-# torch's compiler follows, unlike importlib).
-
-
-def _reference() -> ModuleType:
-    from keras_synann.kernels import reference
-
-    return reference
-
-
-def _torch_eager() -> ModuleType:
-    from keras_synann.kernels import torch_eager
-
-    return torch_eager
-
-
-def _triton() -> ModuleType:
-    from keras_synann.kernels import triton
-
-    return triton
-
-
-def _pallas() -> ModuleType:
-    from keras_synann.kernels import pallas
-
-    return pallas
-
-
-def _cpu() -> ModuleType:
-    from keras_synann.kernels import cpu
-
-    return cpu
+        return self.module().log_inhibition(x, kernel, chunk)
 
 
 #: Every implementation by name ("auto" is not one: it picks one of these).
-IMPLEMENTATIONS = {
-    impl.name: impl
-    for impl in (
-        Implementation("ops", None, _reference),
-        Implementation("torch", "torch", _torch_eager),
-        Implementation("triton", "torch", _triton),
-        Implementation("pallas", "jax", _pallas),
-        Implementation("cpu", None, _cpu),
+IMPLEMENTATIONS = {name: Implementation(name, homes) for name, homes in _HOMES.items()}
+
+
+def priority(backend: str | None = None) -> tuple[str, ...]:
+    """What "auto" tries, in order, under `backend` (default: Keras's)."""
+    return _backend_package(backend or devices.backend()).PRIORITY
+
+
+def _key(backend: str, x, kernel) -> tuple:
+    return (
+        backend,
+        tuple(x.shape),
+        tuple(kernel.shape),
+        keras.backend.standardize_dtype(x.dtype),
+        keras.backend.standardize_dtype(kernel.dtype),
+        _backend_package(backend).context(x, kernel),
     )
-}
-#: What "auto" tries, in order, per backend. The last applies everywhere.
-PRIORITY = {
-    "jax": ("pallas", "cpu", "ops"),
-    "torch": ("triton", "cpu", "torch", "ops"),
-    "tensorflow": ("cpu", "ops"),
-}
+
+
+_AUTO: dict[tuple, Implementation] = {}
 
 
 def resolve(implementation: str, x, kernel) -> Implementation:
@@ -131,25 +141,49 @@ def resolve(implementation: str, x, kernel) -> Implementation:
 
     Raises:
         ValueError: `implementation` is explicit and does not apply, with the
-            reason and the way out.
+            reasons and the way out.
     """
+    backend = devices.backend()
     if implementation == "auto":
-        for name in PRIORITY[devices.backend()]:
-            impl = IMPLEMENTATIONS[name]
-            if impl.why_not(x, kernel, auto=True) is None:
-                return impl
-        raise AssertionError("the keras.ops implementation applies everywhere")
+        key = _key(backend, x, kernel)
+        choice = _AUTO.get(key)
+        if choice is None:
+            choice = _choose(backend, x, kernel)
+            _AUTO[key] = choice
+        return choice
     impl = IMPLEMENTATIONS[implementation]
-    reason = impl.why_not(x, kernel)
-    if reason is not None:
+    reasons = impl.not_supported_reasons(x, kernel)
+    if reasons:
         raise ValueError(
-            f"implementation={implementation!r} does not apply: {reason}. "
-            "Use implementation='auto' or 'ops'."
+            f"implementation={implementation!r} does not apply: "
+            f"{'; '.join(reasons)}. Use implementation='auto' or 'ops'."
         )
     return impl
+
+
+def _choose(backend: str, x, kernel) -> Implementation:
+    for name in priority(backend):
+        impl = IMPLEMENTATIONS[name]
+        reasons = impl.not_supported_reasons(x, kernel, auto=True)
+        if not reasons:
+            return impl
+        if name == "cpu" and cpu_build.NO_COMPILER in reasons:
+            _warn_no_compiler()
+    raise AssertionError("the keras.ops implementation applies everywhere")
 
 
 def log_inhibition(x, kernel, chunk_size: int, implementation: str):
     """`log_inhibition` of `keras_synann.ops` for tensors of the backend."""
     chunk = min(chunk_size, int(kernel.shape[0]))
     return resolve(implementation, x, kernel).log_inhibition(x, kernel, chunk)
+
+
+@functools.cache
+def _warn_no_compiler() -> None:
+    warnings.warn(
+        "keras_synann: no C compiler found ($CC, cc, gcc, clang), so Synapse "
+        "runs without its compiled CPU loops, several times slower on a CPU. "
+        "Set $CC to a C compiler or install gcc (or clang).",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -1,35 +1,30 @@
-"""The keras.ops implementation ("ops"): every backend, every device, every tracer.
+"""The keras.ops reference ("ops"): the math every implementation is tested against.
 
     s[b, i] = sum over chunks c of log(max(prod_{j in c} max(1 - W[j, i] x[b, j], floor),
                                            product_floor))
 
-The forward multiplies the factors of a chunk of input units and takes one
-log per chunk; the gradient is the closed form
+`forward` multiplies the factors of a chunk of input units and takes one
+log per chunk; `backward` (the adjoint) is the closed form
 
     ds_i/dW[j, i] = -x_j / f,   ds_i/dx_j = -W[j, i] / f,   f = 1 - W[j, i] x_j
 
-(0 where f was floored), evaluated chunk by chunk, so no (batch, n_in, n_out)
-tensor ever exists. This is the reference the other implementations are
-tested against, and the computation the fused kernels export as.
+(0 where f was floored); `tangent` is the forward-mode derivative and
+`contract` the family all higher derivatives are made of (`kernels.rules`).
+Each runs chunk by chunk, so no (batch, n_in, n_out) tensor ever exists.
+These are plain functions of tensors, with no autodiff of their own: each
+backend makes them differentiable (`kernels.jax`, `kernels.torch`,
+`kernels.tensorflow`), and a tracer that must read a plain graph (for
+another runtime) traces `forward` alone.
 
-Forms, chosen by what records the computation (`kernels.devices`):
-
-- the differentiable form: the chunked forward with the closed-form gradient
-  (`keras.ops.custom_gradient`); under tensorflow the two halves are
-  compiled with XLA on their own (Keras leaves tensorflow train steps
-  uncompiled on CPU-only machines);
-- the portable form, plain keras.ops with no custom gradient and no nested
-  compiled function, where a tracer reads the graph for another runtime:
-  torch.jit.trace (which would keep a custom gradient as a Python op) and
-  tensorflow graphs that no gradient tape records (inference graphs, which
-  tf2onnx and TFLite convert). Its gradient, where one is taken, is the
-  autodiff of the same ops (equal to the closed form except through a
-  floored product).
+The chunk loops run as `lax.scan` under jax, a Python loop under torch (what
+Keras's torch scan does too, in a form torch's tracers and compiler follow)
+and a while loop indexing the chunks under tensorflow: XLA (a train step with
+jit_compile, TPUs) cannot compile tensorflow's scan, whose lists of chunks
+have the batch size in their shape, when that size is unknown while tracing.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 from keras import ops
@@ -42,56 +37,6 @@ from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 #: contractions read it (XLA: 20 ms instead of 30 at batch 128, n 784, on an
 #: Intel Xeon; tiling the batch as well measured no faster).
 CPU_BACKWARD_CHUNK = 8
-
-
-def why_not(x, kernel, auto: bool = False) -> str | None:
-    """Never: keras.ops runs everywhere."""
-    del x, kernel, auto
-    return None
-
-
-def log_inhibition(x, kernel, chunk: int):
-    """s (batch, n_out) for x (batch, n_in) and W (n_in, n_out), `chunk` inputs
-    at a time (chunk <= n_in)."""
-    if _portable(x, kernel):
-        return forward(x, kernel, chunk)
-    forward_fn = functools.partial(forward, chunk=chunk)
-    backward_fn = functools.partial(backward, chunk=chunk)
-    if devices.backend() == "tensorflow":
-        n_in, n_out = kernel.shape
-        forward_fn, backward_fn = _tensorflow_xla(n_in, n_out, chunk, x.dtype.name)
-
-    @ops.custom_gradient
-    def _log_inhibition(x, kernel):
-        # The gradient is `grad` below: stop_gradient keeps tensorflow's eager
-        # tape from also recording (and holding on to) every chunk's factors.
-        # `grad` uses the arguments themselves, not tensors made here: torch's
-        # compiler refuses a backward that captures the forward's aliases.
-        total = forward_fn(ops.stop_gradient(x), ops.stop_gradient(kernel))
-
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            return backward_fn(x, kernel, upstream)
-
-        return total, grad
-
-    return _log_inhibition(x, kernel)
-
-
-def _portable(x, kernel) -> bool:
-    """Whether a tracer reads this graph for another runtime (see the module)."""
-    backend = devices.backend()
-    if backend == "torch":
-        import torch
-
-        return torch.jit.is_tracing()
-    if backend == "tensorflow":
-        return devices.tensorflow_context(x, kernel) in (
-            devices.TF_INFERENCE,
-            devices.TF_SAVING,
-        )
-    return False
 
 
 def _chunks(x, kernel, chunk: int):
@@ -170,59 +115,132 @@ def backward(x, kernel, upstream, chunk: int):
     return d_x, d_w
 
 
-def _over_chunks(step, init, xc, wc):
-    """`carry = step(k, carry, xc[k], wc[k])` for every chunk k; the last carry.
+def _reciprocal_power(f, power: int):
+    """m / f ** power, m = 0 where the factor f is floored (passes no gradient)."""
+    kept = f > FACTOR_FLOOR
+    r = 1.0 / ops.where(kept, f, 1.0)
+    out = r
+    for _ in range(power - 1):
+        out = out * r
+    return ops.where(kept, out, 0.0)
 
-    jax scans over the stacked chunks. torch runs a Python loop (what Keras's
-    torch scan does too, in a form that torch's tracers and compiler follow).
-    Under tensorflow a while loop indexes the chunks: XLA (a train step with
-    jit_compile, TPUs) cannot compile tensorflow's scan, whose lists of chunks
-    have the batch size in their shape, when that size is unknown while
-    tracing.
+
+def _rows(t, chunk: int):
+    """A (n_in, m) tensor zero-padded and split into (num_chunks, chunk, m)."""
+    n_in, m = t.shape[0], ops.shape(t)[1]
+    num_chunks = math.ceil(n_in / chunk)
+    pad = num_chunks * chunk - n_in
+    if pad:
+        t = ops.concatenate([t, ops.zeros((pad, m), dtype=t.dtype)], axis=0)
+    return ops.reshape(t, (num_chunks, chunk, m))
+
+
+def contract(slot: str, power: int, a, b, c, x, kernel, chunk: int):
+    """One partial derivative of the trilinear form behind every derivative:
+
+        T_p(A, B, C) = sum_{b, j, i} A[b, j] B[j, i] C[b, i] R_p[b, j, i],
+        R_p = 1 / f ** p  (0 where f = 1 - W[j, i] x[b, j] is floored)
+
+    `slot` names the operand left out (None), and the result is T_p's
+    gradient with respect to it:
+
+        "a": (batch, n_in)   sum_i B[j, i] C[b, i] R_p[b, j, i]
+        "b": (n_in, n_out)   sum_b A[b, j] C[b, i] R_p[b, j, i]
+        "c": (batch, n_out)  sum_j A[b, j] B[j, i] R_p[b, j, i]
+
+    Every derivative of `log_inhibition` beyond the fused first-order pair is
+    a sum of these (`kernels.rules`), since dR_p = p R_{p+1} (x dW + W dx).
+    Chunk by chunk over j, like `backward`: no (batch, n_in, n_out) tensor.
     """
+    n_in, n_out = kernel.shape
+    batch = ops.shape(x)[0]
+    xc, wc = _chunks(x, kernel, chunk)
+    num_chunks = xc.shape[0]
+    ac = None if a is None else _rows(ops.transpose(a), chunk)
+    bc = None if b is None else _rows(b, chunk)
+    dtype = x.dtype
+
+    def factors_r(xk, wk):
+        return _reciprocal_power(_factors(xk, wk), power)
+
+    if slot == "c":
+
+        def step_c(k, total, inputs):
+            xk, wk, ak, bk = inputs
+            r = factors_r(xk, wk) * ops.expand_dims(ak, -1) * ops.expand_dims(bk, 1)
+            return total + ops.sum(r, axis=0)
+
+        init = ops.zeros((batch, n_out), dtype=dtype)
+        return _over_chunks_of(step_c, init, (xc, wc, ac, bc))
+
+    if slot == "a":
+
+        def step_a(k, out, inputs):
+            xk, wk, bk = inputs
+            part = ops.einsum("jbi,ji,bi->jb", factors_r(xk, wk), bk, c)
+            return ops.slice_update(out, (k, 0, 0), part[None])
+
+        init = ops.zeros((num_chunks, chunk, batch), dtype=dtype)
+        out = _over_chunks_of(step_a, init, (xc, wc, bc))
+        return ops.transpose(ops.reshape(out, (num_chunks * chunk, batch))[:n_in])
+
+    def step_b(k, out, inputs):
+        xk, wk, ak = inputs
+        part = ops.einsum("jbi,jb,bi->ji", factors_r(xk, wk), ak, c)
+        return ops.slice_update(out, (k, 0, 0), part[None])
+
+    init = ops.zeros((num_chunks, chunk, n_out), dtype=dtype)
+    out = _over_chunks_of(step_b, init, (xc, wc, ac))
+    return ops.reshape(out, (num_chunks * chunk, n_out))[:n_in]
+
+
+def tangent(x, kernel, tx, tkernel, chunk: int):
+    """The forward-mode derivative of `forward`: (batch, n_out)
+
+        ds[b, i] = -sum_j (x[b, j] dW[j, i] + dx[b, j] W[j, i]) / f[b, j, i]
+
+    (0 where f is floored): the transpose of `backward`, in one pass.
+    """
+    xc, wc = _chunks(x, kernel, chunk)
+    txc, twc = _rows(ops.transpose(tx), chunk), _rows(tkernel, chunk)
+
+    def step(k, total, inputs):
+        xk, wk, txk, twk = inputs
+        numerator = ops.expand_dims(xk, -1) * ops.expand_dims(twk, 1)
+        numerator = numerator + ops.expand_dims(txk, -1) * ops.expand_dims(wk, 1)
+        return total - ops.sum(numerator * _reciprocal_power(_factors(xk, wk), 1), 0)
+
+    init = ops.zeros((ops.shape(x)[0], kernel.shape[1]), dtype=x.dtype)
+    return _over_chunks_of(step, init, (xc, wc, txc, twc))
+
+
+def _over_chunks_of(step, init, stacked):
+    """`carry = step(k, carry, [s[k] for s in stacked])` for every chunk k
+    (see the module for the loop each backend runs)."""
     backend = devices.backend()
+    count = stacked[0].shape[0]
     if backend == "torch":
         carry = init
-        for k in range(xc.shape[0]):
-            carry = step(k, carry, xc[k], wc[k])
+        for k in range(count):
+            carry = step(k, carry, [s[k] for s in stacked])
         return carry
     if backend == "tensorflow":
 
         def body(k, carry):
-            return step(k, carry, ops.take(xc, k, axis=0), ops.take(wc, k, axis=0))
+            return step(k, carry, [ops.take(s, k, axis=0) for s in stacked])
 
-        return ops.fori_loop(0, xc.shape[0], body, init)
+        return ops.fori_loop(0, count, body, init)
 
     def scan_step(carry, inputs):
         k, inner = carry
-        return (k + 1, step(k, inner, *inputs)), None
+        return (k + 1, step(k, inner, inputs)), None
 
-    (_, carry), _ = ops.scan(scan_step, (0, init), (xc, wc))
+    (_, carry), _ = ops.scan(scan_step, (0, init), list(stacked))
     return carry
 
 
-@functools.cache
-def _tensorflow_xla(n_in: int, n_out: int, chunk: int, dtype: str):
-    """The chunked forward and backward, compiled with XLA by tensorflow.
-
-    Keras leaves a tensorflow train step uncompiled on CPU-only machines and
-    under tf.distribute; the chunk loops would then run op by op. Compiled on
-    their own they run as fused loops wherever the step runs (inside an
-    XLA-compiled step they are inlined). One pair per layer shape, any batch.
-    """
-    import tensorflow as tf
-
-    x = tf.TensorSpec((None, n_in), dtype)
-    w = tf.TensorSpec((n_in, n_out), dtype)
-    g = tf.TensorSpec((None, n_out), dtype)
-    forward_fn = tf.function(
-        functools.partial(forward, chunk=chunk),
-        input_signature=[x, w],
-        jit_compile=True,
+def _over_chunks(step, init, xc, wc):
+    """`carry = step(k, carry, xc[k], wc[k])` for every chunk k; the last carry."""
+    return _over_chunks_of(
+        lambda k, carry, inputs: step(k, carry, *inputs), init, (xc, wc)
     )
-    backward_fn = tf.function(
-        functools.partial(backward, chunk=chunk),
-        input_signature=[x, w, g],
-        jit_compile=True,
-    )
-    return forward_fn, backward_fn

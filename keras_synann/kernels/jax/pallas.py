@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from keras_synann.kernels import devices, jax_primitives
+from keras_synann.kernels import devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.jax import primitives
 from keras_synann.kernels.tiles import TileConfig
 
 #: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
@@ -233,30 +234,36 @@ def _on(interpret: bool):
     )
 
 
-_log_inhibition = jax_primitives.define(
+_log_inhibition = primitives.define(
     "keras_synann_pallas",
     {"cuda": _on(False), "rocm": _on(False), "cpu": _on(True)},
 )
 
 
-def why_not(x, kernel, auto: bool = False) -> str | None:
-    """Why the Pallas kernels do not apply, in words; None if they do.
+def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
+    """Why the Pallas kernels do not apply (empty: they do).
 
     Explicit requests may run in Pallas's interpreter on a CPU (for tests);
     "auto" takes them on a single GPU only (XLA can partition the keras.ops
     path across several devices, not a Pallas call).
     """
+    reasons = []
     if not devices.is_float32(x, kernel):
-        return f"the Pallas kernels compute in float32 (received {devices.dtypes(x, kernel)})"
+        reasons.append(
+            "the Pallas kernels compute in float32 "
+            f"(received {devices.dtypes(x, kernel)})"
+        )
     count, platform = devices.jax_devices()
     if platform == "tpu":
-        return "the Pallas kernels target GPUs (Pallas's Triton lowering), not TPUs"
-    if auto and (count, platform) != (1, "gpu"):
-        return (
+        reasons.append(
+            "the Pallas kernels target GPUs (Pallas's Triton lowering), not TPUs"
+        )
+    elif auto and (count, platform) != (1, "gpu"):
+        reasons.append(
             "'auto' takes the Pallas kernels on a single GPU "
             f"(jax has {count} {platform} device(s))"
         )
-    return None
+    return reasons
 
 
 def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):

@@ -14,8 +14,9 @@ import functools
 import jax
 import numpy as np
 
-from keras_synann.kernels import cpu_build, jax_primitives
+from keras_synann.kernels import cpu_build, devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.jax import primitives
 
 VARIANT = "xla_ffi"
 _FORWARD, _BACKWARD = "keras_synann_forward", "keras_synann_backward"
@@ -60,9 +61,29 @@ def _ffi_backward(x, kernel, u, *, chunk, threads):
     )
 
 
-_log_inhibition = jax_primitives.define(
+_log_inhibition = primitives.define(
     "keras_synann_cpu", {"cpu": (_ffi_forward, _ffi_backward)}
 )
+
+
+def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
+    """Why the loops do not apply here (empty: they do)."""
+    del auto
+    reasons = []
+    if not devices.is_float32(x, kernel):
+        reasons.append(
+            f"the C loops compute in float32 (received {devices.dtypes(x, kernel)})"
+        )
+    count, platform = devices.jax_devices()
+    if (count, platform) != (1, "cpu"):
+        reasons.append(
+            "the C loops need jax on a single CPU device "
+            f"(jax has {count} {platform} device(s))"
+        )
+    reason = unavailable()
+    if reason is not None:
+        reasons.append(reason)
+    return reasons
 
 
 def log_inhibition(x, kernel, chunk: int):

@@ -2,13 +2,13 @@
 
 Keras exports a jax model to ONNX with jax2onnx, which converts a jaxpr
 primitive by primitive and knows only the primitives it has a plugin for. A
-kernel's primitive (`jax_primitives.define`) would stop the conversion, so
+kernel's primitive (`primitives.define`) would stop the conversion, so
 each one gets a plugin here that lowers it as the jaxpr of the keras.ops
 reference (`kernels.reference`), inlined where the primitive stood: the ONNX
 graph holds the reference's standard operators, just as `jax.export` holds
 the reference's StableHLO.
 
-`register(primitive_name, reference)` is called by `jax_primitives`
+`register(primitive_name, reference)` is called by `primitives`
 when jax2onnx is imported (so importing keras_synann never imports it); it
 is idempotent.
 """

@@ -18,6 +18,7 @@ path under them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -142,76 +143,90 @@ def _padded(t, rows: int):
     return out
 
 
-def why_not(x, kernel, auto: bool = False) -> str | None:
-    """Why the Triton kernels do not apply, in words; None if they do.
+def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
+    """Why the Triton kernels do not apply (empty: they do).
 
     Explicit requests may run in Triton's interpreter on CPU tensors
     (TRITON_INTERPRET=1, for tests); "auto" takes compiled kernels only.
     """
+    reasons = []
     if not devices.is_float32(x, kernel):
-        return f"the Triton kernels compute in float32 (received {devices.dtypes(x, kernel)})"
+        reasons.append(
+            "the Triton kernels compute in float32 "
+            f"(received {devices.dtypes(x, kernel)})"
+        )
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not devices.torch_is_cuda(x, kernel) and (auto or not interpreted):
-        return (
+        reasons.append(
             "the Triton kernels need CUDA tensors (or Triton's interpreter: "
             f"TRITON_INTERPRET=1 before import; received tensors on {x.device})"
         )
     tracer = devices.torch_tracer(x, kernel)
     if tracer is not None:
-        return f"{tracer} cannot record a Triton launch"
-    return None
+        reasons.append(f"{tracer} cannot record a Triton launch")
+    return reasons
 
 
-class _LogInhibition(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernel, floor, product_floor, config: TileConfig):
-        rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
-        x, kernel = x.detach().contiguous(), kernel.detach().contiguous()
-        batch, n_in = x.shape
-        n_out = kernel.shape[1]
-        s = x.new_empty((batch, n_out))
-        n_pad = triton.cdiv(n_in, chunk) * chunk
-        _forward[_grid((batch, rows), (n_out, cols))](
-            _padded(x.t(), n_pad), _padded(kernel, n_pad), s,
-            batch, n_pad, n_out, floor, product_floor,
-            BLOCK_B=rows, BLOCK_I=cols, CHUNK=chunk, num_warps=config.num_warps,
-        )  # fmt: skip
-        ctx.save_for_backward(x, kernel)
-        ctx.floor, ctx.config = floor, config
-        return s
+def forward(x, kernel, chunk: int, config: TileConfig = CONFIG):
+    """s (batch, n_out) for float32 tensors (no autograd). `chunk` is the
+    keras.ops path's and does not apply: the kernels multiply `config.chunk`
+    factors per log (see `TileConfig`)."""
+    del chunk
+    rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
+    x, kernel = x.contiguous(), kernel.contiguous()
+    batch, n_in = x.shape
+    n_out = kernel.shape[1]
+    s = x.new_empty((batch, n_out))
+    n_pad = triton.cdiv(n_in, chunk) * chunk
+    _forward[_grid((batch, rows), (n_out, cols))](
+        _padded(x.t(), n_pad), _padded(kernel, n_pad), s,
+        batch, n_pad, n_out, FACTOR_FLOOR, PRODUCT_FLOOR,
+        BLOCK_B=rows, BLOCK_I=cols, CHUNK=chunk, num_warps=config.num_warps,
+    )  # fmt: skip
+    return s
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, upstream):
-        x, kernel = ctx.saved_tensors
-        config = ctx.config
-        rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
-        g = upstream.contiguous()
-        batch, n_in = x.shape
-        n_out = kernel.shape[1]
-        dx = torch.empty_like(x)
-        n_pad = triton.cdiv(n_out, chunk) * chunk
-        _grad_x[_grid((batch, rows), (n_in, cols))](
-            x, _padded(kernel.t(), n_pad), _padded(g.t(), n_pad), dx,
-            batch, n_in, n_pad, ctx.floor,
-            BLOCK_B=rows, BLOCK_J=cols, CHUNK=chunk, num_warps=config.num_warps,
-        )  # fmt: skip
-        parts = triton.cdiv(batch, GRAD_W_ROWS)
-        slice_rows = triton.cdiv(triton.cdiv(batch, parts), chunk) * chunk
-        dw = x.new_empty((parts, n_in, n_out))
-        _grad_w[_grid((n_in, rows), (n_out, cols)) + (parts,)](
-            _padded(x, parts * slice_rows), kernel, _padded(g, parts * slice_rows), dw,
-            n_in, n_out, ctx.floor, slice_rows,
-            BLOCK_J=rows, BLOCK_I=cols, CHUNK=chunk, num_warps=config.num_warps,
-        )  # fmt: skip
-        return dx, dw.sum(0) if parts > 1 else dw[0], None, None, None
+
+def adjoint(x, kernel, upstream, chunk: int, config: TileConfig = CONFIG):
+    """(dx, dW) of sum(upstream * s) by the two gradient kernels."""
+    del chunk
+    rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
+    x, kernel, g = x.contiguous(), kernel.contiguous(), upstream.contiguous()
+    batch, n_in = x.shape
+    n_out = kernel.shape[1]
+    dx = torch.empty_like(x)
+    n_pad = triton.cdiv(n_out, chunk) * chunk
+    _grad_x[_grid((batch, rows), (n_in, cols))](
+        x, _padded(kernel.t(), n_pad), _padded(g.t(), n_pad), dx,
+        batch, n_in, n_pad, FACTOR_FLOOR,
+        BLOCK_B=rows, BLOCK_J=cols, CHUNK=chunk, num_warps=config.num_warps,
+    )  # fmt: skip
+    parts = triton.cdiv(batch, GRAD_W_ROWS)
+    slice_rows = triton.cdiv(triton.cdiv(batch, parts), chunk) * chunk
+    dw = x.new_empty((parts, n_in, n_out))
+    _grad_w[_grid((n_in, rows), (n_out, cols)) + (parts,)](
+        _padded(x, parts * slice_rows), kernel, _padded(g, parts * slice_rows), dw,
+        n_in, n_out, FACTOR_FLOOR, slice_rows,
+        BLOCK_J=rows, BLOCK_I=cols, CHUNK=chunk, num_warps=config.num_warps,
+    )  # fmt: skip
+    return dx, dw.sum(0) if parts > 1 else dw[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiled:
+    """The kernels with one tiling, as an implementation for `functions`."""
+
+    config: TileConfig = CONFIG
+
+    def forward(self, x, kernel, chunk: int):
+        return forward(x, kernel, chunk, self.config)
+
+    def adjoint(self, x, kernel, upstream, chunk: int):
+        return adjoint(x, kernel, upstream, chunk, self.config)
 
 
 def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):
-    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 torch tensors.
+    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))`, differentiable to every
+    order (`functions`), for float32 torch tensors."""
+    from keras_synann.kernels.torch import functions
 
-    `chunk` is the keras.ops path's and does not apply: the kernels multiply
-    `config.chunk` factors per log (see `TileConfig`).
-    """
-    del chunk
-    return _LogInhibition.apply(x, kernel, FACTOR_FLOOR, PRODUCT_FLOOR, config)
+    return functions.log_inhibition(x, kernel, Tiled(config), chunk)

@@ -28,16 +28,23 @@ from keras_synann.kernels import devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 
 
-def why_not(x, kernel, auto: bool = False) -> str | None:
-    """Why the eager torch kernel does not apply, in words; None if it does."""
+def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
+    """Why the eager torch kernel does not apply (empty: it does)."""
     del auto
     tracer = devices.torch_tracer(x, kernel)
     if tracer is not None:
-        return (
+        return [
             f"{tracer} cannot record it (it reads the ranges of x and the "
             "kernel into Python to size its passes)"
-        )
-    return None
+        ]
+    return []
+
+
+def log_inhibition(x, kernel, chunk: int):
+    """s, differentiable to every order (`functions`)."""
+    from keras_synann.kernels.torch import eager, functions
+
+    return functions.log_inhibition(x, kernel, eager, chunk)
 
 
 def _factors(neg_xt, kernel, start, stop, out):
@@ -83,73 +90,66 @@ def _bounds(x, kernel, floor, chunk) -> tuple[bool, int]:
     return False, max(1, factors // chunk)
 
 
-class _LogInhibition(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernel, chunk, floor, product_floor):
-        n_in = x.shape[1]
-        neg_xt = x.detach().t().neg()
-        kernel_d = kernel.detach()
-        total = x.new_zeros((x.shape[0], kernel.shape[1]))
-        buffer = x.new_empty((chunk, x.shape[0], kernel.shape[1]))
-        partial = torch.empty_like(total)
-        running = torch.empty_like(total)
-        may_floor, chunks_per_log = _bounds(x.detach(), kernel_d, floor, chunk)
-        pending = 0  # chunk products multiplied into `running`, not yet logged
-        for start in range(0, n_in, chunk):
-            stop = min(start + chunk, n_in)
-            f = _factors(neg_xt, kernel_d, start, stop, buffer)
-            if may_floor:
-                f.clamp_min_(floor)
-            torch.prod(f, dim=0, out=partial)
-            if chunks_per_log == 1:
-                total.add_(partial.clamp_min_(product_floor).log_())
-                continue
-            if pending:
-                running.mul_(partial)
-            else:
-                running.copy_(partial)
-            pending += 1
-            if pending == chunks_per_log:
-                total.add_(running.log_())
-                pending = 0
-        if pending:
-            total.add_(running.log_())
-        ctx.save_for_backward(x, kernel)
-        ctx.chunk, ctx.floor, ctx.may_floor = chunk, floor, may_floor
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, upstream):
-        x, kernel = ctx.saved_tensors
-        chunk, floor, may_floor = ctx.chunk, ctx.floor, ctx.may_floor
-        batch, n_in = x.shape
-        n_out = kernel.shape[1]
-        xt = x.t().contiguous()  # bmm copies a strided operand on every call
-        neg_xt = xt.neg()
-        d_w = torch.empty_like(kernel)
-        d_xt = x.new_empty((n_in, batch))
-        # One buffer, updated in place: factors f, then q = upstream / f, then
-        # q * W (each in-place pass is cheaper than writing a second buffer).
-        buffer = x.new_empty((chunk, batch, n_out))
+def forward(x, kernel, chunk: int):
+    """s (batch, n_out) with reused buffers (plain tensors, no autograd)."""
+    floor, product_floor = FACTOR_FLOOR, PRODUCT_FLOOR
+    n_in = x.shape[1]
+    neg_xt = x.detach().t().neg()
+    kernel_d = kernel.detach()
+    total = x.new_zeros((x.shape[0], kernel.shape[1]))
+    buffer = x.new_empty((chunk, x.shape[0], kernel.shape[1]))
+    partial = torch.empty_like(total)
+    running = torch.empty_like(total)
+    may_floor, chunks_per_log = _bounds(x.detach(), kernel_d, floor, chunk)
+    pending = 0  # chunk products multiplied into `running`, not yet logged
+    for start in range(0, n_in, chunk):
+        stop = min(start + chunk, n_in)
+        f = _factors(neg_xt, kernel_d, start, stop, buffer)
         if may_floor:
-            floored = torch.empty(buffer.shape, dtype=torch.bool, device=x.device)
-        for start in range(0, n_in, chunk):
-            stop = min(start + chunk, n_in)
-            c = stop - start
-            f = _factors(neg_xt, kernel, start, stop, buffer)
-            if may_floor:
-                torch.le(f, floor, out=floored[:c])
-            q = torch.div(upstream, f, out=f)
-            if may_floor:
-                q.masked_fill_(floored[:c], 0.0)
-            # d_w[j, i] = -sum_b x[b, j] q[j, b, i]
-            torch.bmm(xt[start:stop, None, :], q, out=d_w[start:stop, None, :])
-            # d_x[b, j] = -sum_i q[j, b, i] W[j, i]
-            torch.sum(q.mul_(kernel[start:stop, None, :]), dim=-1, out=d_xt[start:stop])
-        return d_xt.t().neg_(), d_w.neg_(), None, None, None
+            f.clamp_min_(floor)
+        torch.prod(f, dim=0, out=partial)
+        if chunks_per_log == 1:
+            total.add_(partial.clamp_min_(product_floor).log_())
+            continue
+        if pending:
+            running.mul_(partial)
+        else:
+            running.copy_(partial)
+        pending += 1
+        if pending == chunks_per_log:
+            total.add_(running.log_())
+            pending = 0
+    if pending:
+        total.add_(running.log_())
+    return total
 
 
-def log_inhibition(x, kernel, chunk: int):
-    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for torch tensors."""
-    return _LogInhibition.apply(x, kernel, chunk, FACTOR_FLOOR, PRODUCT_FLOOR)
+def adjoint(x, kernel, upstream, chunk: int):
+    """(dx, dW) of sum(upstream * s), chunk by chunk with reused buffers."""
+    floor = FACTOR_FLOOR
+    may_floor, _ = _bounds(x, kernel, floor, chunk)
+    batch, n_in = x.shape
+    n_out = kernel.shape[1]
+    xt = x.t().contiguous()  # bmm copies a strided operand on every call
+    neg_xt = xt.neg()
+    d_w = torch.empty_like(kernel)
+    d_xt = x.new_empty((n_in, batch))
+    # One buffer, updated in place: factors f, then q = upstream / f, then
+    # q * W (each in-place pass is cheaper than writing a second buffer).
+    buffer = x.new_empty((chunk, batch, n_out))
+    if may_floor:
+        floored = torch.empty(buffer.shape, dtype=torch.bool, device=x.device)
+    for start in range(0, n_in, chunk):
+        stop = min(start + chunk, n_in)
+        c = stop - start
+        f = _factors(neg_xt, kernel, start, stop, buffer)
+        if may_floor:
+            torch.le(f, floor, out=floored[:c])
+        q = torch.div(upstream, f, out=f)
+        if may_floor:
+            q.masked_fill_(floored[:c], 0.0)
+        # d_w[j, i] = -sum_b x[b, j] q[j, b, i]
+        torch.bmm(xt[start:stop, None, :], q, out=d_w[start:stop, None, :])
+        # d_x[b, j] = -sum_i q[j, b, i] W[j, i]
+        torch.sum(q.mul_(kernel[start:stop, None, :]), dim=-1, out=d_xt[start:stop])
+    return d_xt.t().neg_(), d_w.neg_()
