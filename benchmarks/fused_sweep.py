@@ -8,8 +8,8 @@ kernel's `config`, it prints the forward + backward time of the kernel's
 `log_inhibition` (median of --repeats calls after a warm-up that compiles),
 the compile time, and the largest relative difference of the gradients from
 the keras.ops path on the first 256 rows (the keras.ops path is slow at GPU
-batch sizes). The default `CONFIG` of `keras_synann/kernels/triton.py` and
-`keras_synann/kernels/pallas.py` was chosen from this table.
+batch sizes). The default `CONFIG` of `keras_synann/kernels/torch/triton.py` and
+`keras_synann/kernels/jax/pallas.py` was chosen from this table.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if backend == "torch":
         import torch
 
-        from keras_synann.kernels import triton as module
+        from keras_synann.kernels.torch import triton as module
 
         if not torch.cuda.is_available():
             print("error: the Triton kernels need a CUDA GPU here", file=sys.stderr)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     elif backend == "jax":
         import jax
 
-        from keras_synann.kernels import pallas as module
+        from keras_synann.kernels.jax import pallas as module
 
         if jax.devices()[0].platform != "gpu":
             print("error: the Pallas kernels need a GPU here", file=sys.stderr)

@@ -382,6 +382,7 @@ def check_derivatives(
     floored: bool = False,
     compiled: bool = False,
     transforms: tuple[str, ...] | None = None,
+    input_dtype: str = "float32",
     batch: int = 3,
     n: int = 6,
     rtol: float = 1e-5,
@@ -399,6 +400,9 @@ def check_derivatives(
 
     written with the backend's own ops in float64 (no keras_synann code).
     `compiled` runs both inside jax.jit / tf.function / torch.compile.
+    `input_dtype="float16"` casts x and W to float16 before the layer (mixed
+    precision: the layer accumulates in float32); the reference then starts
+    from the same rounded inputs.
 
     Returns:
         {transform: max |ours - reference| / max |reference|}.
@@ -409,7 +413,11 @@ def check_derivatives(
     backend = keras.backend.backend()
     names = transforms or TRANSFORMS[backend]
     x, kernel, alpha, vx, vw = derivative_inputs(batch, n, floored)
+    if input_dtype != "float32":
+        x = x.astype(input_dtype).astype(np.float64)
+        kernel = kernel.astype(input_dtype).astype(np.float64)
     config = {
+        "input_dtype": input_dtype,
         "implementation": implementation,
         "alpha": alpha if use_alpha else None,
         "zero_diagonal": zero_diagonal,
@@ -442,6 +450,9 @@ def _synapse_fn(config, ops_module):
     from keras_synann import ops as synann_ops
 
     def fn(x, w):
+        if config["input_dtype"] != "float32":
+            x = ops_module.cast(x, config["input_dtype"])
+            w = ops_module.cast(w, config["input_dtype"])
         if config["zero_diagonal"]:
             w = w * (1.0 - ops_module.eye(w.shape[0], dtype=w.dtype))
         return synann_ops.synapse_graph(

@@ -213,7 +213,9 @@ def test_kernel_config_is_honoured(implementation, case):
     factors per log, near-one products are no longer floored (the `chunk`
     argument, the keras.ops path's, does not apply)."""
     _needs(implementation)
-    module = importlib.import_module(f"keras_synann.kernels.{implementation}")
+    module = importlib.import_module(
+        f"keras_synann.kernels.{HOME[implementation]}.{implementation}"
+    )
     config = TileConfig(block_rows=16, block_cols=32, chunk=8, num_warps=2)
     assert config != module.CONFIG
     x, kernel, upstream = _inputs(37, 40, 45, case, seed=3)

@@ -75,13 +75,17 @@ TF_XLA = "an XLA-compiled graph (jit_compile=True, or a TPU)"
 TF_SAVING = "a SavedModel being written"
 TF_TRAINING = "a graph that a gradient tape records"
 TF_INFERENCE = "a graph that no gradient tape records"
+TF_FORWARD = "a graph that a forward accumulator (forward-mode autodiff) records"
 
 
 def tensorflow_context(*tensors) -> str:
     """What tensorflow is building when `tensors` are computed (a TF_* constant).
 
     Eager execution; a graph that XLA compiles; a graph written into a
-    SavedModel; a graph a gradient tape records (a training step); any other
+    SavedModel; a graph a forward accumulator records (in graphs,
+    `tf.custom_gradient` gives forward mode the JVP of its inner ops, not of
+    its gradient function, so only plain ops are right there); a graph a
+    gradient tape records (a training step); any other
     graph (an inference graph: `predict`, or a function that a converter such
     as tf2onnx or TFLite reads). The checks use tensorflow's internal
     helpers (XLA control-flow context, save context, tape); where one is
@@ -101,6 +105,13 @@ def tensorflow_context(*tensors) -> str:
         return TF_XLA
     if save_context.in_save_context():
         return TF_SAVING
+    try:
+        from tensorflow.python.eager import forwardprop_util
+
+        if forwardprop_util.pack_tangents(list(tensors)).tangents:
+            return TF_FORWARD
+    except (ImportError, AttributeError):
+        pass
     try:
         from tensorflow.python.eager import record
     except ImportError:

@@ -62,8 +62,12 @@ def _factors(xk, wk):
     return 1.0 - ops.expand_dims(xk, -1) * ops.expand_dims(wk, 1)
 
 
-def forward(x, kernel, chunk: int):
-    """s (batch, n_out): one log per chunk's product of floored factors."""
+def forward(x, kernel, chunk: int, unroll: bool = False):
+    """s (batch, n_out): one log per chunk's product of floored factors.
+
+    `unroll` runs the chunks as a Python loop on every backend (a graph with
+    one copy of the step per chunk: tensorflow's while loop cannot be
+    differentiated in forward mode inside a gradient tape in a graph)."""
 
     def step(k, total, xk, wk):
         f = ops.maximum(_factors(xk, wk), FACTOR_FLOOR)
@@ -72,6 +76,11 @@ def forward(x, kernel, chunk: int):
 
     xc, wc = _chunks(x, kernel, chunk)
     zeros = ops.zeros((ops.shape(x)[0], kernel.shape[1]), dtype=x.dtype)
+    if unroll:
+        total = zeros
+        for k in range(xc.shape[0]):
+            total = step(k, total, xc[k], wc[k])
+        return total
     return _over_chunks(step, zeros, xc, wc)
 
 

@@ -86,6 +86,11 @@ def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
     context = devices.tensorflow_context(x, kernel)
     if context in (devices.TF_XLA, devices.TF_SAVING):
         reasons.append(f"{context} cannot hold the C loops' call back into Python")
+    elif context == devices.TF_FORWARD:
+        reasons.append(
+            f"{context} cannot differentiate the C loops (in graphs, forward mode "
+            "sees a custom gradient's inner ops)"
+        )
     elif auto and context == devices.TF_INFERENCE:
         reasons.append(
             f"'auto' leaves {context} portable (converters such as tf2onnx "

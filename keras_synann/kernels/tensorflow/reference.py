@@ -4,7 +4,11 @@ The chunked forward and the closed-form adjoint of `kernels.reference`,
 made differentiable to every order by `gradients`. Where no gradient tape
 records the graph (inference graphs, which tf2onnx and TFLite convert, and
 SavedModels), the plain forward is built instead: no custom gradient, no
-nested compiled function.
+nested compiled function. So it is in graphs that a forward accumulator
+records, where `tf.custom_gradient` would hand forward mode the derivative
+of its inner ops: there every derivative is tensorflow's autodiff of the
+chunked ops, unrolled (right, but reverse mode through them keeps every
+chunk's factors: batch x n_in x n_out values).
 
 Keras leaves a tensorflow train step uncompiled on CPU-only machines and
 under tf.distribute, where the chunk loops would run op by op, so the
@@ -63,6 +67,8 @@ class _Compiled:
 def log_inhibition(x, kernel, chunk: int):
     """s, differentiable to every order (portable where no tape records it)."""
     context = devices.tensorflow_context(x, kernel)
+    if context == devices.TF_FORWARD:
+        return reference.forward(x, kernel, chunk, unroll=True)
     if context in (devices.TF_INFERENCE, devices.TF_SAVING):
         return reference.forward(x, kernel, chunk)
     from keras_synann.kernels.tensorflow import gradients

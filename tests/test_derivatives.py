@@ -1,0 +1,145 @@
+"""Derivatives of every order through Synapse, on the active backend.
+
+Each implementation that can run here (the fused GPU kernels in their
+interpreters) against float64 references that share no code with it:
+
+- `keras_synann.testing.check_derivatives`: every transform of the backend
+  (gradient penalties, Hessian-vector products reverse over reverse and
+  forward over reverse, a third order, forward mode, Jacobians, vectorising
+  maps, per-sample gradients) against the same transform of the plain
+  formula in float64, eagerly and compiled (jax.jit, tf.function,
+  torch.compile), with the layer's variants;
+- NumPy closed forms: the first-order gradient and a Hessian-vector product
+  (central differences of the closed-form gradient, in float64), which
+  involve no autodiff at all.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_synann import kernels
+from keras_synann import ops as synann_ops
+from keras_synann.testing import (
+    TRANSFORMS,
+    check_derivatives,
+    derivative_inputs,
+    numpy_synapse_graph_grads,
+    value_and_grad,
+)
+
+BACKEND = keras.backend.backend()
+#: Implementations under this backend; the GPU kernels in their interpreters.
+NAMES = [n for n, impl in kernels.IMPLEMENTATIONS.items() if BACKEND in impl.backends]
+
+
+def _require(implementation):
+    """Skips where `implementation` cannot run on this machine (with the
+    reasons); KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 makes the C loops required."""
+    x, kernel = (ops.convert_to_tensor(a, "float32") for a in derivative_inputs()[:2])
+    reasons = kernels.IMPLEMENTATIONS[implementation].not_supported_reasons(x, kernel)
+    if (
+        implementation == "cpu"
+        and os.environ.get("KERAS_SYNANN_REQUIRE_CPU_KERNEL") == "1"
+    ):
+        assert not reasons, reasons
+    if reasons:
+        pytest.skip(f"implementation={implementation!r}: {'; '.join(reasons)}")
+
+
+@pytest.mark.parametrize("implementation", NAMES)
+def test_every_transform_of_every_implementation(implementation):
+    _require(implementation)
+    errors = check_derivatives(implementation)
+    assert set(errors) == set(TRANSFORMS[BACKEND])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transform", TRANSFORMS[BACKEND])
+def test_every_transform_compiled(transform):
+    """Inside jax.jit, tf.function or torch.compile, with "auto"."""
+    check_derivatives("auto", compiled=True, transforms=(transform,))
+
+
+_CORE = ("grad", "gradient_penalty", "hvp", "jvp", "forward_over_reverse_hvp", "vmap")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"use_alpha": True},
+        {"zero_diagonal": True},
+        {"series_order": 3},
+        {"floored": True},
+    ],
+    ids=lambda v: next(iter(v)),
+)
+def test_variants(variant):
+    check_derivatives("auto", transforms=_CORE, **variant)
+
+
+def test_mixed_precision_inputs():
+    """float16 inputs, float32 accumulation: the float16 casts bound the error."""
+    errors = check_derivatives(
+        "auto", input_dtype="float16", transforms=_CORE, rtol=1e-2
+    )
+    assert max(errors.values()) < 1e-2
+
+
+def test_floored_factors_pass_no_gradient():
+    """Where 1 - beta x is floored the factor is the constant 1e-6: every
+    derivative through it is 0, as the plain formula with max() defines."""
+    x, kernel, *_ = derivative_inputs(floored=True)
+    x, kernel = x.astype("float32"), kernel.astype("float32")
+
+    def loss(x, kernel):
+        return ops.sum(synann_ops.log_inhibition(x, kernel)[0, 1:3])
+
+    _, (_, d_kernel) = value_and_grad(loss)(x, kernel)
+    d_kernel = ops.convert_to_numpy(d_kernel)
+    # Rows 0 and 1 of columns 1, 2 meet x = 1 in sample 0: floored factors.
+    np.testing.assert_array_equal(d_kernel[:2, 1:3], 0.0)
+    assert np.all(d_kernel[2:, 1:3] != 0.0)
+
+
+def _numpy_grads(x, kernel, upstream):
+    """Closed-form (dL/dx, dL/dW) for L = sum(upstream * y), float64."""
+    return numpy_synapse_graph_grads(x, kernel, upstream)
+
+
+@pytest.mark.parametrize("implementation", NAMES)
+def test_hessian_vector_product_against_numpy_closed_forms(implementation):
+    """d/dx <dL/dx, v> for L = sum(c * y): central differences of the
+    closed-form gradient (float64 NumPy) against reverse over reverse."""
+    _require(implementation)
+    x, kernel, _, v, _ = derivative_inputs(batch=4, n=7, seed=3)
+    c = np.random.default_rng(4).normal(size=x.shape)
+    eps = 1e-5
+    expected = (
+        _numpy_grads(x + eps * v, kernel, c)[0]
+        - _numpy_grads(x - eps * v, kernel, c)[0]
+    ) / (2 * eps)
+    expected_first = _numpy_grads(x, kernel, c)
+
+    c32, v32 = ops.convert_to_tensor(c, "float32"), ops.convert_to_tensor(v, "float32")
+
+    def loss(x, kernel):
+        y = synann_ops.synapse_graph(x, kernel, implementation=implementation)
+        return ops.sum(c32 * y)
+
+    def inner(x, kernel):
+        _, (d_x, _) = value_and_grad(loss)(x, kernel)
+        return ops.sum(d_x * v32)
+
+    (_, (d_x, d_kernel)) = value_and_grad(loss)(
+        x.astype("float32"), kernel.astype("float32")
+    )
+    _, (hvp, _) = value_and_grad(inner)(x.astype("float32"), kernel.astype("float32"))
+    for ours, theirs in zip(
+        (d_x, d_kernel, hvp), (*expected_first, expected), strict=True
+    ):
+        ours = ops.convert_to_numpy(ours)
+        assert np.max(np.abs(ours - theirs)) <= 1e-5 * np.max(np.abs(theirs))
