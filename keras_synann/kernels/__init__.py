@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import warnings
 from types import ModuleType
 
@@ -61,21 +60,33 @@ _HOMES = {
 }
 
 
-@functools.cache
 def _backend_package(backend: str) -> ModuleType:
-    return importlib.import_module(f"keras_synann.kernels.{backend}")
+    # (import statements, not importlib: torch's compiler follows them)
+    if backend == "torch":
+        from keras_synann.kernels import torch as package
+    elif backend == "jax":
+        from keras_synann.kernels import jax as package
+    else:
+        from keras_synann.kernels import tensorflow as package
+    return package
 
 
-@functools.cache
+#: (backend, name) -> why its module cannot be imported (a failed import is
+#: not retried).
+_MISSING: dict[tuple[str, str], str] = {}
+
+
 def _load(backend: str, name: str) -> tuple[ModuleType | None, str | None]:
-    """(module, None), or (None, why it cannot be imported); imported once."""
-    package = _backend_package(backend)
+    """(module, None), or (None, why it cannot be imported)."""
+    missing = _MISSING.get((backend, name))
+    if missing is not None:
+        return None, missing
     try:
-        return importlib.import_module(
-            f"{package.__name__}.{package.MODULES[name]}"
-        ), None
+        return _backend_package(backend).load(name), None
     except ImportError as e:
-        return None, f"{e.name or 'a package it needs'} is not installed"
+        reason = f"{e.name or 'a package it needs'} is not installed"
+        _MISSING[(backend, name)] = reason
+        return None, reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +156,9 @@ def resolve(implementation: str, x, kernel) -> Implementation:
     """
     backend = devices.backend()
     if implementation == "auto":
+        if _backend_package(backend).compiling():
+            # (torch's compiler traces this function: no cache in its graph)
+            return _choose(backend, x, kernel)
         key = _key(backend, x, kernel)
         choice = _AUTO.get(key)
         if choice is None:

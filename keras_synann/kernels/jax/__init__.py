@@ -14,7 +14,7 @@ from keras_synann.kernels import devices
 
 #: "auto"'s order of preference.
 PRIORITY = ("pallas", "cpu", "ops")
-#: Implementation name -> module of this package.
+#: Implementation name -> its module in this package.
 MODULES = {"pallas": "pallas", "cpu": "cpu", "ops": "reference"}
 
 
@@ -22,3 +22,23 @@ def context(x, kernel) -> tuple:
     """What the choice depends on besides shapes and dtypes."""
     del x, kernel
     return devices.jax_devices()
+
+
+def load(name: str):
+    """The module of implementation `name` (ImportError where it needs a package
+    that is missing)."""
+    # (import statements, not importlib: torch's compiler follows them)
+    if name == "pallas":
+        from keras_synann.kernels.jax import pallas as module
+    elif name == "cpu":
+        from keras_synann.kernels.jax import cpu as module
+    elif name == "ops":
+        from keras_synann.kernels.jax import reference as module
+    else:
+        raise KeyError(name)
+    return module
+
+
+def compiling() -> bool:
+    """Never: only torch's compiler traces Python code such as the dispatch."""
+    return False

@@ -13,10 +13,28 @@ from keras_synann.kernels import devices
 
 #: "auto"'s order of preference.
 PRIORITY = ("cpu", "ops")
-#: Implementation name -> module of this package.
+#: Implementation name -> its module in this package.
 MODULES = {"cpu": "cpu", "ops": "reference"}
 
 
 def context(x, kernel) -> tuple:
     """What the choice depends on besides shapes and dtypes."""
     return (devices.tensorflow_context(x, kernel), devices.tensorflow_on_cpu())
+
+
+def load(name: str):
+    """The module of implementation `name` (ImportError where it needs a package
+    that is missing)."""
+    # (import statements, not importlib: torch's compiler follows them)
+    if name == "cpu":
+        from keras_synann.kernels.tensorflow import cpu as module
+    elif name == "ops":
+        from keras_synann.kernels.tensorflow import reference as module
+    else:
+        raise KeyError(name)
+    return module
+
+
+def compiling() -> bool:
+    """Never: only torch's compiler traces Python code such as the dispatch."""
+    return False

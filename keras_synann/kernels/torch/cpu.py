@@ -60,10 +60,12 @@ def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
         reasons.append(f"the C loops need CPU tensors (received tensors on {x.device})")
     tracer = devices.torch_tracer(x, kernel)
     if tracer is not None:
-        reasons.append(
+        # (and the build is not looked up: a tracer would trace that too)
+        return [
+            *reasons,
             f"{tracer} would record the C loops' result as a constant "
-            "(they run outside torch)"
-        )
+            "(they run outside torch)",
+        ]
     reason = unavailable()
     if reason is not None:
         reasons.append(reason)
