@@ -362,13 +362,14 @@ _FLOOR = 1e-6
 def derivative_inputs(batch: int = 3, n: int = 6, floored: bool = False, seed: int = 0):
     """float64 NumPy (x, kernel, alpha, vx, vkernel) for `check_derivatives`:
     x uniform in [0.05, 0.95], beta in [0, 0.6), alpha in [1, 2), directions
-    standard normal. `floored` sets some factors to 1 - 1 * 1 = 0 (floored)."""
+    standard normal. `floored` sets some factors to 1 - 1 * (1 - 5e-7) < 1e-6
+    (floored; x stays inside the layer's clip to [0, 1])."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.05, 0.95, (batch, n))
     kernel = rng.uniform(0.0, 0.6, (n, n))
     alpha = rng.uniform(1.0, 2.0, (n,))
     if floored:
-        x[0, :2] = 1.0
+        x[0, :2] = 1.0 - 5e-7
         kernel[:2, 1:3] = 1.0
     return x, kernel, alpha, rng.normal(size=x.shape), rng.normal(size=kernel.shape)
 
@@ -445,6 +446,34 @@ def check_derivatives(
     return errors
 
 
+def synapse_derivatives(
+    implementation: str = "auto",
+    transforms: tuple[str, ...] = ("grad", "hvp"),
+    inputs: tuple | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """The transforms of `check_derivatives` through Synapse alone, as NumPy.
+
+    `inputs` is (x, kernel, vx, vkernel) in float64 NumPy (default: those of
+    `derivative_inputs`), computed in float32; L = sum(y ** 2).
+    """
+    if inputs is None:
+        x, kernel, _, vx, vw = derivative_inputs()
+    else:
+        x, kernel, vx, vw = inputs
+    config = {
+        "implementation": implementation,
+        "alpha": None,
+        "zero_diagonal": False,
+        "series_order": None,
+        "input_dtype": "float32",
+    }
+    harness = {"jax": _jax_harness, "torch": _torch_harness}.get(
+        keras.backend.backend(), _tensorflow_harness
+    )
+    ours, _ = harness(config, transforms, False, x, kernel, vx, vw, False)
+    return ours
+
+
 def _synapse_fn(config, ops_module):
     """y(x, W) through keras_synann for the configuration."""
     from keras_synann import ops as synann_ops
@@ -487,7 +516,7 @@ def _plain_fn(config, xp):
     return fn
 
 
-def _jax_harness(config, names, compiled, x, w, vx, vw):
+def _jax_harness(config, names, compiled, x, w, vx, vw, with_reference=True):
     import jax
     import jax.numpy as jnp
 
@@ -540,6 +569,8 @@ def _jax_harness(config, names, compiled, x, w, vx, vw):
     import keras
 
     ours = run(lambda cfg: _synapse_fn(cfg, keras.ops), "float32", config["alpha"])
+    if not with_reference:
+        return ours, None
     with _jax_x64():
         reference = run(lambda cfg: _plain_fn(cfg, jnp), "float64", config["alpha"])
     return ours, reference
@@ -555,7 +586,7 @@ def _jax_x64():
     return enable_x64()
 
 
-def _torch_harness(config, names, compiled, x, w, vx, vw):
+def _torch_harness(config, names, compiled, x, w, vx, vw, with_reference=True):
     import torch
     import torch.autograd.forward_ad as fwad
     from torch import func
@@ -627,6 +658,8 @@ def _torch_harness(config, names, compiled, x, w, vx, vw):
     import keras
 
     ours = run(lambda cfg: _synapse_fn(cfg, keras.ops), torch.float32, config["alpha"])
+    if not with_reference:
+        return ours, None
     reference = run(
         lambda cfg: _plain_fn(cfg, _TorchNamespace()), torch.float64, config["alpha"]
     )
@@ -655,7 +688,7 @@ class _TFNamespace:
         self.sum = lambda t, axis: tf.reduce_sum(t, axis)
 
 
-def _tensorflow_harness(config, names, compiled, x, w, vx, vw):
+def _tensorflow_harness(config, names, compiled, x, w, vx, vw, with_reference=True):
     import tensorflow as tf
 
     def transforms(fn):
@@ -755,6 +788,8 @@ def _tensorflow_harness(config, names, compiled, x, w, vx, vw):
     import keras
 
     ours = run(lambda cfg: _synapse_fn(cfg, keras.ops), tf.float32, config["alpha"])
+    if not with_reference:
+        return ours, None
     reference = run(
         lambda cfg: _plain_fn(cfg, _TFNamespace()), tf.float64, config["alpha"]
     )

@@ -15,7 +15,10 @@ gradients with `vmap(grad)`): a mapped batch of samples with shared weights
 folds into the batch; anything else runs one slice at a time.
 
 An implementation is any object with `forward(x, W, chunk) -> s` and
-`adjoint(x, W, u, chunk) -> (dx, dW)` on plain tensors.
+`adjoint(x, W, u, chunk) -> (dx, dW)` on plain tensors. The forwards take
+their inputs as they are (autograd runs them without recording): under
+torch.compile, which traces a Function's forward and differentiates it for
+forward mode, a detached input would drop the tangent.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class LogInhibition(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kernel, impl, chunk):
-        return impl.forward(x.detach(), kernel.detach(), chunk)
+        return impl.forward(x, kernel, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -123,7 +126,7 @@ class Adjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kernel, u, impl, chunk):
-        return tuple(impl.adjoint(x.detach(), kernel.detach(), u.detach(), chunk))
+        return tuple(impl.adjoint(x, kernel, u, chunk))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -161,9 +164,7 @@ class Tangent(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kernel, tx, tw, impl, chunk):
-        return reference.tangent(
-            x.detach(), kernel.detach(), tx.detach(), tw.detach(), chunk
-        )
+        return reference.tangent(x, kernel, tx, tw, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -212,12 +213,7 @@ class Contract(torch.autograd.Function):
 
     @staticmethod
     def forward(slot, power, a, b, c, x, kernel, chunk):
-        def d(t):
-            return None if t is None else t.detach()
-
-        return reference.contract(
-            slot, power, d(a), d(b), d(c), x.detach(), kernel.detach(), chunk
-        )
+        return reference.contract(slot, power, a, b, c, x, kernel, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
