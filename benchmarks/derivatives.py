@@ -275,7 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/derivatives.json"))
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks/results/derivatives.json")
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--what", default="first", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -375,7 +377,9 @@ def _print(row) -> None:
             f"{row['synapse_mb'] or float('nan'):8.0f}MB {row['dense_mb'] or float('nan'):7.0f}MB"
         )
     elif "error" in row:
-        print(f"{row['backend']:11s} {row['what']:22s} {row['tree']:20s} error: {row['error']}")
+        print(
+            f"{row['backend']:11s} {row['what']:22s} {row['tree']:20s} error: {row['error']}"
+        )
     else:
         print(
             f"{row['backend']:11s} {row['what']:22s} {row['tree']:20s} "

@@ -15,6 +15,10 @@ interpreters) against float64 references that share no code with it:
 """
 
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -137,3 +141,26 @@ def test_gradient_and_hessian_vector_product_against_numpy_closed_forms(implemen
         (*ours["grad"], *ours["hvp"]), (*closed_form(x), hvp), strict=True
     ):
         assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+def test_gradient_penalty_example_trains():
+    """examples/gradient_penalty.py, as a user runs it, on this backend."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "gradient_penalty.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "KERAS_BACKEND": BACKEND,
+            "SYNANN_EXAMPLE_STEPS": "25",
+            "PYTHONPATH": str(root),
+        },
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"gradient penalty ([0-9.]+) -> ([0-9.]+)", result.stdout)
+    assert found, result.stdout
+    first, last = map(float, found.groups())
+    assert last < 0.8 * first
