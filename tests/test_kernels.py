@@ -532,6 +532,41 @@ def test_tensorflow_takes_the_c_loops_in_eager_calls_and_training_graphs_only(
         )(x)
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tensorflow graphs")
+def test_tensorflow_keras_predict_and_evaluate_take_the_c_loops(tmp_path):
+    """Keras's predict and evaluate steps run in this process: "auto" takes the
+    loops there, while an exported graph stays portable."""
+    import tensorflow as tf
+
+    x, kernel = _data(6, 40, beta_max=0.5)
+    _require("cpu", x, kernel)
+    picked = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, inputs):
+            w = ops.convert_to_tensor(kernel)
+            picked.append(synann_ops.resolve_implementation("auto", inputs, w))
+            return synann_ops.log_inhibition(inputs, w)
+
+    model = keras.Sequential([keras.Input((40,)), Probe()])
+    model.compile(loss="mse")
+    picked.clear()  # (building traced the layer symbolically)
+    expected = ops.convert_to_numpy(
+        synann_ops.log_inhibition(x, kernel, implementation="ops")
+    )
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6
+    )
+    assert set(picked) == {"cpu"}, picked
+    picked.clear()
+    model.evaluate(x, expected, verbose=0)
+    assert set(picked) == {"cpu"}, picked
+    picked.clear()
+    serve = tf.function(model.__call__, input_signature=[tf.TensorSpec((None, 40))])
+    serve.get_concrete_function()
+    assert set(picked) == {"ops"}, picked
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="jax lowering")
 def test_jax_runs_the_loops_under_jit_and_exports_the_reference():
     import jax

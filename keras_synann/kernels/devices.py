@@ -75,6 +75,7 @@ TF_XLA = "an XLA-compiled graph (jit_compile=True, or a TPU)"
 TF_SAVING = "a SavedModel being written"
 TF_TRAINING = "a graph that a gradient tape records"
 TF_INFERENCE = "a graph that no gradient tape records"
+TF_KERAS_STEP = "a Keras predict or evaluate step (a graph no gradient tape records)"
 TF_FORWARD = "a graph that a forward accumulator (forward-mode autodiff) records"
 
 
@@ -85,7 +86,9 @@ def tensorflow_context(*tensors) -> str:
     SavedModel; a graph a forward accumulator records (in graphs,
     `tf.custom_gradient` gives forward mode the JVP of its inner ops, not of
     its gradient function, so only plain ops are right there); a graph a
-    gradient tape records (a training step); any other
+    gradient tape records (a training step); a step of Keras's `predict` or
+    `evaluate` (which no tape records, and which never leaves this process);
+    any other
     graph (an inference graph: `predict`, or a function that a converter such
     as tf2onnx or TFLite reads). The checks use tensorflow's internal
     helpers (XLA control-flow context, save context, tape); where one is
@@ -118,7 +121,34 @@ def tensorflow_context(*tensors) -> str:
         return TF_INFERENCE
     if record.should_record_backprop(list(tensors)):
         return TF_TRAINING
+    if _in_keras_step(tf_ops.get_default_graph()):
+        return TF_KERAS_STEP
     return TF_INFERENCE
+
+
+#: The functions Keras's tensorflow trainer traces for fit, evaluate and predict
+#: (keras/src/backend/tensorflow/trainer.py); exporters trace other functions.
+_KERAS_STEPS = (
+    "one_step_on_data",
+    "multi_step_on_data",
+    "one_step_on_iterator",
+    "multi_step_on_iterator",
+)
+
+
+def _in_keras_step(graph) -> bool:
+    """Whether `graph`, or a graph it is nested in, is one of Keras's steps.
+
+    Keras runs these in this process only, so they may call back into
+    Python; should Keras rename them, the answer is False (the portable
+    path: slower, never wrong).
+    """
+    while graph is not None:
+        name = getattr(graph, "name", "") or ""
+        if name.startswith(_KERAS_STEPS):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
 
 
 # --- torch -------------------------------------------------------------------

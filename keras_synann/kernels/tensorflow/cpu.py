@@ -73,8 +73,8 @@ def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
     A numpy function calls back into this Python process: it runs eagerly
     and in graphs that stay in the process, never inside XLA or a
     SavedModel. "auto" also leaves inference graphs portable (converters
-    such as tf2onnx read them) and takes the loops in eager calls and
-    training steps.
+    such as tf2onnx read them) and takes the loops in eager calls, training
+    steps and Keras's predict and evaluate steps.
     """
     reasons = []
     if not devices.is_float32(x, kernel):
@@ -94,8 +94,8 @@ def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
     elif auto and context == devices.TF_INFERENCE:
         reasons.append(
             f"'auto' leaves {context} portable (converters such as tf2onnx "
-            "read such graphs); it takes the C loops in eager calls and "
-            "training steps"
+            "read such graphs); it takes the C loops in eager calls, training "
+            "steps and Keras's predict and evaluate steps"
         )
     reason = unavailable()
     if reason is not None:

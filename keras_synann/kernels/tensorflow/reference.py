@@ -69,7 +69,7 @@ def log_inhibition(x, kernel, chunk: int):
     context = devices.tensorflow_context(x, kernel)
     if context == devices.TF_FORWARD:
         return reference.forward(x, kernel, chunk, unroll=True)
-    if context in (devices.TF_INFERENCE, devices.TF_SAVING):
+    if context in (devices.TF_INFERENCE, devices.TF_SAVING, devices.TF_KERAS_STEP):
         return reference.forward(x, kernel, chunk)
     from keras_synann.kernels.tensorflow import gradients
 
