@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="",
         metavar="LOGDIR",
-        help="write TensorBoard logs (Keras's callback; needs TensorFlow installed) "
-        "into LOGDIR, a local path or gs://... (default: OUTPUT_DIR/tensorboard)",
+        help="write TensorBoard logs into LOGDIR (default: OUTPUT_DIR/tensorboard); "
+        "needs the tensorboard package (tensorflow: Keras's callback; gs://... "
+        "needs TensorFlow installed)",
     )
     add(
         "--checkpoint-dir",
@@ -493,7 +494,10 @@ class Training:
                 ),
             ]
         if strategy.is_chief and args.tensorboard:
-            found.append(keras.callbacks.TensorBoard(args.tensorboard))
+            if keras.backend.backend() == "tensorflow":
+                found.append(keras.callbacks.TensorBoard(args.tensorboard))
+            else:  # no TensorFlow needed: tensorboard's own writer
+                found.append(callbacks.EventFileTensorBoard(args.tensorboard))
         try:
             found += callbacks.testing_hooks(strategy.process_index)
         except ValueError as e:
@@ -513,21 +517,16 @@ class Training:
 
 
 def check_tensorboard(args) -> None:
-    """--tensorboard writes through tf.summary: TensorFlow and TensorBoard."""
+    """--tensorboard needs the tensorboard package; under tensorflow, Keras's
+    callback writes through tf.summary (TensorFlow is there)."""
     import importlib.util
 
     if not args.tensorboard:
         return
-    missing = [
-        name
-        for name in ("tensorflow", "tensorboard")
-        if importlib.util.find_spec(name) is None
-    ]
-    if missing:
+    if importlib.util.find_spec("tensorboard") is None:
         raise UsageError(
-            "--tensorboard writes through TensorFlow's tf.summary, which needs "
-            f"{' and '.join(missing)}: pip install '.[tensorboard]', or leave out "
-            "--tensorboard"
+            "--tensorboard needs the tensorboard package: pip install "
+            "'.[tensorboard]', or leave out --tensorboard"
         )
 
 
