@@ -287,6 +287,8 @@ COMMANDS = [
     Rule(r".*python benchmarks/.*|bash benchmarks/gpu\.sh", skip="benchmarks take minutes (GPU: a GPU)"),
     Rule(r"KERAS_BACKEND=jax pytest .*", skip="runs part of this suite, which tox runs"),
     Rule(rf"{TRAIN} --epochs 2 --steps-per-epoch 5"),
+    Rule(rf"{TRAIN} --filters 10,20 --dropout 0.5 --optimizer sgd .* --epochs 200",
+         append=SHORTER),
     Rule(r"KERAS_BACKEND=torch torchrun --standalone --nproc_per_node=2 training/mnist\.py",
          append=SHORTER, needs="torchrun"),
     Rule(rf"{TRAIN}(?: --model mlp --epochs 30| --distribution auto)?", append=SHORTER),

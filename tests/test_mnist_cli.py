@@ -208,6 +208,11 @@ def test_fresh_run_ignores_old_backup(mnist_dir, tmp_path):
             ["--distribution", "no-such-strategy"],
             "distribution 'no-such-strategy' cannot run here",
         ),
+        (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only"),
+        (["--optimizer", "sgd", "--momentum", "1"], "--momentum must be in [0, 1)"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--filters", "10"], "--filters takes two positive integers"),
+        (["--model", "mlp", "--filters", "10,20"], "applies to --model lenet"),
     ],
 )
 def test_bad_arguments(mnist_dir, tmp_path, capsys, extra, message):
@@ -215,6 +220,27 @@ def test_bad_arguments(mnist_dir, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_the_reference_pytorch_recipe_from_flags(mnist_dir, tmp_path):
+    """SGD with momentum and the reference LeNet's filters (10, 20) and
+    dropout (0.5), as the reference PyTorch script trains."""
+    out = tmp_path / "reference"
+    recipe = [
+        "--optimizer", "sgd", "--momentum", "0.5", "--learning-rate", "0.012",
+        "--schedule", "constant", "--filters", "10,20", "--dropout", "0.5",
+        "--epochs", "1",
+    ]  # fmt: skip
+    assert mnist.main(_args(mnist_dir, out, *recipe)) == 0
+    model = keras.saving.load_model(out / "best.keras")
+    assert model.get_layer("conv1").filters == 10
+    assert model.get_layer("conv2").filters == 20
+    assert model.get_layer("dropout").rate == 0.5
+    assert model.get_layer("dropout2d").rate == 0.5
+    optimizer = model.optimizer.get_config()
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert optimizer["momentum"] == 0.5
+    assert optimizer["learning_rate"] == pytest.approx(0.012)
 
 
 @pytest.mark.parametrize(
