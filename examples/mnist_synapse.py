@@ -3,7 +3,7 @@
 #
 # **Author:** keras_synann authors<br>
 # **Date created:** 2026-12-01<br>
-# **Accelerator:** none needed (a CPU trains it in under a minute)<br>
+# **Accelerator:** none needed (it trains on a CPU)<br>
 # **Description:** build a small model around `keras_synann.Synapse`, train it on
 # MNIST, look at the learned inhibition matrix beta, then save and reload the model.
 #
