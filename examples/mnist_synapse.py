@@ -72,8 +72,12 @@ print(
 # layer connects every input to every output of a vector of size n:
 #
 # ```
-# y_i = x_i * prod_j (1 - beta_ij * x_j)
+# y_i = alpha_i * x_i * prod_j (1 - beta_ij * x_j)
 # ```
+#
+# with alpha_i = 1 here (the layer's default; `use_alpha=True` learns it), and
+# beta_ii, an output's inhibition by its own input, learned too unless
+# `zero_diagonal=True`.
 #
 # Its inputs must be probabilities, so the Dense layer before it ends in a sigmoid.
 # Its output has the size of its input; a Dense layer maps it to the 10 logits.
