@@ -134,6 +134,10 @@ test_loss, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
 print(f"test accuracy: {test_accuracy:.2%}")
 
 # %% [markdown]
+# On jax, with seed 0, it reached 96.22% test accuracy (the machine, versions,
+# command and commit are in `benchmarks/results/example_mnist_synapse.json`).
+
+# %% [markdown]
 # ## The learned beta matrix
 #
 # `layer.beta[i, j]` is how strongly input j inhibits output i. The default

@@ -109,7 +109,13 @@ def _reference(data, about=()):
     ]
 
 
+def _example(data):
+    return [_pct(data["rows"][0]["test_accuracy"])]
+
+
 FIGURES = [
+    Figure("docs/example.md", "example_mnist_synapse.json", _example),
+    Figure("examples/mnist_synapse.py", "example_mnist_synapse.json", _example),
     Figure("docs/training.md", "mnist_default_runs_epyc.json", _default_runs),
     Figure("docs/training.md", "mnist.json", _accuracy_rows),
     Figure("docs/training.md", "mnist-tf-torch.json", _accuracy_rows),
