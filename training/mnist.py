@@ -261,10 +261,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(
             "--series-order applies to the Synapse layer, not --dense-baseline"
         )
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        raise UsageError(
-            f"--learning-rate must be a positive number, got {args.learning_rate}"
-        )
     if args.momentum is not None:
         if args.optimizer != "sgd":
             raise UsageError("--momentum applies to --optimizer sgd only")
@@ -281,6 +277,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.filters = ()
         if len(args.filters) != 2 or min(args.filters) < 1:
             raise UsageError("--filters takes two positive integers, e.g. 10,20")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise UsageError(
+            f"--learning-rate must be a positive number, got {args.learning_rate}"
+        )
     if args.verbose is None:
         args.verbose = 1 if sys.stdout.isatty() else 2
     if args.output_dir is None:
