@@ -169,6 +169,24 @@ class Synapse(keras.layers.Layer):
         series_order: int | None = None,
         **kwargs,
     ):
+        # PyTorch-style arguments (the reference's `Synapse(64, 64)`,
+        # `in_features`, `out_features`, `bias`): refused with the mapping.
+        torch_style = {k: kwargs.pop(k) for k in ("in_features", "out_features", "bias") if k in kwargs}  # fmt: skip
+        if isinstance(kernel_initializer, int) and not isinstance(
+            kernel_initializer, bool
+        ):
+            torch_style = {"in_features": units, "out_features": kernel_initializer}  # fmt: skip
+        if torch_style:
+            sizes = {torch_style.get("in_features"), torch_style.get("out_features")}
+            sizes = sorted(sizes - {None}) or ([units] if units else [])
+            hint = "a Dense layer to resize" if len(sizes) > 1 else "Synapse()"
+            hint = f"Synapse({sizes[0]})" if len(sizes) == 1 else hint
+            raise ValueError(
+                "`Synapse` takes one size, `units` (in_features = out_features), "
+                "and has no bias, unlike the reference PyTorch module: use "
+                f"{hint}. Received: "
+                + ", ".join(f"{k}={v}" for k, v in torch_style.items())
+            )
         output_dim = kwargs.pop("output_dim", None)
         if output_dim is not None:
             if units is not None and units != output_dim:

@@ -440,8 +440,8 @@ def test_keep_stops_the_training_after_a_failure(tmp_path, source, fake):
         (["--backend", "tensorflow", "--accelerator-type", "v4-16"], "multi-host"),
         (["--backend", "tensorflow", "--accelerator-type", "v4-8"], "PJRT"),
         (
-            ["--backend", "tensorflow", "--extra", "tensorboard"],
-            "'tensorboard' requires tensorflow>=2.19",
+            ["--backend", "tensorflow", "--extra", "tfds"],
+            "'tfds' requires tensorflow>=2.19",
         ),
         (["--backend", "tensorflow", "--extra", "legacy"], "requires tf_keras"),
         (["--extra", "nosuch"], "'nosuch' is not in"),

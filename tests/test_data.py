@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,46 @@ def test_tfds_missing_dataset_is_one_line_error(tmp_path):
     del tfds
     with pytest.raises(data.DataError, match="tensorflow-datasets could not load"):
         data.load_tfds(tmp_path, name="no_such_dataset_xyz")
+
+
+@pytest.mark.parametrize(
+    "absent, named",
+    [
+        ({"tensorflow"}, "needs tensorflow: "),
+        ({"tensorflow_datasets"}, "needs tensorflow-datasets: "),
+        (
+            {"tensorflow", "tensorflow_datasets"},
+            "needs tensorflow and tensorflow-datasets",
+        ),
+    ],
+)
+def test_tfds_without_tensorflow_refuses_in_one_line(monkeypatch, absent, named):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    both = {"tensorflow", "tensorflow_datasets"}
+
+    def find_spec(name, *args):
+        if name in both:  # present or absent as the case says, installed or not
+            return None if name in absent else object()
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(data.DataError) as error:
+        data.load_tfds(val_size=4)
+    message = str(error.value)
+    assert "\n" not in message and named in message
+    assert "pip install '.[tfds]'" in message
+
+
+def test_tfds_extra_installs_tensorflow():
+    import tomllib
+
+    pyproject = tomllib.loads(
+        (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    )
+    extra = pyproject["project"]["optional-dependencies"]["tfds"]
+    assert {r.split(">")[0] for r in extra} == {"tensorflow-datasets", "tensorflow"}
 
 
 def test_synthetic_fixture_is_learnable_shape(tmp_path):

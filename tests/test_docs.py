@@ -1,5 +1,6 @@
-"""The documentation runs: every Python example in README.md and docs/, the
-script in examples/, and every relative link in README.md.
+"""The documentation runs: every Python example in README.md and docs/, every
+shell command there that can run offline, the script in examples/, and every
+relative link in README.md.
 
 Each page's Python blocks run in order, in one namespace, on the backend
 under test, in a scratch directory. A comment just before a block may say
@@ -9,6 +10,12 @@ how it runs (keys separated by ";"):
     <!-- snippet: backends=tensorflow -->  the backends it applies to
     <!-- snippet: setup=legacy_h5 -->      files to write first (SETUPS below)
     <!-- snippet: skip=REASON -->          not run here, and why
+
+Shell commands are the lines of indented blocks that start with a program or
+an environment assignment. Each one matches a rule in COMMANDS: it runs as
+written, runs as written with SHORTER appended (a training run cut to two
+steps of one epoch), or is skipped with the reason given there. A command that
+no rule matches fails `test_every_shell_command_has_a_rule`.
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -193,3 +203,178 @@ def test_documents_do_not_narrate_their_making():
         for number, line in enumerate(page.read_text().splitlines(), start=1):
             match = NARRATION.search(line)
             assert match is None, f"{page.relative_to(ROOT)}:{number}: {match[0]!r}"
+
+
+# ---------------------------------------------------------------- shell commands
+
+#: Programs whose lines in an indented block make it a shell block.
+PROGRAMS = (
+    "pip", "python", "tox", "git", "gcloud", "mkdocs", "jupytext", "torchrun",
+    "bash", "pytest",
+)  # fmt: skip
+_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
+#: Appended to a full training run so that it takes seconds: one epoch of two
+#: steps on a 1,000-image validation split (the script, data and outputs are
+#: the ones the full run uses).
+SHORTER = "--epochs 1 --steps-per-epoch 2 --val-size 1000"
+
+
+def _shell_lines(text: str):
+    """(line number, command) for each command of the page's indented blocks."""
+    lines = text.splitlines()
+    fenced, previous_blank = False, True
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced or not line.startswith("    ") or not previous_blank:
+            previous_blank = not line.strip() or (
+                previous_blank and line.startswith("    ")
+            )
+            i += 1
+            continue
+        start, command = i + 1, line[4:]
+        while command.rstrip().endswith("\\") and i + 1 < len(lines):
+            i += 1
+            command = command.rstrip()[:-1] + " " + lines[i].strip()
+        command = re.sub(r"\s+#\s.*$", "", command).strip()  # a trailing comment
+        words = command.split()
+        while words and _ASSIGNMENT.fullmatch(words[0]):
+            words = words[1:]
+        if words and words[0] in PROGRAMS:
+            yield start, command
+        i += 1
+
+
+SHELL_COMMANDS = [
+    (page, line, command)
+    for page in PAGES
+    for line, command in _shell_lines(page.read_text())
+]
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # a regular expression the whole command matches
+    skip: str = ""  # why it does not run in the tests ("" : it runs)
+    append: str = ""  # arguments appended when it runs
+    backend: str = ""  # runs only in the environment of this Keras backend
+    needs: str = ""  # a program or module it needs, else skipped
+
+
+TRAIN = r"(?:\S+=\S+\s+)*python training/mnist\.py"
+COMMANDS = [
+    Rule(r"pip install .*&& KERAS_BACKEND=jax python training/mnist\.py",
+         skip="installs packages; the training command alone runs below"),
+    Rule(r"pip install .*", skip="installs packages (network); tox installs the same extras"),
+    Rule(r"pip freeze \| grep .*", needs="pip"),
+    Rule(r"(?:\S+=\S+ )*tox.*", skip="runs tox itself, which runs these tests"),
+    Rule(r"git tag .*", skip="tags and pushes a release"),
+    Rule(r"mkdocs serve", skip="a server that does not exit; tox -e docs builds the site"),
+    Rule(r"gcloud .*", skip="needs Google Cloud credentials and a project"),
+    Rule(r"python -m cloud\.tpu submit --rehearse .*",
+         skip="the Cloud TPU rehearsal takes minutes on 2 cores; tests/test_rehearsal.py "
+         "rehearses the same plan (v4-16) on shorter training"),
+    Rule(r"python -m cloud\.tpu submit .*", skip="creates a Cloud TPU (billed)"),
+    Rule(r".*gs://BUCKET.*", skip="needs a Cloud Storage bucket"),
+    Rule(r".*NUM_GPUS.*|torchrun --nnodes.*", skip="needs GPUs or several machines"),
+    Rule(r"KERAS_DISTRIBUTION_JOB_ADDRESSES=.*",
+         skip="one of two processes; tests/test_multiprocess.py starts both"),
+    Rule(r"KERAS_BACKEND=jax python examples/mnist_synapse\.py",
+         skip="a full example run; test_example_runs runs it on 3 batches per epoch"),
+    Rule(r"jupytext --to notebook examples/mnist_synapse\.py", needs="jupytext"),
+    Rule(r".*python benchmarks/.*|bash benchmarks/gpu\.sh", skip="benchmarks take minutes (GPU: a GPU)"),
+    Rule(r"KERAS_BACKEND=jax pytest .*", skip="runs part of this suite, which tox runs"),
+    Rule(rf"{TRAIN} --epochs 2 --steps-per-epoch 5"),
+    Rule(rf"{TRAIN} --filters 10,20 --dropout 0.5 --optimizer sgd .* --epochs 200",
+         append=SHORTER),
+    Rule(r"KERAS_BACKEND=torch torchrun --standalone --nproc_per_node=2 training/mnist\.py",
+         append=SHORTER, needs="torchrun"),
+    Rule(rf"{TRAIN}(?: --model mlp --epochs 30| --distribution auto)?", append=SHORTER),
+]  # fmt: skip
+
+
+def _rule(command: str) -> Rule | None:
+    return next((r for r in COMMANDS if re.fullmatch(r.pattern, command)), None)
+
+
+def _backend_of(command: str) -> str:
+    match = re.search(r"(?:^|\s)KERAS_BACKEND=(\w+)", command)
+    return match[1] if match else ""
+
+
+def test_every_shell_command_has_a_rule():
+    assert SHELL_COMMANDS, "no shell commands found"
+    unmatched = [
+        f"{page.relative_to(ROOT)}:{line}: {command}"
+        for page, line, command in SHELL_COMMANDS
+        if _rule(command) is None
+    ]
+    assert not unmatched, "add a rule to COMMANDS for:\n" + "\n".join(unmatched)
+    # Every rule still describes a command of the docs.
+    used = {_rule(command) for _, _, command in SHELL_COMMANDS}
+    assert [r.pattern for r in COMMANDS if r not in used] == []
+
+
+def _scratch_tree(directory: Path) -> Path:
+    """The repository's runnable parts, linked into `directory` (examples/
+    copied: jupytext writes next to the script), so that commands write their
+    outputs there, not into the checkout."""
+    for name in ("keras_synann", "training", "cloud", "benchmarks", "tests"):
+        (directory / name).symlink_to(ROOT / name)
+    for name in ("constraints.txt", "pyproject.toml"):
+        (directory / name).symlink_to(ROOT / name)
+    shutil.copytree(ROOT / "examples", directory / "examples")
+    return directory
+
+
+def _why_command_not(command: str, rule: Rule) -> str | None:
+    if rule.skip:
+        return f"not run in tests: {rule.skip}"
+    backend = _backend_of(command)
+    if backend and backend != keras.backend.backend():
+        return f"runs in the {backend} environment"
+    if (
+        rule.needs
+        and shutil.which(rule.needs) is None
+        and (importlib.util.find_spec(rule.needs) is None)
+    ):
+        return f"needs {rule.needs}, not installed here"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    sorted({command for _, _, command in SHELL_COMMANDS}),
+    ids=lambda command: command[:80],
+)
+def test_shell_command_runs(command, tmp_path):
+    rule = _rule(command)
+    assert rule is not None, command
+    reason = _why_command_not(command, rule)
+    if reason is not None:
+        pytest.skip(reason)
+    cwd = _scratch_tree(tmp_path)
+    full = f"{command} {rule.append}".strip()
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        # `python`, `pip`, `torchrun` are this environment's.
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MPLBACKEND": "Agg",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": str(cwd),
+    }
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", full],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, (
+        f"{shlex.quote(full)} exited {result.returncode}\n"
+        + result.stdout[-2000:]
+        + result.stderr[-4000:]
+    )
+    if "training/mnist.py" in command:
+        assert "test accuracy" in result.stdout.lower(), result.stdout[-2000:]

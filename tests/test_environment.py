@@ -37,7 +37,10 @@ def test_mismatches_name_what_differs(tmp_path):
         "jax==0.0.1\nnot-installed-anywhere==1.0\n"
     )
     problems = environment.pin_mismatches(pins)
-    assert f"Python {running} (pinned 2.7)" in problems
+    assert (
+        f"Python {running} (pinned 2.7: run with a Python 2.7 environment, "
+        "e.g. made by `uv venv --python 2.7`)"
+    ) in problems
     assert f"numpy {np.__version__} (pinned 0.1)" in problems
     assert not any(p.startswith(("keras", "not-installed")) for p in problems)
     assert any(p.startswith("jax ") for p in problems) == bool(

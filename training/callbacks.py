@@ -205,3 +205,55 @@ def testing_hooks(process_index: int) -> list[keras.callbacks.Callback]:
         if int(process) == process_index:
             hooks.append(FaultAfterEpoch(action, int(epochs)))
     return hooks
+
+
+class EventFileTensorBoard(keras.callbacks.Callback):
+    """--tensorboard under jax and torch: each epoch's metrics as TensorBoard
+    scalars, written with the `tensorboard` package's own event-file writer
+    (as torch.utils.tensorboard does), so TensorFlow need not be installed.
+
+    The layout and tags are those of Keras's TensorBoard callback, which
+    tensorflow runs keep: LOGDIR/train and LOGDIR/validation (the `val_`
+    metrics), tags `epoch_<metric>` and `epoch_learning_rate`, step = the
+    0-based epoch. Without TensorFlow, tensorboard's writer handles local
+    paths (and s3://); gs:// needs TensorFlow's file system."""
+
+    def __init__(self, logdir: str):
+        super().__init__()
+        self.logdir = str(logdir)
+        self._writers: dict = {}
+
+    def _writer(self, split: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        if split not in self._writers:
+            self._writers[split] = EventFileWriter(
+                os.path.join(self.logdir, split), flush_secs=10
+            )
+        return self._writers[split]
+
+    def _scalar(self, split: str, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)]
+        )
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
+        self._writer(split).add_event(event)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            split, name = (
+                ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            )
+            self._scalar(split, f"epoch_{name}", float(value), epoch)
+        lr = self.model.optimizer.learning_rate
+        rate = float(keras.ops.convert_to_numpy(lr))
+        self._scalar("train", "epoch_learning_rate", rate, epoch)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()

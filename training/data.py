@@ -217,13 +217,26 @@ def load_tfds(
     seed: int = 0,
     name: str = "mnist",
 ) -> Splits:
-    """MNIST through tensorflow-datasets (downloads or reads `data_dir`, e.g. gs://)."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
+    """MNIST through tensorflow-datasets (downloads or reads `data_dir`, e.g. gs://).
+
+    tfds.load returns tf.data datasets, so this needs TensorFlow installed
+    whatever the Keras backend; both come with the `tfds` extra."""
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("tensorflow", "tensorflow_datasets")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
         raise DataError(
-            "--source tfds needs tensorflow-datasets: pip install tensorflow-datasets"
-        ) from None
+            "--source tfds reads MNIST through tf.data and needs "
+            f"{' and '.join(n.replace('_', '-') for n in missing)}: "
+            "pip install '.[tfds]' (or leave out --source tfds: the carried IDX "
+            "files need neither)"
+        )
+    import tensorflow_datasets as tfds
+
     try:
         train, test = tfds.load(
             name,

@@ -98,7 +98,12 @@ def pin_mismatches(path: str | Path) -> list[str]:
     problems = []
     running = ".".join(python_version().split(".")[:2])
     if python and running != python:
-        problems.append(f"Python {running} (pinned {python})")
+        # Say what to do: the pins were resolved on that Python, and some of
+        # them (wheels of compiled packages) exist only for it.
+        problems.append(
+            f"Python {running} (pinned {python}: run with a Python {python} "
+            f"environment, e.g. made by `uv venv --python {python}`)"
+        )
     for name in CHECKED:
         version = installed(name)
         if name in pins and version is not None and version != pins[name]:

@@ -97,7 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--learning-rate",
         type=float,
         default=DEFAULTS["learning_rate"],
-        help="Adam's (initial) learning rate (default: %(default)s)",
+        help="the optimizer's (initial) learning rate (default: %(default)s)",
+    )
+    add(
+        "--optimizer",
+        default="adam",
+        choices=("adam", "sgd"),
+        help="adam, or sgd (the reference PyTorch recipe: --optimizer sgd "
+        "--momentum 0.5 --learning-rate 0.012 --schedule constant) "
+        "(default: %(default)s)",
+    )
+    add(
+        "--momentum",
+        type=float,
+        default=None,
+        metavar="M",
+        help="SGD's momentum, in [0, 1) (default: 0; only with --optimizer sgd)",
+    )
+    add(
+        "--filters",
+        default=None,
+        metavar="A,B",
+        help="lenet's two convolutions' filters (default: 16,32; the reference "
+        "PyTorch net: 10,20)",
+    )
+    add(
+        "--dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help="the model's dropout rate, in [0, 1) (default: the model's, 0.25; "
+        "the reference PyTorch net: 0.5)",
     )
     add(
         "--schedule",
@@ -184,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="",
         metavar="LOGDIR",
-        help="write TensorBoard logs (Keras's callback; needs TensorFlow installed) "
-        "into LOGDIR, a local path or gs://... (default: OUTPUT_DIR/tensorboard)",
+        help="write TensorBoard logs into LOGDIR (default: OUTPUT_DIR/tensorboard); "
+        "needs the tensorboard package (tensorflow: Keras's callback; gs://... "
+        "needs TensorFlow installed)",
     )
     add(
         "--checkpoint-dir",
@@ -230,6 +261,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(
             "--series-order applies to the Synapse layer, not --dense-baseline"
         )
+    if args.momentum is not None:
+        if args.optimizer != "sgd":
+            raise UsageError("--momentum applies to --optimizer sgd only")
+        if not 0 <= args.momentum < 1:
+            raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.filters is not None:
+        if args.model != "lenet":
+            raise UsageError(f"--filters applies to --model lenet, not {args.model}")
+        try:
+            args.filters = tuple(int(f) for f in args.filters.split(","))
+        except ValueError:
+            args.filters = ()
+        if len(args.filters) != 2 or min(args.filters) < 1:
+            raise UsageError("--filters takes two positive integers, e.g. 10,20")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise UsageError(
             f"--learning-rate must be a positive number, got {args.learning_rate}"
@@ -397,14 +444,21 @@ def resume_epoch(args, strategy, out: Path) -> int:
 def build_model(args, strategy, steps_per_epoch: int):
     """The compiled model, built in the strategy's scope."""
     with strategy.scope():
+        shape = {"filters": args.filters, "dropout": args.dropout}
         model = get_model(
             args.model,
             synapse=not args.dense_baseline,
             implementation=args.implementation,
             series_order=args.series_order,
+            **{k: v for k, v in shape.items() if v is not None},
         )
+        rate = learning_rate(args, steps_per_epoch)
+        if args.optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(rate, momentum=args.momentum or 0.0)
+        else:
+            optimizer = keras.optimizers.Adam(rate)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate(args, steps_per_epoch)),
+            optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
             jit_compile={"auto": "auto", "on": True, "off": False}[args.jit_compile],
@@ -415,6 +469,7 @@ def build_model(args, strategy, steps_per_epoch: int):
 def settings(args) -> dict:
     """The run's settings, recorded in each checkpoint."""
     keys = ("model", "epochs", "batch_size", "learning_rate", "schedule", "seed")
+    keys += ("optimizer", "momentum", "filters", "dropout")
     return {k: getattr(args, k) for k in keys} | {"synapse": not args.dense_baseline}
 
 
@@ -493,7 +548,10 @@ class Training:
                 ),
             ]
         if strategy.is_chief and args.tensorboard:
-            found.append(keras.callbacks.TensorBoard(args.tensorboard))
+            if keras.backend.backend() == "tensorflow":
+                found.append(keras.callbacks.TensorBoard(args.tensorboard))
+            else:  # no TensorFlow needed: tensorboard's own writer
+                found.append(callbacks.EventFileTensorBoard(args.tensorboard))
         try:
             found += callbacks.testing_hooks(strategy.process_index)
         except ValueError as e:
@@ -513,21 +571,16 @@ class Training:
 
 
 def check_tensorboard(args) -> None:
-    """--tensorboard writes through tf.summary: TensorFlow and TensorBoard."""
+    """--tensorboard needs the tensorboard package; under tensorflow, Keras's
+    callback writes through tf.summary (TensorFlow is there)."""
     import importlib.util
 
     if not args.tensorboard:
         return
-    missing = [
-        name
-        for name in ("tensorflow", "tensorboard")
-        if importlib.util.find_spec(name) is None
-    ]
-    if missing:
+    if importlib.util.find_spec("tensorboard") is None:
         raise UsageError(
-            "--tensorboard writes through TensorFlow's tf.summary, which needs "
-            f"{' and '.join(missing)}: pip install '.[tensorboard]', or leave out "
-            "--tensorboard"
+            "--tensorboard needs the tensorboard package: pip install "
+            "'.[tensorboard]', or leave out --tensorboard"
         )
 
 
