@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         "commit": subprocess_commit,
         "date": datetime.date.today().isoformat(),
         "machine": _machine.describe(),
+        "versions": {k: v for r in results for k, v in r["versions"].items()},
         "results": results,
     }
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

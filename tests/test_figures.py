@@ -113,6 +113,24 @@ def _example(data):
     return [_pct(data["rows"][0]["test_accuracy"])]
 
 
+def _cell(value) -> str:
+    return value if isinstance(value, str) else f"{value:.1e}"
+
+
+def derivative_tables(data):
+    """The per-backend error tables of docs/layer.md, "Derivatives and transforms"."""
+    lines = []
+    for result in data["results"]:
+        names = list(result["columns"])
+        lines.append(f"**{result['backend']}**")
+        lines.append("| transform | " + " | ".join(f"`{n}`" for n in names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
+        for transform in result["columns"][names[0]]:
+            cells = [_cell(result["columns"][n][transform]) for n in names]
+            lines.append(f"| {transform} | " + " | ".join(cells) + " |")
+    return lines
+
+
 FIGURES = [
     Figure("docs/example.md", "example_mnist_synapse.json", _example),
     Figure("examples/mnist_synapse.py", "example_mnist_synapse.json", _example),
@@ -128,6 +146,7 @@ FIGURES = [
     Figure("docs/performance.md", "layer_sweep.json", _layer_table),
     Figure("README.md", "layer_sweep.json", _layer_sentence),
     Figure("docs/layer.md", "series_jax.json", _series_errors),
+    Figure("docs/layer.md", "derivative_errors.json", derivative_tables),
 ]
 
 #: Figure-like tokens that are settings or definitions, not measurements.

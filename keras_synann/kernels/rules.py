@@ -125,19 +125,28 @@ class Algebra:
         )
         return d_dx, d_dw
 
-    def adjoint_vjp(self, u, g_dx, g_dw):
-        """(x_bar, W_bar, u_bar) for cotangents (g_dx, g_dW) of adjoint(x, W, u)."""
+    def adjoint_vjp(self, u, g_dx, g_dw, want=(True, True, True)):
+        """(x_bar, W_bar, u_bar) for cotangents (g_dx, g_dW) of adjoint(x, W, u);
+        None for those `want` leaves out."""
         x, w = self.x, self.w
-        u_bar = self.tangent(g_dx, g_dw)
-        x_bar = _add(
-            _neg(self.contract("a", 1, None, g_dw, u)),
-            _neg(_mul(g_dx, self.contract("a", 2, None, w * w, u))),
-            _neg(_mul(x, self.contract("a", 2, None, _mul(g_dw, w), u))),
+        u_bar = self.tangent(g_dx, g_dw) if want[2] else None
+        x_bar = (
+            None
+            if not want[0]
+            else _add(
+                _neg(self.contract("a", 1, None, g_dw, u)),
+                _neg(_mul(g_dx, self.contract("a", 2, None, w * w, u))),
+                _neg(_mul(x, self.contract("a", 2, None, _mul(g_dw, w), u))),
+            )
         )
-        w_bar = _add(
-            _neg(self.contract("b", 1, g_dx, None, u)),
-            _neg(_mul(w, self.contract("b", 2, _mul(g_dx, x), None, u))),
-            _neg(_mul(g_dw, self.contract("b", 2, x * x, None, u))),
+        w_bar = (
+            None
+            if not want[1]
+            else _add(
+                _neg(self.contract("b", 1, g_dx, None, u)),
+                _neg(_mul(w, self.contract("b", 2, _mul(g_dx, x), None, u))),
+                _neg(_mul(g_dw, self.contract("b", 2, x * x, None, u))),
+            )
         )
         return x_bar, w_bar, u_bar
 
@@ -154,19 +163,28 @@ class Algebra:
             _neg(self.contract("c", 2, _mul(tx, sx), w * w)),
         )
 
-    def tangent_vjp(self, tx, tw, ct):
-        """(x_bar, W_bar, tx_bar, tW_bar) for a cotangent ct of tangent's output."""
+    def tangent_vjp(self, tx, tw, ct, want=(True, True, True, True)):
+        """(x_bar, W_bar, tx_bar, tW_bar) for a cotangent ct of tangent's output;
+        None for those `want` leaves out."""
         x, w = self.x, self.w
-        tx_bar, tw_bar = self.adjoint(ct)
-        x_bar = _add(
-            _neg(self.contract("a", 1, None, tw, ct)),
-            _neg(_mul(x, self.contract("a", 2, None, _mul(tw, w), ct))),
-            _neg(_mul(tx, self.contract("a", 2, None, w * w, ct))),
+        tx_bar, tw_bar = self.adjoint(ct) if want[2] or want[3] else (None, None)
+        x_bar = (
+            None
+            if not want[0]
+            else _add(
+                _neg(self.contract("a", 1, None, tw, ct)),
+                _neg(_mul(x, self.contract("a", 2, None, _mul(tw, w), ct))),
+                _neg(_mul(tx, self.contract("a", 2, None, w * w, ct))),
+            )
         )
-        w_bar = _add(
-            _neg(self.contract("b", 1, tx, None, ct)),
-            _neg(_mul(tw, self.contract("b", 2, x * x, None, ct))),
-            _neg(_mul(w, self.contract("b", 2, _mul(tx, x), None, ct))),
+        w_bar = (
+            None
+            if not want[1]
+            else _add(
+                _neg(self.contract("b", 1, tx, None, ct)),
+                _neg(_mul(tw, self.contract("b", 2, x * x, None, ct))),
+                _neg(_mul(w, self.contract("b", 2, _mul(tx, x), None, ct))),
+            )
         )
         return x_bar, w_bar, tx_bar, tw_bar
 
@@ -194,17 +212,22 @@ class Algebra:
             terms.append(_scale(power, term))
         return _add(*terms)
 
-    def contract_vjp(self, slot, power, operands, ct):
+    def contract_vjp(self, slot, power, operands, ct, want=None):
         """Cotangents {slot: bar} of the given operands, and (x_bar, W_bar),
-        for a cotangent ct of contract(slot, power, **operands)."""
+        for a cotangent ct of contract(slot, power, **operands); `want` (a set
+        of slot names and "x", "w") leaves the others None."""
         x, w = self.x, self.w
+        want = set(operands) | {"x", "w"} if want is None else want
         full = {**operands, slot: ct}
         a, b, c = (full[s] for s in SLOTS)
         bars = {}
         for name in operands:
             rest = {k: v for k, v in full.items() if k != name}
-            bars[name] = self.contract(name, power, **rest)
+            bars[name] = self.contract(name, power, **rest) if name in want else None
         nxt = power + 1
-        x_bar = _scale(power, _mul(a, self.contract("a", nxt, None, _mul(b, w), c)))
-        w_bar = _scale(power, _mul(b, self.contract("b", nxt, _mul(a, x), None, c)))
+        x_bar = w_bar = None
+        if "x" in want:
+            x_bar = _scale(power, _mul(a, self.contract("a", nxt, None, _mul(b, w), c)))
+        if "w" in want:
+            w_bar = _scale(power, _mul(b, self.contract("b", nxt, _mul(a, x), None, c)))
         return bars, x_bar, w_bar

@@ -139,7 +139,9 @@ class Adjoint(torch.autograd.Function):
     def backward(ctx, g_dx, g_dw):
         x, kernel, u = ctx.saved_tensors
         alg = _algebra(x, kernel, ctx.impl, ctx.chunk)
-        x_bar, w_bar, u_bar = alg.adjoint_vjp(u, g_dx, g_dw)
+        x_bar, w_bar, u_bar = alg.adjoint_vjp(
+            u, g_dx, g_dw, want=ctx.needs_input_grad[:3]
+        )
         return x_bar, w_bar, u_bar, None, None
 
     @staticmethod
@@ -177,7 +179,8 @@ class Tangent(torch.autograd.Function):
     def backward(ctx, ct):
         x, kernel, tx, tw = ctx.saved_tensors
         alg = _algebra(x, kernel, ctx.impl, ctx.chunk)
-        return (*alg.tangent_vjp(tx, tw, ct), None, None)
+        bars = alg.tangent_vjp(tx, tw, ct, want=ctx.needs_input_grad[:4])
+        return (*bars, None, None)
 
     @staticmethod
     def jvp(ctx, sx, sw, stx, stw, *_):
@@ -234,7 +237,12 @@ class Contract(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ct):
         operands, alg = Contract._unpack(ctx)
-        bars, x_bar, w_bar = alg.contract_vjp(ctx.slot, ctx.power, operands, ct)
+        needed = dict(
+            zip(("a", "b", "c", "x", "w"), ctx.needs_input_grad[2:7], strict=True)
+        )
+        bars, x_bar, w_bar = alg.contract_vjp(
+            ctx.slot, ctx.power, operands, ct, want={k for k, v in needed.items() if v}
+        )
         by_slot = [bars.get(s) for s in rules.SLOTS]
         return None, None, *by_slot, x_bar, w_bar, None
 
