@@ -186,12 +186,28 @@ def _cpu_id() -> str:
 
 
 def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """`lib` with its two entry points' C signatures declared."""
+    """`lib` with its entry points' C signatures declared."""
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.synann_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i32]
     lib.synann_forward.restype = None
     lib.synann_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32]
     lib.synann_backward.restype = None
+    lib.synann_contract.argtypes = [
+        i32,
+        i32,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        f32,
+        i32,
+    ]
+    lib.synann_contract.restype = None
     return lib
 
 

@@ -6,7 +6,9 @@
    loops:
 
      keras_synann_forward:  (x, kernel) -> s;  attrs chunk, floor, product_floor, threads
-     keras_synann_backward: (x, kernel, u) -> (dx, dkernel);  attrs floor, threads */
+     keras_synann_backward: (x, kernel, u) -> (dx, dkernel);  attrs floor, threads
+     keras_synann_contract: (p, q, x, kernel) -> out;  attrs slot, power, floor, threads
+                            (p, q: the two operands of T_p not left out, in order) */
 
 #include <stdint.h>
 #include <string.h>
@@ -20,6 +22,11 @@ void synann_forward(const float *x, const float *w, float *s, int64_t batch,
 void synann_backward(const float *x, const float *w, const float *u, float *dx,
                      float *dw, int64_t batch, int64_t n_in, int64_t n_out,
                      float floor_, int threads);
+
+void synann_contract(int slot, int power, const float *pa, const float *pb,
+                     const float *pc, const float *x, const float *w, float *out,
+                     int64_t batch, int64_t n_in, int64_t n_out, float floor_,
+                     int threads);
 
 static XLA_FFI_Error *ffi_error(XLA_FFI_CallFrame *frame, const char *message) {
   XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL,
@@ -88,5 +95,24 @@ XLA_FFI_Error *synann_ffi_backward(XLA_FFI_CallFrame *frame) {
     return ffi_error(frame, "synann backward: float32 matrices only");
   synann_backward(x->data, w->data, u->data, dx->data, dw->data, x->dims[0], x->dims[1],
                   w->dims[1], (float)ffi_attr(frame, "floor"), (int)ffi_attr(frame, "threads"));
+  return NULL;
+}
+
+XLA_FFI_Error *synann_ffi_contract(XLA_FFI_CallFrame *frame) {
+  if (ffi_metadata(frame) || frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  if (frame->args.size != 4 || frame->rets.size != 1)
+    return ffi_error(frame, "synann contract: expected (p, q, x, kernel) -> out");
+  XLA_FFI_Buffer *p = ffi_f32(frame->args.args[0], 2), *q = ffi_f32(frame->args.args[1], 2);
+  XLA_FFI_Buffer *x = ffi_f32(frame->args.args[2], 2), *w = ffi_f32(frame->args.args[3], 2);
+  XLA_FFI_Buffer *out = ffi_f32(frame->rets.rets[0], 2);
+  if (!p || !q || !x || !w || !out)
+    return ffi_error(frame, "synann contract: float32 matrices only");
+  int slot = (int)ffi_attr(frame, "slot");
+  const float *ops[3] = {NULL, NULL, NULL};
+  for (int k = 0, given = 0; k < 3; k++)
+    if (k != slot) ops[k] = given++ == 0 ? p->data : q->data;
+  synann_contract(slot, (int)ffi_attr(frame, "power"), ops[0], ops[1], ops[2], x->data,
+                  w->data, out->data, x->dims[0], x->dims[1], w->dims[1],
+                  (float)ffi_attr(frame, "floor"), (int)ffi_attr(frame, "threads"));
   return NULL;
 }

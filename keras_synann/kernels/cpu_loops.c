@@ -27,7 +27,13 @@
    threads: an OpenMP team where built with -fopenmp (the torch glue: torch's
    own libgomp, so one pool of threads), POSIX threads otherwise.
 
-   Entry points: synann_forward, synann_backward (row-major float32 arrays).
+   - contract: one partial derivative of T_p = sum A[b,j] B[j,i] C[b,i] R_p,
+     R_p = 1 / f^p (0 where f is floored), with respect to the operand left
+     out: the family every higher derivative is made of (kernels/rules.py).
+     Plain loops over contiguous rows of W, which the compiler vectorises.
+
+   Entry points: synann_forward, synann_backward, synann_contract (row-major
+   float32 arrays).
    keras_synann/kernels/cpu_build.py compiles this file; cpu_ffi.c wraps the
    entry points as XLA FFI handlers for jax. */
 
@@ -115,6 +121,11 @@ typedef struct {
   int64_t batch, n_in, n_out, chunk;
   float floor_, pfloor;
   int may_floor;
+  /* synann_contract: the operands a (batch, n_in), b (n_in, n_out),
+     c (batch, n_out), the one left out NULL; the output; the power p. */
+  const float *pa, *pb, *pc;
+  float *out;
+  int power;
 } args_t;
 
 /* Forward for samples [b, b + nb) and outputs [i0, i0 + nv * VL): the
@@ -405,10 +416,106 @@ static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_
 }
 #endif
 
+/* R_p(f): 1 / f^p, 0 where f <= floor (scalar and VL lanes). */
+static inline float rpow(float f, float fl, int p) {
+  float r = 1.f / (f > fl ? f : 1.f);
+  float out = r;
+  for (int k = 1; k < p; k++) out *= r;
+  return f > fl ? out : 0.f;
+}
+
+static inline vf vrpow(vf f, float fl, int p) {
+  vi kept = f > vsplat(fl);
+  vf r = vsplat(1.f) / vsel(kept, f, vsplat(1.f));
+  vf out = r;
+  for (int k = 1; k < p; k++) out *= r;
+  return vsel(kept, out, vsplat(0.f));
+}
+
+/* o[i] += s * v[i] * R_p(1 - xj w[i]) for i < n. */
+static inline void axpy_r(float *o, float s, const float *v, float xj, const float *w,
+                          int64_t n, float fl, int p) {
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    vf f = vsplat(1.f) - vsplat(xj) * vload(w + i);
+    vstore(o + i, vload(o + i) + vsplat(s) * vload(v + i) * vrpow(f, fl, p));
+  }
+  for (; i < n; i++) o[i] += s * v[i] * rpow(1.f - xj * w[i], fl, p);
+}
+
+/* out[b, i] = sum_j A[b, j] B[j, i] R_p, for samples [lo, hi). */
+static void contract_c(const args_t *a, int64_t lo, int64_t hi) {
+  const int64_t ni = a->n_in, no = a->n_out;
+  for (int64_t b = lo; b < hi; b++) {
+    float *o = a->out + b * no;
+    memset(o, 0, sizeof(float) * (size_t)no);
+    for (int64_t j = 0; j < ni; j++) {
+      const float aj = a->pa[b * ni + j];
+      if (aj != 0.f)
+        axpy_r(o, aj, a->pb + j * no, a->x[b * ni + j], a->w + j * no, no, a->floor_,
+               a->power);
+    }
+  }
+}
+
+/* out[b, j] = sum_i B[j, i] C[b, i] R_p, for samples [lo, hi). */
+static void contract_a(const args_t *a, int64_t lo, int64_t hi) {
+  const int64_t ni = a->n_in, no = a->n_out;
+  const float fl = a->floor_;
+  const int p = a->power;
+  for (int64_t b = lo; b < hi; b++) {
+    const float *cr = a->pc + b * no;
+    for (int64_t j = 0; j < ni; j++) {
+      const float xj = a->x[b * ni + j];
+      const float *wr = a->w + j * no, *br = a->pb + j * no;
+      vf acc = vsplat(0.f);
+      int64_t i = 0;
+      for (; i + VL <= no; i += VL) {
+        vf f = vsplat(1.f) - vsplat(xj) * vload(wr + i);
+        acc += vload(br + i) * vload(cr + i) * vrpow(f, fl, p);
+      }
+      float total = hsum(acc);
+      for (; i < no; i++) total += br[i] * cr[i] * rpow(1.f - xj * wr[i], fl, p);
+      a->out[b * ni + j] = total;
+    }
+  }
+}
+
+/* out[j, i] = sum_b A[b, j] C[b, i] R_p, for inputs [lo, hi). */
+static void contract_b(const args_t *a, int64_t lo, int64_t hi) {
+  const int64_t ni = a->n_in, no = a->n_out, nb = a->batch;
+  for (int64_t j = lo; j < hi; j++) {
+    float *o = a->out + j * no;
+    memset(o, 0, sizeof(float) * (size_t)no);
+    for (int64_t b = 0; b < nb; b++) {
+      const float aj = a->pa[b * ni + j];
+      if (aj != 0.f)
+        axpy_r(o, aj, a->pc + b * no, a->x[b * ni + j], a->w + j * no, no, a->floor_,
+               a->power);
+    }
+  }
+}
+
+/* slot: 0 = a, 1 = b, 2 = c, the operand left out (NULL) and so the output's
+   shape: (batch, n_in), (n_in, n_out), (batch, n_out). */
+void synann_contract(int slot, int power, const float *pa, const float *pb,
+                     const float *pc, const float *x, const float *w, float *out,
+                     int64_t batch, int64_t n_in, int64_t n_out, float floor_,
+                     int threads) {
+  args_t a = {x, w, NULL, NULL, NULL, NULL, batch, n_in, n_out, 1, floor_, 0.f, 1,
+              pa, pb, pc, out, power};
+  if (slot == 1) {
+    parallel(&a, contract_b, n_in, 1, threads);
+  } else if (batch > 0) {
+    parallel(&a, slot == 0 ? contract_a : contract_c, batch, 1, threads);
+  }
+}
+
 void synann_forward(const float *x, const float *w, float *s, int64_t batch,
                     int64_t n_in, int64_t n_out, int64_t chunk, float floor_,
                     float pfloor, int threads) {
-  args_t a = {x, w, NULL, s, NULL, NULL, batch, n_in, n_out, chunk, floor_, pfloor, 1};
+  args_t a = {x, w, NULL, s, NULL, NULL, batch, n_in, n_out, chunk, floor_, pfloor, 1,
+              NULL, NULL, NULL, NULL, 1};
   if (batch == 0 || n_out == 0) return;
   if (n_in == 0) { memset(s, 0, sizeof(float) * (size_t)(batch * n_out)); return; }
   a.may_floor = may_floor(x, w, batch * n_in, n_in * n_out, floor_);
@@ -418,7 +525,8 @@ void synann_forward(const float *x, const float *w, float *s, int64_t batch,
 void synann_backward(const float *x, const float *w, const float *u, float *dx,
                      float *dw, int64_t batch, int64_t n_in, int64_t n_out,
                      float floor_, int threads) {
-  args_t a = {x, w, u, NULL, dx, dw, batch, n_in, n_out, 1, floor_, 0.f, 1};
+  args_t a = {x, w, u, NULL, dx, dw, batch, n_in, n_out, 1, floor_, 0.f, 1,
+              NULL, NULL, NULL, NULL, 1};
   if (n_in == 0) return;
   if (batch == 0 || n_out == 0) {
     memset(dw, 0, sizeof(float) * (size_t)(n_in * n_out));

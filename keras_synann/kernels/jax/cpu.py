@@ -1,5 +1,6 @@
-"""The C loops under jax: two primitives (`jax_primitives`) whose CPU
-lowering is an XLA FFI call of the handlers in cpu_ffi.c.
+"""The C loops under jax ("cpu"): primitives (`primitives.define`) whose CPU
+lowering is an XLA FFI call of the handlers in cpu_ffi.c (forward, adjoint
+and the contractions of the higher derivatives).
 
 `jax.jit` on a CPU runs the loops inside the compiled program (no callback
 into Python); a module lowered for export, or for another platform, holds
@@ -20,6 +21,7 @@ from keras_synann.kernels.jax import primitives
 
 VARIANT = "xla_ffi"
 _FORWARD, _BACKWARD = "keras_synann_forward", "keras_synann_backward"
+_CONTRACT = "keras_synann_contract"
 
 
 def unavailable() -> str | None:
@@ -36,6 +38,7 @@ def _register() -> None:
     for target, symbol in (
         (_FORWARD, "synann_ffi_forward"),
         (_BACKWARD, "synann_ffi_backward"),
+        (_CONTRACT, "synann_ffi_contract"),
     ):
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
@@ -61,8 +64,22 @@ def _ffi_backward(x, kernel, u, *, chunk, threads):
     )
 
 
+def _ffi_contract(p, q, x, kernel, *, slot, power, chunk, threads):
+    del chunk
+    shape = {
+        "a": (x.shape[0], kernel.shape[0]),
+        "b": kernel.shape,
+        "c": (x.shape[0], kernel.shape[1]),
+    }[slot]
+    out = jax.ShapeDtypeStruct(shape, x.dtype)
+    return jax.ffi.ffi_call(_CONTRACT, out)(
+        p, q, x, kernel, slot=np.int32("abc".index(slot)), power=np.int32(power),
+        floor=np.float32(FACTOR_FLOOR), threads=np.int32(threads),
+    )  # fmt: skip
+
+
 _log_inhibition = primitives.define(
-    "keras_synann_cpu", {"cpu": (_ffi_forward, _ffi_backward)}
+    "keras_synann_cpu", {"cpu": (_ffi_forward, _ffi_backward, _ffi_contract)}
 )
 
 

@@ -6,8 +6,8 @@
     contract(..., slot, power)        the family every higher derivative is
                                       made of (`kernels.rules`)
 
-`define` makes the forward, adjoint and tangent primitives of one
-implementation; `contract` is shared. Each primitive has (the pattern of
+`define` makes the forward, adjoint, tangent and contract primitives of one
+implementation. Each primitive has (the pattern of
 jax's FFI guide and jax-finufft):
 
 - a JVP rule, written with these primitives (`rules.Algebra`): so `jax.jvp`,
@@ -24,7 +24,8 @@ jax's FFI guide and jax-finufft):
   platform (the C loops as an XLA FFI call on a CPU, Pallas on a GPU), and to
   the keras.ops reference (`kernels.reference`) on every other platform and
   whenever the module is lowered for export (`jax.export`, jax2tf, Keras's
-  `model.export`); `tangent` and `contract` to the reference always.
+  `model.export`); `contract` likewise where the implementation has one;
+  `tangent` to the reference always.
 
 So `jax.jit` runs the kernel while a serialized module holds only standard
 ops. Eager calls run a jitted bind. When jax2onnx is imported, every
@@ -47,8 +48,9 @@ from jax.interpreters import ad, batching, mlir
 from keras_synann.kernels import reference, rules
 
 #: A kernel's forward f(x, kernel, **params) -> s and adjoint
-#: b(x, kernel, u, **params) -> (dx, dkernel), both traceable by jax.
-Pair = tuple[Callable, Callable]
+#: b(x, kernel, u, **params) -> (dx, dkernel) (and optionally its contract),
+#: traceable by jax.
+Pair = tuple[Callable, ...]
 
 #: Which operands of each primitive are per sample (leading batch axis) and
 #: which are weights ("w"): the batching rules fold a mapped batch of samples
@@ -74,16 +76,14 @@ def _jitted_bind(primitive: Primitive, *args, **params):
     return _jitted(primitive, tuple(sorted(params.items())))(*args)
 
 
-# --- contract: shared by every implementation ----------------------------------
-
-contract_p = Primitive("keras_synann_contract")
+# --- contract: one primitive per implementation -----------------------------------
 
 
 def _contract_operands(slot: str) -> tuple[str, ...]:
     return tuple(s for s in rules.SLOTS if s != slot)
 
 
-def _contract_abstract(*args, slot, power, chunk):
+def _contract_abstract(*args, slot, power, chunk, **_):
     del power, chunk
     x, kernel = args[-2], args[-1]
     shape = {
@@ -94,7 +94,7 @@ def _contract_abstract(*args, slot, power, chunk):
     return ShapedArray(shape, x.dtype)
 
 
-def _reference_contract(*args, slot, power, chunk):
+def _reference_contract(*args, slot, power, chunk, **_):
     operands = dict(zip(_contract_operands(slot), args[:2], strict=True))
     return reference.contract(
         slot, power, operands.get("a"), operands.get("b"), operands.get("c"),
@@ -102,85 +102,91 @@ def _reference_contract(*args, slot, power, chunk):
     )  # fmt: skip
 
 
-def _bind_contract(chunk: int, x, kernel):
+def _bind_contract(contract_p, params, x, kernel):
+    """contract(slot, power, a, b, c) through `contract_p` (operand of slot None)."""
+    extra = {k: v for k, v in params.items() if k not in ("slot", "power")}
+
     def bind(slot, power, a=None, b=None, c=None):
         operands = {"a": a, "b": b, "c": c}
         filled = [operands[s] for s in _contract_operands(slot)]
-        return contract_p.bind(*filled, x, kernel, slot=slot, power=power, chunk=chunk)
+        return contract_p.bind(*filled, x, kernel, slot=slot, power=power, **extra)
 
     return bind
 
 
-def _contract_jvp(primals, tangents, *, slot, power, chunk):
-    names = _contract_operands(slot)
-    *filled, x, kernel = primals
-    *t_filled, tx, tw = (_zero(t) for t in tangents)
-    out = contract_p.bind(*primals, slot=slot, power=power, chunk=chunk)
-    alg = _ContractAlgebra(x, kernel, chunk)
-    d = alg.contract_jvp(
-        slot,
-        power,
-        dict(zip(names, filled, strict=True)),
-        dict(zip(names, t_filled, strict=True)),
-        tx,
-        tw,
+def _contract_algebra(contract_p, params, x, kernel) -> rules.Algebra:
+    """An algebra of contractions alone (for `contract`'s own rules)."""
+    bind = _bind_contract(contract_p, params, x, kernel)
+    return rules.Algebra(
+        x,
+        kernel,
+        contract=bind,
+        adjoint=lambda u: (-bind("a", 1, None, kernel, u), -bind("b", 1, x, None, u)),
+        tangent=lambda tx, tw: -(bind("c", 1, x, tw) + bind("c", 1, tx, kernel)),
     )
-    return out, (jnp.zeros_like(out) if d is None else d)
 
 
-def _contract_transpose(ct, *args, slot, power, chunk):
-    names = _contract_operands(slot)
-    *filled, x, kernel = args
-    if ad.is_undefined_primal(x) or ad.is_undefined_primal(kernel):
-        raise ValueError("keras_synann_contract is linear in its operands only")
-    ct = _ct(ct)
-    bind = _bind_contract(chunk, x, kernel)
-    out = []
-    for i, name in enumerate(names):
-        if not ad.is_undefined_primal(filled[i]) or ct is None:
-            out.append(None)
-            continue
-        other = names[1 - i]
-        out.append(bind(name, power, **{other: filled[1 - i], slot: ct}))
-    return [*out, None, None]
-
-
-def _contract_batch(args, dims, *, slot, power, chunk):
-    kinds = {
-        "a": (_WEIGHT, _SAMPLE, _SAMPLE, _WEIGHT),  # b, c, x, W
-        "b": None,  # sums over the batch: per mapped slice
-        "c": (_SAMPLE, _WEIGHT, _SAMPLE, _WEIGHT),  # a, b, x, W
-    }[slot]
-    params = {"slot": slot, "power": power, "chunk": chunk}
-    return _batch(contract_p, kinds, args, dims, params)
-
-
-contract_p.def_impl(functools.partial(_jitted_bind, contract_p))
-contract_p.def_abstract_eval(_contract_abstract)
-mlir.register_lowering(
-    contract_p, mlir.lower_fun(_reference_contract, multiple_results=False)
-)
-ad.primitive_jvps[contract_p] = _contract_jvp
-ad.primitive_transposes[contract_p] = _contract_transpose
-batching.primitive_batchers[contract_p] = _contract_batch
-
-
-class _ContractAlgebra(rules.Algebra):
-    """An algebra whose adjoint and tangent are reference contractions (for
-    `contract`'s own rules, which belong to no implementation)."""
-
-    def __init__(self, x, kernel, chunk):
-        bind = _bind_contract(chunk, x, kernel)
-        super().__init__(
-            x,
-            kernel,
-            contract=bind,
-            adjoint=lambda u: (
-                -bind("a", 1, None, kernel, u),
-                -bind("b", 1, x, None, u),
-            ),
-            tangent=lambda tx, tw: -(bind("c", 1, x, tw) + bind("c", 1, tx, kernel)),
+def _define_contract(name: str, fast: Mapping[str, Callable]) -> Primitive:
+    """The `{name}_contract` primitive: per-platform `fast` lowerings (unless
+    exporting), the reference elsewhere, and its JVP, transpose and batching."""
+    contract_p = Primitive(f"{name}_contract")
+    contract_p.def_impl(functools.partial(_jitted_bind, contract_p))
+    contract_p.def_abstract_eval(_contract_abstract)
+    reference_rule = mlir.lower_fun(_reference_contract, multiple_results=False)
+    mlir.register_lowering(contract_p, reference_rule)
+    for platform, fn in fast.items():
+        mlir.register_lowering(
+            contract_p,
+            _unless_exporting(mlir.lower_fun(fn, False), reference_rule),
+            platform=platform,
         )
+
+    def jvp(primals, tangents, *, slot, power, **params):
+        names = _contract_operands(slot)
+        *filled, x, kernel = primals
+        *t_filled, tx, tw = (_zero(t) for t in tangents)
+        out = contract_p.bind(*primals, slot=slot, power=power, **params)
+        alg = _contract_algebra(contract_p, params, x, kernel)
+        d = alg.contract_jvp(
+            slot,
+            power,
+            dict(zip(names, filled, strict=True)),
+            dict(zip(names, t_filled, strict=True)),
+            tx,
+            tw,
+        )
+        return out, (jnp.zeros_like(out) if d is None else d)
+
+    def transpose(ct, *args, slot, power, **params):
+        names = _contract_operands(slot)
+        *filled, x, kernel = args
+        if ad.is_undefined_primal(x) or ad.is_undefined_primal(kernel):
+            raise ValueError(f"{contract_p.name} is linear in its operands only")
+        ct = _ct(ct)
+        bind = _bind_contract(contract_p, params, x, kernel)
+        out = []
+        for i, operand in enumerate(names):
+            if not ad.is_undefined_primal(filled[i]) or ct is None:
+                out.append(None)
+                continue
+            other = names[1 - i]
+            out.append(bind(operand, power, **{other: filled[1 - i], slot: ct}))
+        return [*out, None, None]
+
+    def batch(args, dims, *, slot, power, **params):
+        kinds = {
+            "a": (_WEIGHT, _SAMPLE, _SAMPLE, _WEIGHT),  # b, c, x, W
+            "b": None,  # sums over the batch: per mapped slice
+            "c": (_SAMPLE, _WEIGHT, _SAMPLE, _WEIGHT),  # a, b, x, W
+        }[slot]
+        return _batch(
+            contract_p, kinds, args, dims, {"slot": slot, "power": power, **params}
+        )
+
+    ad.primitive_jvps[contract_p] = jvp
+    ad.primitive_transposes[contract_p] = transpose
+    batching.primitive_batchers[contract_p] = batch
+    return contract_p
 
 
 # --- one implementation's forward, adjoint and tangent ---------------------------
@@ -192,14 +198,20 @@ def define(name: str, kernels: Mapping[str, Pair]) -> Callable:
     Args:
         name: the primitives are `{name}_forward`, `{name}_adjoint` and
             `{name}_tangent`.
-        kernels: platform ("cpu", "cuda", "rocm") -> (forward, adjoint).
-            Each is called with the primitive's params as keywords; `chunk`
+        kernels: platform ("cpu", "cuda", "rocm") -> (forward, adjoint) or
+            (forward, adjoint, contract), contract(p, q, x, kernel, slot=,
+            power=, **params) computing `reference.contract` with p, q the
+            operands not left out. Each is called with the primitive's
+            params as keywords; `chunk`
             (input units per log, <= n_in) is always among them, since the
             reference needs it.
 
     Returns:
         f(x, kernel, **params); params must be hashable.
     """
+    contract_p = _define_contract(
+        name, {k: v[2] for k, v in kernels.items() if len(v) > 2}
+    )
     forward = Primitive(f"{name}_forward")
     adjoint = Primitive(f"{name}_adjoint")
     adjoint.multiple_results = True
@@ -227,7 +239,7 @@ def define(name: str, kernels: Mapping[str, Pair]) -> Callable:
     mlir.register_lowering(
         tangent, mlir.lower_fun(_reference_tangent, multiple_results=False)
     )
-    for platform, (fast_forward, fast_adjoint) in kernels.items():
+    for platform, (fast_forward, fast_adjoint, *_) in kernels.items():
         mlir.register_lowering(
             forward,
             _unless_exporting(mlir.lower_fun(fast_forward, False), reference_forward),
@@ -243,7 +255,7 @@ def define(name: str, kernels: Mapping[str, Pair]) -> Callable:
         return rules.Algebra(
             x,
             kernel,
-            contract=_bind_contract(params["chunk"], x, kernel),
+            contract=_bind_contract(contract_p, params, x, kernel),
             adjoint=lambda u: tuple(adjoint.bind(x, kernel, u, **params)),
             tangent=lambda tx, tw: tangent.bind(x, kernel, tx, tw, **params),
         )

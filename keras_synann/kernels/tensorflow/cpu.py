@@ -67,6 +67,44 @@ def adjoint(x, kernel, u, chunk: int):
     return d_x, d_w
 
 
+def _contract(slot_index, power, p, q, x, kernel):
+    x, kernel = np.ascontiguousarray(x), np.ascontiguousarray(kernel)
+    (batch, n_in), n_out = x.shape, kernel.shape[1]
+    slot = int(slot_index)
+    shape = ((batch, n_in), (n_in, n_out), (batch, n_out))[slot]
+    given = iter((np.ascontiguousarray(p), np.ascontiguousarray(q)))
+    operands = [None if k == slot else next(given) for k in range(3)]
+    out = np.empty(shape, np.float32)
+    cpu_build.load(VARIANT).synann_contract(
+        slot, int(power), *(0 if a is None else a.ctypes.data for a in operands),
+        x.ctypes.data, kernel.ctypes.data, out.ctypes.data, batch, n_in, n_out,
+        FACTOR_FLOOR, cpu_build.threads(),
+    )  # fmt: skip
+    return out
+
+
+def contract(slot, power, a, b, c, x, kernel, chunk: int):
+    """`reference.contract` by the loops, as a numpy function."""
+    del chunk
+    p, q = (t for t in (a, b, c) if t is not None)
+    slot_index = "abc".index(slot)
+    out = tf.numpy_function(
+        lambda p, q, x, k: _contract(slot_index, power, p, q, x, k),
+        [p, q, x, kernel], tf.float32, stateful=False,
+    )  # fmt: skip
+    batch, n_in, n_out = x.shape[0], kernel.shape[0], kernel.shape[1]
+    out.set_shape([(batch, n_in), (n_in, n_out), (batch, n_out)][slot_index])
+    return out
+
+
+def tangent(x, kernel, tx, tkernel, chunk: int):
+    """`reference.tangent` by the loops: -(T_1'_C(x, tW) + T_1'_C(tx, W))."""
+    return -(
+        contract("c", 1, x, tkernel, None, x, kernel, chunk)
+        + contract("c", 1, tx, kernel, None, x, kernel, chunk)
+    )
+
+
 def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
     """Why the loops do not apply here (empty: they do).
 

@@ -14,7 +14,8 @@ each function its inputs pass through `stop_gradient`: the tape records
 only the custom gradient, never the chunk loops.
 
 An implementation is any object with `forward(x, W, chunk) -> s` and
-`adjoint(x, W, u, chunk) -> (dx, dW)` on tensors.
+`adjoint(x, W, u, chunk) -> (dx, dW)` on tensors, and optionally `contract`
+and `tangent` (else those of `kernels.reference` run).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _algebra(x, kernel, impl, chunk) -> rules.Algebra:
         x,
         kernel,
         contract=lambda slot, power, a=None, b=None, c=None: contract(
-            slot, power, a, b, c, x, kernel, chunk
+            slot, power, a, b, c, x, kernel, impl, chunk
         ),
         adjoint=lambda u: adjoint(x, kernel, u, impl, chunk),
         tangent=lambda tx, tw: tangent(x, kernel, tx, tw, impl, chunk),
@@ -93,7 +94,8 @@ def tangent(x, kernel, tx, tw, impl, chunk: int):
 
     @tf.custom_gradient
     def ds(x, kernel, tx, tw):
-        out = reference.tangent(*_plain(x, kernel, tx, tw), chunk)
+        tangent_fn = getattr(impl, "tangent", reference.tangent)
+        out = tangent_fn(*_plain(x, kernel, tx, tw), chunk)
 
         def grad(ct, variables=None):
             _no_variables(variables)
@@ -105,8 +107,8 @@ def tangent(x, kernel, tx, tw, impl, chunk: int):
     return ds(x, kernel, tx, tw)
 
 
-def contract(slot, power, a, b, c, x, kernel, chunk: int):
-    """`reference.contract`, differentiable."""
+def contract(slot, power, a, b, c, x, kernel, impl, chunk: int):
+    """`reference.contract` (or the implementation's own), differentiable."""
     names = tuple(s for s in rules.SLOTS if s != slot)
     given = {"a": a, "b": b, "c": c}
     filled = [given[n] for n in names]
@@ -114,14 +116,15 @@ def contract(slot, power, a, b, c, x, kernel, chunk: int):
     @tf.custom_gradient
     def out(p, q, x, kernel):
         operands = dict(zip(names, _plain(p, q), strict=True))
-        value = reference.contract(
+        contract_fn = getattr(impl, "contract", reference.contract)
+        value = contract_fn(
             slot, power, operands.get("a"), operands.get("b"), operands.get("c"),
             *_plain(x, kernel), chunk,
         )  # fmt: skip
 
         def grad(ct, variables=None):
             _no_variables(variables)
-            alg = _algebra(x, kernel, None, chunk)
+            alg = _algebra(x, kernel, impl, chunk)
             ops_ = dict(zip(names, (p, q), strict=True))
             bars, x_bar, w_bar = alg.contract_vjp(slot, power, ops_, ct)
             return _zeros_for(

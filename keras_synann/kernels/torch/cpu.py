@@ -48,6 +48,31 @@ def adjoint(x, kernel, upstream, chunk: int):
     return d_x, d_w
 
 
+def contract(slot, power, a, b, c, x, kernel, chunk: int):
+    """`reference.contract` by the loops (float32 CPU tensors)."""
+    del chunk
+    operands = [None if t is None else t.contiguous() for t in (a, b, c)]
+    x, kernel = x.contiguous(), kernel.contiguous()
+    batch, (n_in, n_out) = x.shape[0], kernel.shape
+    shape = {"a": (batch, n_in), "b": (n_in, n_out), "c": (batch, n_out)}[slot]
+    out = x.new_empty(shape)
+    cpu_build.load(VARIANT).synann_contract(
+        "abc".index(slot), power,
+        *(0 if t is None else t.data_ptr() for t in operands),
+        x.data_ptr(), kernel.data_ptr(), out.data_ptr(), batch, n_in, n_out,
+        FACTOR_FLOOR, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def tangent(x, kernel, tx, tkernel, chunk: int):
+    """`reference.tangent` by the loops: -(T_1'_C(x, tW) + T_1'_C(tx, W))."""
+    return -(
+        contract("c", 1, x, tkernel, None, x, kernel, chunk)
+        + contract("c", 1, tx, kernel, None, x, kernel, chunk)
+    )
+
+
 def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
     """Why the loops do not apply to these tensors here (empty: they do)."""
     del auto

@@ -15,7 +15,8 @@ gradients with `vmap(grad)`): a mapped batch of samples with shared weights
 folds into the batch; anything else runs one slice at a time.
 
 An implementation is any object with `forward(x, W, chunk) -> s` and
-`adjoint(x, W, u, chunk) -> (dx, dW)` on plain tensors. The forwards take
+`adjoint(x, W, u, chunk) -> (dx, dW)` on plain tensors, and optionally
+`contract` and `tangent` (else those of `kernels.reference` run). The forwards take
 their inputs as they are (autograd runs them without recording): under
 torch.compile, which traces a Function's forward and differentiates it for
 forward mode, a detached input would drop the tangent.
@@ -33,7 +34,7 @@ def _algebra(x, kernel, impl, chunk) -> rules.Algebra:
         x,
         kernel,
         contract=lambda slot, power, a=None, b=None, c=None: Contract.apply(
-            slot, power, a, b, c, x, kernel, chunk
+            slot, power, a, b, c, x, kernel, impl, chunk
         ),
         adjoint=lambda u: Adjoint.apply(x, kernel, u, impl, chunk),
         tangent=lambda tx, tw: Tangent.apply(x, kernel, tx, tw, impl, chunk),
@@ -166,7 +167,7 @@ class Tangent(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kernel, tx, tw, impl, chunk):
-        return reference.tangent(x, kernel, tx, tw, chunk)
+        return getattr(impl, "tangent", reference.tangent)(x, kernel, tx, tw, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -215,23 +216,24 @@ class Contract(torch.autograd.Function):
     """One partial derivative of T_p (`reference.contract`), slot left None."""
 
     @staticmethod
-    def forward(slot, power, a, b, c, x, kernel, chunk):
-        return reference.contract(slot, power, a, b, c, x, kernel, chunk)
+    def forward(slot, power, a, b, c, x, kernel, impl, chunk):
+        contract = getattr(impl, "contract", reference.contract)
+        return contract(slot, power, a, b, c, x, kernel, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        slot, power, a, b, c, x, kernel, chunk = inputs
+        slot, power, a, b, c, x, kernel, impl, chunk = inputs
         operands = {"a": a, "b": b, "c": c}
         del operands[slot]
         ctx.names = tuple(operands)
         ctx.save_for_backward(*operands.values(), x, kernel)
         ctx.save_for_forward(*operands.values(), x, kernel)
-        ctx.slot, ctx.power, ctx.chunk = slot, power, chunk
+        ctx.slot, ctx.power, ctx.impl, ctx.chunk = slot, power, impl, chunk
 
     @staticmethod
     def _unpack(ctx):
         *filled, x, kernel = ctx.saved_tensors
-        alg = _algebra(x, kernel, None, ctx.chunk)
+        alg = _algebra(x, kernel, ctx.impl, ctx.chunk)
         return dict(zip(ctx.names, filled, strict=True)), alg
 
     @staticmethod
@@ -244,10 +246,10 @@ class Contract(torch.autograd.Function):
             ctx.slot, ctx.power, operands, ct, want={k for k, v in needed.items() if v}
         )
         by_slot = [bars.get(s) for s in rules.SLOTS]
-        return None, None, *by_slot, x_bar, w_bar, None
+        return None, None, *by_slot, x_bar, w_bar, None, None
 
     @staticmethod
-    def jvp(ctx, _slot, _power, ta, tb, tc, tx, tw, _chunk):
+    def jvp(ctx, _slot, _power, ta, tb, tc, tx, tw, _impl, _chunk):
         operands, alg = Contract._unpack(ctx)
         tangents = {s: t for s, t in zip(rules.SLOTS, (ta, tb, tc), strict=True)}
         tangents = {s: tangents[s] for s in operands}
@@ -258,7 +260,7 @@ class Contract(torch.autograd.Function):
         return out
 
     @staticmethod
-    def vmap(info, in_dims, slot, power, a, b, c, x, kernel, chunk):
+    def vmap(info, in_dims, slot, power, a, b, c, x, kernel, impl, chunk):
         dims = dict(zip(("a", "b", "c", "x", "w"), in_dims[2:7], strict=True))
         tensors = {"a": a, "b": b, "c": c, "x": x, "w": kernel}
         weights_mapped = dims["b"] is not None or dims["w"] is not None
@@ -269,7 +271,7 @@ class Contract(torch.autograd.Function):
                 *samples, xs, bb, w = args
                 ops_ = dict(zip(sample_names, samples, strict=True))
                 return Contract.apply(
-                    slot, power, ops_.get("a"), bb, ops_.get("c"), xs, w, chunk
+                    slot, power, ops_.get("a"), bb, ops_.get("c"), xs, w, impl, chunk
                 )
 
             out = _fold(
@@ -284,8 +286,9 @@ class Contract(torch.autograd.Function):
         def one(*args):
             t = dict(zip(names, args, strict=True))
             return Contract.apply(
-                slot, power, t.get("a"), t.get("b"), t.get("c"), t["x"], t["w"], chunk
-            )
+                slot, power, t.get("a"), t.get("b"), t.get("c"), t["x"], t["w"],
+                impl, chunk,
+            )  # fmt: skip
 
         return _per_slice(
             one, info.batch_size, [(tensors[n], dims[n]) for n in names]
