@@ -31,7 +31,7 @@ from processes import (
 
 import keras_synann  # noqa: F401  (best.keras holds its layers)
 from cloud.local_gcloud import cluster_env, free_ports
-from training import checkpoints, data
+from training import checkpoints, data, status
 from training.distribute import cluster
 
 pytestmark = [
@@ -135,8 +135,44 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
     assert error_lines(first.output) == [
         "mnist.py: error: process 0 of 2: ended by SIGTERM"
     ]
-    assert second.returncode == cluster.EXIT_OTHER_FAILED
+    # Process 1 stops with process 0's status: asked to stop, not a failure.
+    assert second.returncode == 143
     assert "stopping because process 0 failed: ended by SIGTERM" in second.output
+    for p in (0, 1):
+        record = status.read(tmp_path / "out" / f"status-{p}.json")
+        assert (record["status"], record["exit"]) == ("terminated", 143)
+        assert record["preempted"] is None  # no metadata server here
+
+
+#: The stall bound of the test below (s), and the most the processes may
+#: take beyond it (process 0 waits up to 4.5 s for the others to read why).
+STALL, STALL_SLACK = 8, 10
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path, attempt):
+    """Process 1 hangs after epoch 1, alive (its heartbeats carry on);
+    process 0 waits in epoch 2's first collective step. The heartbeat
+    watchdog (60 s here) cannot see it; the stall watchdog ends both."""
+    env = {cluster.ENV_WATCHDOG_TIMEOUT: "60"}
+    args = mlp_args(mnist_dir, tmp_path / "out", 3, "--stall-timeout", str(STALL))
+    hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
+    procs = start_cluster(args, env=env, per_process=hang)
+    wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
+    hung = time.monotonic()
+    results = finish(procs, timeout=120)
+    took = time.monotonic() - hung
+    ended = ", ".join(f"process {i} {r.seconds:.1f} s" for i, r in enumerate(results))
+    print(f"after the hang, bound {STALL} s: ended at {ended}")
+    for r in results:
+        assert r.returncode == status.EXIT_STALLED, r.output[-2000:]
+        (line,) = error_lines(r.output)
+        assert "stalled: no training progress for" in line
+    assert took < STALL + STALL_SLACK
+    for p in (0, 1):
+        record = status.read(tmp_path / "out" / f"status-{p}.json")
+        assert (record["status"], record["exit"]) == ("stalled", 75)
+        assert record["process"] == p and record["processes"] == 2
 
 
 def test_a_failed_start_up_check_stops_the_others(mnist_dir, tmp_path):
