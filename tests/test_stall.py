@@ -5,6 +5,7 @@ tests/test_multiprocess.py)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -174,3 +175,18 @@ def test_no_stall_and_the_ok_status(mnist_dir, tmp_path):
     assert result.returncode == 0, result.output[-2000:]
     record = json.loads((out / "status-0.json").read_text())
     assert record["status"] == "ok" and record["exit"] == 0
+
+
+def test_a_run_that_raises_leaves_no_watchdog_running(mnist_dir, tmp_path, monkeypatch):
+    """Keras skips on_train_end when a callback raises: the script stops the
+    watchdog itself (else it would end the caller's process later)."""
+    monkeypatch.setenv("SYNANN_TEST_FAULT", "raise@0:1")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="raised after epoch 1"):
+        mnist.main(mlp_args(mnist_dir, out, "--verbose", "0"))
+    time.sleep(1.5)  # the threads' poll intervals
+    names = {t.name for t in threading.enumerate() if t.is_alive()}
+    assert not names & {"synann-stall", "synann-signals"}
+    record = json.loads((out / "status-0.json").read_text())
+    assert record["status"] == "failed" and record["exit"] == 1
+    assert record["message"].startswith("RuntimeError: SYNANN_TEST_FAULT raised")

@@ -580,6 +580,13 @@ class Training:
         return self.strategy.restore_best(model, self.out / "best.keras")
 
     def close(self) -> None:
+        """After training, also when it raised (Keras then skips on_train_end):
+        the stall watchdog stops, a signal no longer waits for a save."""
+        for callback in self.callbacks:
+            if isinstance(callback, stall.StallWatchdog):
+                callback.on_train_end()
+        if self.save is not None and self.save.stop_request is not None:
+            self.save.stop_request.active = False
         if self.checkpointer is not None:
             self.checkpointer.close()
 
@@ -786,8 +793,9 @@ def main(argv=None) -> int:
             return int(code)
         status.report("ok", status.EXIT_OK, "finished")
     except ONE_LINE_ERRORS as e:
-        cli.error("mnist.py", e)
         code = 2 if isinstance(e, UsageError) else 1
+        status.report(status.word_for(code), code, e)  # before the error line
+        cli.error("mnist.py", e)
         _failed(strategy, e, code, joined=not isinstance(e, cluster.JoinError))
         return code
     except SystemExit as e:  # argparse's usage errors, the exit testing hook
