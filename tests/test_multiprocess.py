@@ -267,3 +267,49 @@ def test_resume_with_other_process_counts(mnist_dir, tmp_path):
         float(np.mean(predicted == splits.y_test)), abs=1e-6
     )
     assert not (tmp_path / "out1" / "metrics.json").exists()
+
+
+def test_sigterm_mid_epoch_saves_the_steps_of_every_process(tmp_path):
+    """SIGTERM to process 0 during epoch 2: at the next agreement step (every
+    5 steps) both processes save the partial epoch together, both end with
+    143, and 2 processes resume after those steps with the optimizer's step
+    count exact."""
+    from conftest import write_mnist
+
+    from training import preemption
+
+    steps_per_epoch = 10  # 160 training samples / 16
+    data_dir = write_mnist(tmp_path / "mnist", n_train=176)
+    ckpt = str(tmp_path / "ckpt")
+    args = mlp_args(data_dir, tmp_path / "out", 3, "--checkpoint-dir", ckpt)
+    env = {"SYNANN_TEST_STEP_DELAY": "0.3", cluster.ENV_WATCHDOG_TIMEOUT: "30"}
+    procs = start_cluster(args, env=env)
+    wait_for_line(procs[0], "SYNANN_TEST_STEP_DELAY: epoch 2 step 1 done", 240)
+    sent = time.monotonic()
+    procs[0].send_signal(signal.SIGTERM)
+    results = finish(procs, timeout=90)
+    took = time.monotonic() - sent
+    print(f"both ended {took:.1f} s after SIGTERM")
+    expected = {"epoch": 2, "steps": preemption.AGREE_EVERY}
+    for p, r in enumerate(results):
+        assert r.returncode == 143, r.output[-2000:]
+        record = status.read(tmp_path / "out" / f"status-{p}.json")
+        assert record["status"] == "terminated" and record["exit"] == 143
+        assert record["checkpoint"] == expected, record
+        done = [ln for ln in r.output.splitlines() if "epoch 2 step" in ln]
+        assert done[-1].endswith(f"step {preemption.AGREE_EVERY} done")  # none lost
+    assert took < preemption.SAVE_GRACE_S + 10
+    assert checkpoints.partial_steps(ckpt, 2) == preemption.AGREE_EVERY
+
+    results = finish(start_cluster([*args, "--resume"]), timeout=240)
+    assert_ok(results)
+    assert (
+        f"Resuming {ckpt} after epoch 1 and {preemption.AGREE_EVERY} steps of epoch 2"
+        in results[0].output
+    )
+    rows = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    total = 3 * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(2e-3, total, alpha=0.01)
+    expected_lr = float(keras.ops.convert_to_numpy(schedule(2 * steps_per_epoch)))
+    assert rows[1]["learning_rate"] == pytest.approx(expected_lr, rel=1e-5)

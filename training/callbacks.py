@@ -176,11 +176,20 @@ class SaveCheckpoint(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         request = self.stop_request
-        if request is None or not request.requested.is_set():
-            return
-        if request.answered.is_set():
+        if request is None or request.answered.is_set():
             return
         steps = self.step_offset + batch
+        if request.agree is None:  # one process
+            if not request.requested.is_set():
+                return
+        else:
+            # Several processes save together, at the same step: every
+            # `every` steps of the epoch they agree whether any was asked
+            # to stop (a small collective step).
+            if steps % request.every:
+                return
+            if not request.agree(request.requested.is_set()):
+                return
         if steps == 0:
             request.answer(
                 None,
@@ -197,7 +206,9 @@ class SaveCheckpoint(keras.callbacks.Callback):
                 request.answer({"epoch": self._epoch, "steps": steps})
             except Exception as e:  # report it; the process ends anyway
                 request.answer(None, f"saving the partial epoch failed: {e}")
-        while True:  # the thread that took the signal ends the process
+        # The thread that took the signal ends the process; in the other
+        # processes, the cluster watchdog, once it reads that process's end.
+        while True:
             time.sleep(3600)
 
 

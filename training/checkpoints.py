@@ -25,7 +25,7 @@ process takes part in each save and restore, and orbax writes local paths and
                              "settings" (model, batch size, ...), "processes"}
         _CHECKPOINT_METADATA orbax's own
     DIR/partial/<E>/         the state K steps into epoch E, saved when the run
-                             was asked to stop (SIGTERM, SIGINT; one process;
+                             was asked to stop (SIGTERM, SIGINT;
                              training/preemption.py): the same layout, with
                              "steps": K in the metadata and the history of
                              epochs 1..E-1; only the newest is kept. `--resume`

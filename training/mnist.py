@@ -534,9 +534,7 @@ class Training:
         if self.best is not None:
             found.append(self.best)
         if self.checkpointer is not None:
-            # One process saves a partial epoch when asked to stop; several
-            # would have to agree on the step first (training/preemption.py).
-            one = strategy.process_count == 1
+            # Saves the partial epoch when asked to stop (training/preemption.py).
             self.save = callbacks.SaveCheckpoint(
                 self.checkpointer,
                 self.rows,
@@ -545,7 +543,7 @@ class Training:
                 plateau_start=plateau_start,
                 settings=settings(args),
                 processes=strategy.process_count,
-                stop_request=preemption.request if one else None,
+                stop_request=preemption.request,
             )
             found.append(self.save)
         if strategy.is_chief and self.best is None:
@@ -763,6 +761,9 @@ def main(argv=None) -> int:
         strategy = resolve_strategy(args)
         status.configure(
             args.status_file, strategy.process_index, strategy.process_count
+        )
+        preemption.request = preemption.for_processes(
+            strategy.process_count if strategy.backend == "jax" else 1
         )
         watchdog = getattr(strategy, "watchdog", None)
         if watchdog is not None:  # it takes SIGTERM and SIGINT

@@ -6,20 +6,24 @@ Compute Engine sends a spot or preemptible VM SIGTERM about 30 s before it
 stops it, and its metadata server's `instance/preempted` turns TRUE. On
 either signal:
 
-1. the metadata server is asked (at most about 1.5 s; off Compute Engine it
-   does not answer and the status says `"preempted": null`);
-2. with --checkpoint-dir, while training runs (one process), the training
-   loop saves the steps done since the last epoch's checkpoint at its next
-   step boundary (`SaveCheckpoint`, training/checkpoints.py's `partial/`),
-   waited for at most SAVE_GRACE_S (20 s): `--resume` then continues after
-   those steps, so the run loses at most the step in flight at the signal;
+1. with --checkpoint-dir, while training runs, the training loop is asked
+   to save the steps done since the last epoch's checkpoint at its next step
+   boundary (`SaveCheckpoint`, training/checkpoints.py's `partial/`), waited
+   for at most SAVE_GRACE_S (20 s) from the signal: `--resume` then
+   continues after those steps, so the run loses at most the step in flight;
+2. meanwhile the metadata server is asked (at most about 1.5 s; off Compute
+   Engine it does not answer and the status says `"preempted": null`);
 3. the status file and one line on stderr are written, and the process
    exits at once (the training thread may be blocked in a collective).
 
 One process: `SignalWatcher` here takes the signals. Several jax processes:
 the cluster watchdog (training/distribute/cluster.py) takes them and calls
-`on_signal`; a mid-epoch checkpoint there would need every process to save
-at the same step, so several processes keep the last epoch's checkpoint.
+`on_signal`. Every AGREE_EVERY (5) steps of an epoch the processes agree
+whether any of them was asked to stop (a small all-gather); if so, all save
+the partial epoch at that step, the one asked ends with its status, and the
+others end with the same status once their cluster watchdog reads it. The
+save then comes at most AGREE_EVERY steps after the signal, still within
+SAVE_GRACE_S when a step takes under about 3 s.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from training import status
 
@@ -41,8 +46,11 @@ class StopRequest:
     """Between the thread that saw the signal and the training loop, which
     saves at its next step boundary (`SaveCheckpoint.on_train_batch_begin`)."""
 
-    def __init__(self):
+    def __init__(self, agree=None, every: int = 1):
         self.active = False  # a training loop that can save is running
+        # Several processes: agree(asked: bool) -> whether any process was
+        # asked (a collective step every process takes), every `every` steps.
+        self.agree, self.every = agree, every
         self.requested = threading.Event()
         self.answered = threading.Event()
         self.checkpoint: dict | None = None
@@ -57,19 +65,43 @@ class StopRequest:
 request = StopRequest()
 
 
+#: Several processes agree whether to stop every this many steps.
+AGREE_EVERY = 5
+
+
+def any_process(asked: bool) -> bool:
+    """Whether any process of a multi-process jax run was asked to stop (every
+    process calls it at the same step)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(bool(asked)))
+    return bool(np.asarray(flags).any())
+
+
+def for_processes(count: int) -> StopRequest:
+    """The stop request of a run of `count` processes."""
+    if count > 1:
+        return StopRequest(agree=any_process, every=AGREE_EVERY)
+    return StopRequest()
+
+
 def on_signal(sig: int, grace: float = SAVE_GRACE_S) -> tuple[str, int]:
     """What a process does when asked to stop (see the module docstring), up
     to writing its status; returns (the one-line message, the exit status)."""
     code = SIGNAL_EXIT.get(sig, status.EXIT_SIGTERM)
     name = signal.Signals(sig).name
+    start = time.monotonic()
+    saving = request.active
+    if saving:
+        request.requested.set()  # first: the loop saves while we ask
     was_preempted = status.preempted()
     extra: dict = {"preempted": was_preempted}
     message = f"ended by {name}"
     if was_preempted:
         message += " (the metadata server says this VM was preempted)"
-    if request.active:
-        request.requested.set()
-        if request.answered.wait(grace):
+    if saving:
+        if request.answered.wait(max(0.0, grace - (time.monotonic() - start))):
             extra["checkpoint"] = request.checkpoint
             if request.note:
                 extra["checkpoint_note"] = request.note
@@ -97,6 +129,10 @@ def report_end(message: str, code: int) -> None:
     extra = {}
     if code in (status.EXIT_SIGTERM, status.EXIT_SIGINT):
         extra["preempted"] = status.preempted()
+        if request.answered.is_set():  # saved with the others
+            extra["checkpoint"] = request.checkpoint
+            if request.note:
+                extra["checkpoint_note"] = request.note
     word = "preempted" if extra.get("preempted") else status.word_for(code)
     status.report(word, code, message, **extra)
 
