@@ -429,15 +429,12 @@ def _resume_epoch(args, strategy, out: Path) -> int:
         raise UsageError(
             f"{where} already holds {epoch} epochs; --epochs {args.epochs} is fewer"
         )
-    if epoch == 0 and not (
-        args.checkpoint_dir and checkpoints.partial_steps(args.checkpoint_dir, 1)
-    ):
+    partial = args.checkpoint_dir and checkpoints.partial_steps(args.checkpoint_dir, 1)
+    if epoch == 0 and not partial:
         print(
             f"Nothing to resume in {where} (no completed epoch); starting at epoch 1."
         )
-    elif epoch == 0:
-        pass
-    else:
+    elif epoch:
         print(f"Resuming {where} after epoch {epoch} of {args.epochs}.")
     return epoch
 
