@@ -28,17 +28,18 @@ coordination service's key-value store, under `synann/watchdog/`:
 - `done/<p>`: process p finished its part of the run (no more collectives).
 
 Every `interval` seconds each watchdog reads the record and ends its own
-process (one line on stderr naming the other process; exit status 1, or the
-other's own when it stalled (75) or was ended by SIGTERM (143) or SIGINT
-(130): training/status.py) when another process failed, or has not beaten for `SYNANN_WATCHDOG_TIMEOUT`
-seconds (default 60) without being done (killed, crashed, frozen), or when
+process (one line on stderr naming the other process; exit status 1, or
+the other's own when it stalled (75) or was ended by SIGTERM (143) or
+SIGINT (130): training/status.py) when another process failed, or has not
+beaten for `SYNANN_WATCHDOG_TIMEOUT` seconds (default 60) without being done (killed, crashed, frozen), or when
 the coordination service on process 0 has been unreachable that long. On
 SIGTERM (SIGINT) the watchdog records the failure (and, through `on_signal`,
 the status file: training/preemption.py) and ends the process with status
 143 (130) at once, even while the main thread waits inside a
 collective: jax's own preemption notifier takes SIGTERM over and only logs
-it, so without this a stuck process ignores SIGTERM. A checkpoint written
-at each epoch's end is the point to resume from.
+it, so without this a stuck process ignores SIGTERM. The checkpoint of the
+last epoch, or of the partial epoch saved when the processes could
+(training/preemption.py), is the point to resume from.
 
 A process whose collective step fails because another process went away
 (`lost_a_peer`) lets its watchdog name that process before it reports a
@@ -62,6 +63,7 @@ import sys
 import threading
 import time
 
+from training import status
 from training.cli import first_line
 
 ENV_JOIN_TIMEOUT = "SYNANN_JOIN_TIMEOUT"
@@ -71,7 +73,7 @@ DEFAULT_WATCHDOG_TIMEOUT = 60.0
 PREFIX = "synann/watchdog/"
 #: Exit status of a process that the watchdog stops because of another one.
 EXIT_OTHER_FAILED = 1
-_SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
+_SIGNAL_EXIT = {signal.SIGTERM: status.EXIT_SIGTERM, signal.SIGINT: status.EXIT_SIGINT}
 
 
 def exit_status_after(reason: str) -> int:
@@ -80,7 +82,7 @@ def exit_status_after(reason: str) -> int:
     (143, 130), so that every process of the run reports the same kind of
     end; else EXIT_OTHER_FAILED."""
     if reason.startswith("stalled:"):
-        return 75
+        return status.EXIT_STALLED
     for sig, code in _SIGNAL_EXIT.items():
         if reason.startswith(f"ended by {sig.name}"):
             return code
@@ -338,10 +340,10 @@ class Watchdog:
             f"{PREFIX}beat/{self.index}", str(n), allow_overwrite=True
         )
 
-    def _end(self, message: str, status: int) -> None:
+    def _end(self, message: str, code: int) -> None:
         if self.on_end is not None:
             try:
-                self.on_end(message, status)
+                self.on_end(message, code)
             except Exception:
                 pass
         print(
@@ -353,7 +355,7 @@ class Watchdog:
             sys.stdout.flush()
         except Exception:
             pass
-        self._exit(status)
+        self._exit(code)
 
     def _wait(self, seconds: float) -> list[int]:
         if self._wakeup_r is None:
