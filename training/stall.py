@@ -170,7 +170,7 @@ class StallWatchdog(keras.callbacks.Callback):
             bound = self.bounds.bound(phase)
             if waited <= bound:
                 return None
-            where = f"epoch {self._epoch}" if self._epoch else "the first epoch"
+            where = f"epoch {self._epoch}" if self._epoch else "before epoch 1"
             if phase == "train":
                 where += f", after step {self._step}"
             self.details = {
