@@ -121,7 +121,13 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
     collective step, where jax's preemption notifier used to swallow
     SIGTERM. It ends with 143 and process 1 stops, naming it."""
     env = {cluster.ENV_WATCHDOG_TIMEOUT: "60"}  # only SIGTERM may end this run
-    args = mlp_args(mnist_dir, tmp_path / "out")
+    args = mlp_args(
+        mnist_dir,
+        tmp_path / "out",
+        3,
+        "--status-file",
+        str(tmp_path / "status-{process}.json"),
+    )
     hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
     procs = start_cluster(args, env=env, per_process=hang)
     wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
@@ -139,7 +145,7 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
     assert second.returncode == 143
     assert "stopping because process 0 failed: ended by SIGTERM" in second.output
     for p in (0, 1):
-        record = status.read(tmp_path / "out" / f"status-{p}.json")
+        record = status.read(tmp_path / f"status-{p}.json")
         assert (record["status"], record["exit"]) == ("terminated", 143)
         assert record["preempted"] is None  # no metadata server here
 
@@ -155,7 +161,15 @@ def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path, att
     process 0 waits in epoch 2's first collective step. The heartbeat
     watchdog (60 s here) cannot see it; the stall watchdog ends both."""
     env = {cluster.ENV_WATCHDOG_TIMEOUT: "60"}
-    args = mlp_args(mnist_dir, tmp_path / "out", 3, "--stall-timeout", str(STALL))
+    args = mlp_args(
+        mnist_dir,
+        tmp_path / "out",
+        3,
+        "--stall-timeout",
+        str(STALL),
+        "--status-file",
+        str(tmp_path / "status-{process}.json"),
+    )
     hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
     procs = start_cluster(args, env=env, per_process=hang)
     wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
@@ -170,7 +184,7 @@ def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path, att
         assert "stalled: no training progress for" in line
     assert took < STALL + STALL_SLACK
     for p in (0, 1):
-        record = status.read(tmp_path / "out" / f"status-{p}.json")
+        record = status.read(tmp_path / f"status-{p}.json")
         assert (record["status"], record["exit"]) == ("stalled", 75)
         assert record["process"] == p and record["processes"] == 2
 
@@ -281,7 +295,15 @@ def test_sigterm_mid_epoch_saves_the_steps_of_every_process(tmp_path):
     steps_per_epoch = 10  # 160 training samples / 16
     data_dir = write_mnist(tmp_path / "mnist", n_train=176)
     ckpt = str(tmp_path / "ckpt")
-    args = mlp_args(data_dir, tmp_path / "out", 3, "--checkpoint-dir", ckpt)
+    args = mlp_args(
+        data_dir,
+        tmp_path / "out",
+        3,
+        "--checkpoint-dir",
+        ckpt,
+        "--status-file",
+        str(tmp_path / "status-{process}.json"),
+    )
     env = {"SYNANN_TEST_STEP_DELAY": "0.3", cluster.ENV_WATCHDOG_TIMEOUT: "30"}
     procs = start_cluster(args, env=env)
     wait_for_line(procs[0], "SYNANN_TEST_STEP_DELAY: epoch 2 step 1 done", 240)
@@ -293,7 +315,7 @@ def test_sigterm_mid_epoch_saves_the_steps_of_every_process(tmp_path):
     expected = {"epoch": 2, "steps": preemption.AGREE_EVERY}
     for p, r in enumerate(results):
         assert r.returncode == 143, r.output[-2000:]
-        record = status.read(tmp_path / "out" / f"status-{p}.json")
+        record = status.read(tmp_path / f"status-{p}.json")
         assert record["status"] == "terminated" and record["exit"] == 143
         assert record["checkpoint"] == expected, record
         done = [ln for ln in r.output.splitlines() if "epoch 2 step" in ln]

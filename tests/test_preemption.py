@@ -165,7 +165,7 @@ def test_sigterm_is_a_stop_not_a_failure(mnist_dir, tmp_path):
     (result,) = finish([proc], timeout=60)
     assert result.returncode == 143, result.output[-2000:]
     assert time.monotonic() - sent < 10
-    record = json.loads((out / "status-0.json").read_text())
+    record = json.loads((out / "status.json").read_text())
     assert (record["status"], record["exit"], record["preempted"]) == (
         "terminated",
         143,
@@ -196,7 +196,7 @@ def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(
     assert result.returncode == 143, result.output[-2000:]
     done = [ln for ln in (*lines, *result.output.splitlines()) if "epoch 2 step" in ln]
     steps_done = int(done[-1].split()[4])  # the last step completed at exit
-    record = json.loads((out / "status-0.json").read_text())
+    record = json.loads((out / "status.json").read_text())
     assert record["status"] == "terminated" and record["exit"] == 143
     saved = record["checkpoint"]
     assert saved["epoch"] == 2 and 3 <= saved["steps"] < STEPS
@@ -221,4 +221,4 @@ def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(
         expected = float(keras.ops.convert_to_numpy(schedule(steps)))
         assert row["learning_rate"] == pytest.approx(expected, rel=1e-5)
     assert checkpoints.completed_epochs(str(ckpt)) == [2, 3]
-    assert status.read(out / "status-0.json")["status"] == "ok"
+    assert status.read(out / "status.json")["status"] == "ok"

@@ -162,7 +162,7 @@ def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path, a
     assert len(errors) == 1 and errors[0].startswith(
         "mnist.py: error: process 0 of 1: stalled: no training progress for "
     )
-    record = json.loads((out / "status-0.json").read_text())
+    record = json.loads((out / "status.json").read_text())
     assert record["status"] == "stalled" and record["exit"] == 75
     assert record["phase"] == "epoch-end" and record["epoch"] == 1
     assert record["bound_s"] == BOUND
@@ -173,7 +173,7 @@ def test_no_stall_and_the_ok_status(mnist_dir, tmp_path):
     out = tmp_path / "out"
     (result,) = finish([start_script(mlp_args(mnist_dir, out), {})], timeout=240)
     assert result.returncode == 0, result.output[-2000:]
-    record = json.loads((out / "status-0.json").read_text())
+    record = json.loads((out / "status.json").read_text())
     assert record["status"] == "ok" and record["exit"] == 0
 
 
@@ -187,6 +187,6 @@ def test_a_run_that_raises_leaves_no_watchdog_running(mnist_dir, tmp_path, monke
     time.sleep(1.5)  # the threads' poll intervals
     names = {t.name for t in threading.enumerate() if t.is_alive()}
     assert not names & {"synann-stall", "synann-signals"}
-    record = json.loads((out / "status-0.json").read_text())
+    record = json.loads((out / "status.json").read_text())
     assert record["status"] == "failed" and record["exit"] == 1
     assert record["message"].startswith("RuntimeError: SYNANN_TEST_FAULT raised")

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where each process writes how it ended, one line of JSON; "
         "{process} becomes the process index (training/status.py) "
-        "(default: OUTPUT_DIR/status-{process}.json)",
+        "(default: the chief alone, in OUTPUT_DIR/status.json)",
     )
     add(
         "--verbose",
@@ -264,8 +264,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.verbose = 1 if sys.stdout.isatty() else 2
     if args.output_dir is None:
         args.output_dir = f"runs/{args.model}-{keras.backend.backend()}"
-    if args.status_file is None:
-        args.status_file = str(Path(args.output_dir) / status.DEFAULT_TEMPLATE)
     if args.tensorboard == "":
         args.tensorboard = str(Path(args.output_dir) / "tensorboard")
     return args
@@ -748,7 +746,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         _, count, index = cluster.coordinator_from_env()
-        status.configure(args.status_file, index or 0, count or 1)
+        status.configure(status_template(args, index or 0), index or 0, count or 1)
         args.cpu_settings = cpu_settings
         set_precision(args)
         if keras.backend.backend() == "jax":
@@ -757,7 +755,9 @@ def main(argv=None) -> int:
             set_seed(args.seed)
         strategy = resolve_strategy(args)
         status.configure(
-            args.status_file, strategy.process_index, strategy.process_count
+            status_template(args, strategy.process_index),
+            strategy.process_index,
+            strategy.process_count,
         )
         preemption.request = preemption.for_processes(
             strategy.process_count if strategy.backend == "jax" else 1
@@ -810,6 +810,16 @@ def main(argv=None) -> int:
             strategy.close()
         _restore_env("XLA_FLAGS", xla_flags_before)  # for callers in this process
     return 0
+
+
+def status_template(args, process_index: int) -> str | None:
+    """--status-file, else OUTPUT_DIR/status.json for the chief (process 0)
+    alone: only the chief writes into the output directory."""
+    if args.status_file:
+        return args.status_file
+    if process_index == 0:
+        return str(Path(args.output_dir) / status.DEFAULT_NAME)
+    return None
 
 
 def _failed(strategy, error, code, joined: bool = True) -> None:

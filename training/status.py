@@ -17,10 +17,10 @@ Exit statuses:
          preempted   server said instance/preempted is TRUE; also a process that
                      stopped because another one was asked to stop
 
-A status file (--status-file PATH; `{process}` in PATH becomes the process
-index; default OUTPUT_DIR/status-{process}.json) holds one line of JSON,
-written once (the first outcome wins) and atomically (a temporary file
-renamed), by every process:
+A status file (--status-file PATH, written by every process; `{process}` in
+PATH becomes the process index; without it the chief alone writes
+OUTPUT_DIR/status.json) holds one line of JSON, written once (the first
+outcome wins) and atomically (a temporary file renamed):
 
     {"status": "preempted", "exit": 143, "message": "...", "process": 0,
      "processes": 2, "time": "2026-12-05T08:40:00Z", ...}
@@ -59,7 +59,7 @@ STATUSES = ("ok", "failed", "usage", "stalled", "terminated", "preempted")
 #: ("TRUE" or "FALSE"); its link-local address, so no DNS lookup can stall.
 METADATA_PREEMPTED_URL = "http://169.254.169.254/computeMetadata/v1/instance/preempted"
 METADATA_TIMEOUT_S = 1.0
-DEFAULT_TEMPLATE = "status-{process}.json"
+DEFAULT_NAME = "status.json"  # in OUTPUT_DIR, the chief's
 
 
 def preempted(url: str | None = None, timeout: float = METADATA_TIMEOUT_S):
