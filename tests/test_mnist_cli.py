@@ -312,7 +312,7 @@ def test_help_lists_the_options():
         "--model", "--epochs", "--batch-size", "--learning-rate", "--schedule",
         "--data-dir", "--output-dir", "--seed", "--distribution",
         "--steps-per-epoch", "--mixed-precision", "--resume", "--source",
-        "--series-order",
+        "--series-order", "--stall-timeout", "--status-file",
     ):  # fmt: skip
         assert flag in text
 

@@ -31,7 +31,7 @@ from processes import (
 
 import keras_synann  # noqa: F401  (best.keras holds its layers)
 from cloud.local_gcloud import cluster_env, free_ports
-from training import checkpoints, data
+from training import checkpoints, data, status
 from training.distribute import cluster
 
 pytestmark = [
@@ -121,7 +121,13 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
     collective step, where jax's preemption notifier used to swallow
     SIGTERM. It ends with 143 and process 1 stops, naming it."""
     env = {cluster.ENV_WATCHDOG_TIMEOUT: "60"}  # only SIGTERM may end this run
-    args = mlp_args(mnist_dir, tmp_path / "out")
+    args = mlp_args(
+        mnist_dir,
+        tmp_path / "out",
+        3,
+        "--status-file",
+        str(tmp_path / "status-{process}.json"),
+    )
     hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
     procs = start_cluster(args, env=env, per_process=hang)
     wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
@@ -135,8 +141,52 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
     assert error_lines(first.output) == [
         "mnist.py: error: process 0 of 2: ended by SIGTERM"
     ]
-    assert second.returncode == cluster.EXIT_OTHER_FAILED
+    # Process 1 stops with process 0's status: asked to stop, not a failure.
+    assert second.returncode == 143
     assert "stopping because process 0 failed: ended by SIGTERM" in second.output
+    for p in (0, 1):
+        record = status.read(tmp_path / f"status-{p}.json")
+        assert (record["status"], record["exit"]) == ("terminated", 143)
+        assert record["preempted"] is None  # no metadata server here
+
+
+#: The stall bound of the test below (s), and the most the processes may
+#: take beyond it (process 0 waits up to 4.5 s for the others to read why).
+STALL, STALL_SLACK = 8, 10
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path, attempt):
+    """Process 1 hangs after epoch 1, alive (its heartbeats carry on);
+    process 0 waits in epoch 2's first collective step. The heartbeat
+    watchdog (60 s here) cannot see it; the stall watchdog ends both."""
+    env = {cluster.ENV_WATCHDOG_TIMEOUT: "60"}
+    args = mlp_args(
+        mnist_dir,
+        tmp_path / "out",
+        3,
+        "--stall-timeout",
+        str(STALL),
+        "--status-file",
+        str(tmp_path / "status-{process}.json"),
+    )
+    hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
+    procs = start_cluster(args, env=env, per_process=hang)
+    wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
+    hung = time.monotonic()
+    results = finish(procs, timeout=120)
+    took = time.monotonic() - hung
+    ended = ", ".join(f"process {i} {r.seconds:.1f} s" for i, r in enumerate(results))
+    print(f"after the hang, bound {STALL} s: ended at {ended}")
+    for r in results:
+        assert r.returncode == status.EXIT_STALLED, r.output[-2000:]
+        (line,) = error_lines(r.output)
+        assert "stalled: no training progress for" in line
+    assert took < STALL + STALL_SLACK
+    for p in (0, 1):
+        record = status.read(tmp_path / f"status-{p}.json")
+        assert (record["status"], record["exit"]) == ("stalled", 75)
+        assert record["process"] == p and record["processes"] == 2
 
 
 def test_a_failed_start_up_check_stops_the_others(mnist_dir, tmp_path):
@@ -231,3 +281,57 @@ def test_resume_with_other_process_counts(mnist_dir, tmp_path):
         float(np.mean(predicted == splits.y_test)), abs=1e-6
     )
     assert not (tmp_path / "out1" / "metrics.json").exists()
+
+
+def test_sigterm_mid_epoch_saves_the_steps_of_every_process(tmp_path):
+    """SIGTERM to process 0 during epoch 2: at the next agreement step (every
+    5 steps) both processes save the partial epoch together, both end with
+    143, and 2 processes resume after those steps with the optimizer's step
+    count exact."""
+    from conftest import write_mnist
+
+    from training import preemption
+
+    steps_per_epoch = 10  # 160 training samples / 16
+    data_dir = write_mnist(tmp_path / "mnist", n_train=176)
+    ckpt = str(tmp_path / "ckpt")
+    args = mlp_args(
+        data_dir,
+        tmp_path / "out",
+        3,
+        "--checkpoint-dir",
+        ckpt,
+        "--status-file",
+        str(tmp_path / "status-{process}.json"),
+    )
+    env = {"SYNANN_TEST_STEP_DELAY": "0.3", cluster.ENV_WATCHDOG_TIMEOUT: "30"}
+    procs = start_cluster(args, env=env)
+    wait_for_line(procs[0], "SYNANN_TEST_STEP_DELAY: epoch 2 step 1 done", 240)
+    sent = time.monotonic()
+    procs[0].send_signal(signal.SIGTERM)
+    results = finish(procs, timeout=90)
+    took = time.monotonic() - sent
+    print(f"both ended {took:.1f} s after SIGTERM")
+    expected = {"epoch": 2, "steps": preemption.AGREE_EVERY}
+    for p, r in enumerate(results):
+        assert r.returncode == 143, r.output[-2000:]
+        record = status.read(tmp_path / f"status-{p}.json")
+        assert record["status"] == "terminated" and record["exit"] == 143
+        assert record["checkpoint"] == expected, record
+        done = [ln for ln in r.output.splitlines() if "epoch 2 step" in ln]
+        assert done[-1].endswith(f"step {preemption.AGREE_EVERY} done")  # none lost
+    assert took < preemption.SAVE_GRACE_S + 10
+    assert checkpoints.partial_steps(ckpt, 2) == preemption.AGREE_EVERY
+
+    results = finish(start_cluster([*args, "--resume"]), timeout=240)
+    assert_ok(results)
+    assert (
+        f"Resuming {ckpt} after epoch 1 and {preemption.AGREE_EVERY} steps of epoch 2"
+        in results[0].output
+    )
+    rows = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    total = 3 * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(2e-3, total, alpha=0.01)
+    expected_lr = float(keras.ops.convert_to_numpy(schedule(2 * steps_per_epoch)))
+    assert rows[1]["learning_rate"] == pytest.approx(expected_lr, rel=1e-5)

@@ -100,11 +100,32 @@ def test_the_loop_ends_the_process_naming_the_failed_one(capsys):
     store.data[f"{P}failed/1"] = "ended by SIGTERM"
     with pytest.raises(Exited):
         dog._loop()
-    assert codes == [cluster.EXIT_OTHER_FAILED]
+    assert codes == [143]  # process 1's own status: asked to stop, not failed
     assert capsys.readouterr().err == (
         "mnist.py: error: process 0 of 2: stopping because process 1 failed: "
         "ended by SIGTERM\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        ("stalled: no training progress for 70 s in train", 75),
+        ("ended by SIGTERM (the metadata server says this VM was preempted)", 143),
+        ("ended by SIGINT", 130),
+        ("RuntimeError: boom", cluster.EXIT_OTHER_FAILED),
+    ],
+)
+def test_a_stopped_process_takes_the_others_exit_status(reason, code):
+    store = Store()
+    dog, codes = watchdog(store, index=0, count=2)
+    ends = []
+    dog.on_end = lambda message, status: ends.append((message, status))
+    store.data[f"{P}failed/1"] = reason
+    with pytest.raises(Exited):
+        dog._loop()
+    assert codes == [code]
+    assert ends == [(f"stopping because process 1 failed: {reason}", code)]
 
 
 def test_the_loop_ends_when_the_service_is_gone(capsys):

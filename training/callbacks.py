@@ -23,6 +23,9 @@ from training import checkpoints, history
 #: Testing hook: SIGKILL after K completed epochs ("K": every process, "K@P":
 #: process P only); with --checkpoint-dir, after epoch K's checkpoint.
 KILL_ENV = "SYNANN_KILL_AFTER_EPOCH"
+#: Testing hook: every training step takes this many more seconds, and each
+#: completed step prints "SYNANN_TEST_STEP_DELAY: epoch E step K done".
+STEP_DELAY_ENV = "SYNANN_TEST_STEP_DELAY"
 #: Testing hook, "ACTION@P:K": process P, after epoch K, `raise`s an error,
 #: `exit`s (status 3) or `hang`s (sleeps on the training loop's thread).
 FAULT_ENV = "SYNANN_TEST_FAULT"
@@ -119,6 +122,7 @@ class SaveCheckpoint(keras.callbacks.Callback):
         plateau_start: dict | None = None,
         settings: dict | None = None,
         processes: int = 1,
+        stop_request=None,
     ):
         super().__init__()
         self.checkpointer = checkpointer
@@ -126,24 +130,86 @@ class SaveCheckpoint(keras.callbacks.Callback):
         self.plateau_start = plateau_start
         self.settings = settings or {}
         self.processes = processes
+        # training/preemption.py's StopRequest (one process): asked to stop,
+        # save the steps done so far at the next step boundary.
+        self.stop_request = stop_request
+        self._epoch = 0
+        # Steps of the current epoch done before this fit (a resumed partial
+        # epoch): Keras counts its batches from 0.
+        self.step_offset = 0
 
     def on_train_begin(self, logs=None):
         restore_plateau(self.plateau, self.plateau_start)
+        if self.stop_request is not None:
+            self.stop_request.active = True
 
-    def on_epoch_end(self, epoch, logs=None):
-        weights = self.best.weights
-        if weights is None:  # no validation metric yet: the current weights
-            weights = [np.array(w) for w in self.model.get_weights()]
-        saved = checkpoints.Saved(
-            epoch=epoch + 1,
+    def on_train_end(self, logs=None):
+        if self.stop_request is not None:
+            self.stop_request.active = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def _saved(self, epoch: int, steps: int = 0) -> checkpoints.Saved:
+        return checkpoints.Saved(
+            epoch=epoch,
             history=list(self.rows),
             best_epoch=self.best.epoch,
             best_value=self.best.value,
             plateau=plateau_state(self.plateau),
             settings=self.settings,
             processes=self.processes,
+            steps=steps,
         )
-        self.checkpointer.save(self.model, weights, saved)
+
+    def _weights(self) -> list:
+        weights = self.best.weights
+        if weights is None:  # no validation metric yet: the current weights
+            weights = [np.array(w) for w in self.model.get_weights()]
+        return weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.checkpointer.save(self.model, self._weights(), self._saved(epoch + 1))
+        self.step_offset = 0
+        # A second fit (after a resumed partial epoch) restores these.
+        self.plateau_start = plateau_state(self.plateau)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        request = self.stop_request
+        if request is None or request.answered.is_set():
+            return
+        steps = self.step_offset + batch
+        if request.agree is None:  # one process
+            if not request.requested.is_set():
+                return
+        else:
+            # Several processes save together, at the same step: every
+            # `every` steps of the epoch they agree whether any was asked
+            # to stop (a small collective step).
+            if steps % request.every:
+                return
+            if not request.agree(request.requested.is_set()):
+                return
+        if steps == 0:
+            request.answer(
+                None,
+                "stopped at an epoch boundary: the last epoch's checkpoint "
+                "holds every completed step",
+            )
+        else:
+            try:
+                sync = getattr(self.model, "jax_state_sync", None)
+                if sync is not None:
+                    sync()  # the steps' results into the model's variables
+                saved = self._saved(self._epoch, steps=steps)
+                self.checkpointer.save(self.model, self._weights(), saved)
+                request.answer({"epoch": self._epoch, "steps": steps})
+            except Exception as e:  # report it; the process ends anyway
+                request.answer(None, f"saving the partial epoch failed: {e}")
+        # The thread that took the signal ends the process; in the other
+        # processes, the cluster watchdog, once it reads that process's end.
+        while True:
+            time.sleep(3600)
 
 
 def _target(value: str) -> tuple[str, int | None]:
@@ -184,6 +250,27 @@ class FaultAfterEpoch(keras.callbacks.Callback):
             time.sleep(3600)
 
 
+class SlowSteps(keras.callbacks.Callback):
+    """Testing hook: each training step takes `seconds` longer (a sleep before
+    it), and each completed step is printed."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        time.sleep(self.seconds)
+
+    def on_train_batch_end(self, batch, logs=None):
+        print(
+            f"{STEP_DELAY_ENV}: epoch {self._epoch} step {batch + 1} done", flush=True
+        )
+
+
 def testing_hooks(process_index: int) -> list[keras.callbacks.Callback]:
     """The testing hooks the environment asks for this process (see KILL_ENV
     and FAULT_ENV); one-line ValueError for a malformed value."""
@@ -193,6 +280,9 @@ def testing_hooks(process_index: int) -> list[keras.callbacks.Callback]:
         epochs, process = _target(kill)
         if process in (None, process_index):
             hooks.append(KillAfterEpoch(int(epochs)))
+    delay = os.environ.get(STEP_DELAY_ENV, "").strip()
+    if delay:
+        hooks.append(SlowSteps(float(delay)))
     fault = os.environ.get(FAULT_ENV, "").strip()
     if fault:
         action, _, rest = fault.partition("@")

@@ -24,6 +24,15 @@ process takes part in each save and restore, and orbax writes local paths and
                              "plateau" (ReduceLROnPlateau's counters or null),
                              "settings" (model, batch size, ...), "processes"}
         _CHECKPOINT_METADATA orbax's own
+    DIR/partial/<E>/         the state K steps into epoch E, saved when the run
+                             was asked to stop (SIGTERM, SIGINT;
+                             training/preemption.py): the same layout, with
+                             "steps": K in the metadata and the history of
+                             epochs 1..E-1; only the newest is kept. `--resume`
+                             continues from it when E is the epoch after the
+                             last complete one, training the epoch's other
+                             steps (with the resumed run's own shuffle, as any
+                             resumed epoch)
 
 A checkpoint written by P processes restores on any other number: the arrays
 are read into the current run's layout.
@@ -44,6 +53,7 @@ FORMAT = 1
 KEEP = 2
 COMMIT_FILE = "commit_success.txt"
 META = ("meta", "metadata")
+PARTIAL = "partial"
 _STEP = re.compile(r"[1-9][0-9]*")
 
 
@@ -90,6 +100,7 @@ class Saved:
     plateau: dict | None = None
     settings: dict = field(default_factory=dict)
     processes: int = 1
+    steps: int = 0  # > 0: a partial checkpoint, `steps` steps into `epoch`
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **self.__dict__}
@@ -104,12 +115,27 @@ class Saved:
         return cls(**fields)
 
 
-def _manager(directory: str, create: bool):
+def partial_steps(directory: str, epoch: int) -> int:
+    """The steps of epoch `epoch` that DIR/partial/<epoch> holds (0: none, or
+    not complete)."""
+    if _is_remote(directory):
+        from etils import epath
+
+        step_dir = epath.Path(directory) / PARTIAL / str(epoch)
+    else:
+        step_dir = Path(directory, PARTIAL, str(epoch))
+    if not (step_dir.is_dir() and _complete(step_dir)):
+        return 0
+    data = json.loads(step_dir.joinpath(*META).read_text())
+    return int(data.get("steps", 0)) if data.get("epoch") == epoch else 0
+
+
+def _manager(directory: str, create: bool, keep: int = KEEP):
     import orbax.checkpoint as ocp
 
     path = directory if _is_remote(directory) else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=KEEP,
+        max_to_keep=keep,
         create=create,
         # Saves run on the training loop's thread: every process issues the
         # same collective steps in the same order (an orbax thread would not).
@@ -132,8 +158,14 @@ class Checkpointer:
     def __init__(self, directory: str):
         self.directory = directory
         self._mgr = None
+        self._partial = None
 
-    def _get(self, create: bool = True):
+    def _get(self, create: bool = True, partial: bool = False):
+        if partial:
+            if self._partial is None:
+                where = self.directory.rstrip("/") + "/" + PARTIAL
+                self._partial = _manager(where, create, keep=1)
+            return self._partial
         if self._mgr is None:
             self._mgr = _manager(self.directory, create)
         return self._mgr
@@ -158,8 +190,10 @@ class Checkpointer:
             best=ocp.args.StandardSave({"model": list(best)}),
             meta=ocp.args.JsonSave(saved.to_json()),
         )
-        mgr = self._get()
+        mgr = self._get(partial=saved.steps > 0)
         try:
+            if saved.steps and saved.epoch in mgr.all_steps():
+                mgr.delete(saved.epoch)  # stopped twice in the same epoch
             mgr.save(saved.epoch, args=args, force=True)
             mgr.wait_until_finished()
         except Exception as e:
@@ -168,10 +202,10 @@ class Checkpointer:
                 + first_line(e)
             ) from e
 
-    def restore(self, model, epoch: int) -> tuple[Saved, list]:
-        """Load epoch `epoch` into `model` (its variables and its optimizer's,
-        in their current layout); returns the metadata and the best epoch's
-        model variables (NumPy arrays)."""
+    def restore(self, model, epoch: int, partial: bool = False) -> tuple[Saved, list]:
+        """Load epoch `epoch` (`partial`: DIR/partial/<epoch>) into `model` (its
+        variables and its optimizer's, in their current layout); returns the
+        metadata and the best epoch's model variables (NumPy arrays)."""
         import jax
         import numpy as np
         import orbax.checkpoint as ocp
@@ -193,7 +227,8 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         )
         try:
-            restored = self._get(create=False).restore(epoch, args=args)
+            mgr = self._get(create=False, partial=partial)
+            restored = mgr.restore(epoch, args=args)
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {epoch} in {self.directory} does not fit this model "
@@ -210,9 +245,10 @@ class Checkpointer:
         return saved, best
 
     def close(self) -> None:
-        if self._mgr is not None:
-            self._mgr.close()
-            self._mgr = None
+        for mgr in (self._mgr, self._partial):
+            if mgr is not None:
+                mgr.close()
+        self._mgr = self._partial = None
 
 
 def read_saved(directory: str, epoch: int) -> Saved:

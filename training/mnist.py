@@ -42,6 +42,9 @@ from training import (
     environment,
     history,
     plots,
+    preemption,
+    stall,
+    status,
     xla_flags,
 )
 from training.distribute import cluster
@@ -232,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
         "in --output-dir (one process); with nothing to resume, start at epoch 1",
     )
     add(
+        "--stall-timeout",
+        default="auto",
+        metavar="SECONDS",
+        help="end the run (exit status 75) when no training step completes "
+        "for this long; auto: 600 s for a phase's first step (compilation), "
+        "then max(60 s, 5 x the slowest step so far); 0: off "
+        "(training/stall.py) (default: %(default)s)",
+    )
+    add(
+        "--status-file",
+        metavar="PATH",
+        help="where each process writes how it ended, one line of JSON; "
+        "{process} becomes the process index (training/status.py) "
+        "(default: the chief alone, in OUTPUT_DIR/status.json)",
+    )
+    add(
         "--verbose",
         type=int,
         choices=(0, 1, 2),
@@ -281,6 +300,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(
             f"--learning-rate must be a positive number, got {args.learning_rate}"
         )
+    try:
+        args.stall_bound = stall.parse_timeout(args.stall_timeout)
+    except ValueError:
+        raise UsageError(
+            f"--stall-timeout must be auto, 0 or a positive number of seconds, "
+            f"got {args.stall_timeout!r}"
+        ) from None
     if args.verbose is None:
         args.verbose = 1 if sys.stdout.isatty() else 2
     if args.output_dir is None:
@@ -403,10 +429,26 @@ def prepare_output(args, strategy) -> Path:
     return out
 
 
-def resume_epoch(args, strategy, out: Path) -> int:
-    """The completed epochs the run continues after (0: it starts at epoch 1):
-    with --resume, the last complete checkpoint in --checkpoint-dir, else the
-    backup in --output-dir (one process)."""
+def resume_epoch(args, strategy, out: Path) -> tuple[int, int]:
+    """The completed epochs the run continues after (0: it starts at epoch 1)
+    and the steps of the next epoch already done (a partial checkpoint saved
+    when a run was stopped; else 0): with --resume, the last complete
+    checkpoint in --checkpoint-dir, else the backup in --output-dir (one
+    process)."""
+    epoch = _resume_epoch(args, strategy, out)
+    steps = 0
+    if args.checkpoint_dir and args.resume and epoch < args.epochs:
+        steps = checkpoints.partial_steps(args.checkpoint_dir, epoch + 1)
+        steps = strategy.agree(steps)
+    if steps:
+        print(
+            f"Resuming {args.checkpoint_dir} after epoch {epoch} and {steps} steps "
+            f"of epoch {epoch + 1} (saved when a run was stopped)."
+        )
+    return epoch, steps
+
+
+def _resume_epoch(args, strategy, out: Path) -> int:
     if args.checkpoint_dir:
         done = checkpoints.completed_epochs(args.checkpoint_dir)
         if not args.resume:
@@ -432,11 +474,12 @@ def resume_epoch(args, strategy, out: Path) -> int:
         raise UsageError(
             f"{where} already holds {epoch} epochs; --epochs {args.epochs} is fewer"
         )
-    if epoch == 0:
+    partial = args.checkpoint_dir and checkpoints.partial_steps(args.checkpoint_dir, 1)
+    if epoch == 0 and not partial:
         print(
             f"Nothing to resume in {where} (no completed epoch); starting at epoch 1."
         )
-    else:
+    elif epoch:
         print(f"Resuming {where} after epoch {epoch} of {args.epochs}.")
     return epoch
 
@@ -479,8 +522,11 @@ class Training:
     --checkpoint-dir or several processes, else best.keras) and, with
     --checkpoint-dir, the checkpointer."""
 
-    def __init__(self, args, strategy, model, out: Path, initial_epoch: int):
+    def __init__(
+        self, args, strategy, model, out: Path, initial_epoch: int, steps: int = 0
+    ):
         self.args, self.strategy, self.out = args, strategy, out
+        self.save = None
         self.rows: list[dict] = []
         self.best = None
         self.checkpointer = None
@@ -491,9 +537,14 @@ class Training:
             self.checkpointer = checkpoints.Checkpointer(args.checkpoint_dir)
         if in_memory:
             self.best = callbacks.BestWeights()
-        if self.checkpointer is not None and initial_epoch:
+        if self.checkpointer is not None and (initial_epoch or steps):
             with strategy.scope():
-                saved, weights = self.checkpointer.restore(model, initial_epoch)
+                if steps:  # K steps into the next epoch
+                    saved, weights = self.checkpointer.restore(
+                        model, initial_epoch + 1, partial=True
+                    )
+                else:
+                    saved, weights = self.checkpointer.restore(model, initial_epoch)
             self.rows = [row for row in saved.history if row["epoch"] <= initial_epoch]
             self.best = callbacks.BestWeights(
                 epoch=saved.best_epoch, value=saved.best_value, weights=weights
@@ -502,14 +553,27 @@ class Training:
         elif initial_epoch:
             self.rows = [r for r in history.read(out) if r["epoch"] <= initial_epoch]
         self.callbacks = self._callbacks(model, plateau_start)
+        if self.save is not None:
+            self.save.step_offset = steps
 
     def _callbacks(self, model, plateau_start) -> list:
-        """Learning-rate plateaus, the epoch log, the best weights and the
-        checkpoints (every process), then on the chief only the best
-        checkpoint and the backup (one process without --checkpoint-dir) and
-        TensorBoard; then the testing hooks."""
+        """The stall watchdog (first: its epoch-end phase covers the others'
+        epoch-end work), learning-rate plateaus, the epoch log, the best
+        weights and the checkpoints (every process), then on the chief only
+        the best checkpoint and the backup (one process without
+        --checkpoint-dir) and TensorBoard; then the testing hooks."""
         args, strategy = self.args, self.strategy
         found = []
+        if args.stall_bound != -1.0:
+            watchdog = getattr(strategy, "watchdog", None)
+            found.append(
+                stall.StallWatchdog(
+                    stall.Bounds(fixed=args.stall_bound),
+                    process_index=strategy.process_index,
+                    process_count=strategy.process_count,
+                    on_stall=watchdog.failed if watchdog is not None else None,
+                )
+            )
         plateau = None
         if args.schedule == "plateau":
             plateau = keras.callbacks.ReduceLROnPlateau(
@@ -520,17 +584,18 @@ class Training:
         if self.best is not None:
             found.append(self.best)
         if self.checkpointer is not None:
-            found.append(
-                callbacks.SaveCheckpoint(
-                    self.checkpointer,
-                    self.rows,
-                    self.best,
-                    plateau=plateau,
-                    plateau_start=plateau_start,
-                    settings=settings(args),
-                    processes=strategy.process_count,
-                )
+            # Saves the partial epoch when asked to stop (training/preemption.py).
+            self.save = callbacks.SaveCheckpoint(
+                self.checkpointer,
+                self.rows,
+                self.best,
+                plateau=plateau,
+                plateau_start=plateau_start,
+                settings=settings(args),
+                processes=strategy.process_count,
+                stop_request=preemption.request,
             )
+            found.append(self.save)
         if strategy.is_chief and self.best is None:
             best_so_far = max(
                 (row.get("val_accuracy", -1.0) for row in self.rows), default=None
@@ -566,6 +631,13 @@ class Training:
         return self.strategy.restore_best(model, self.out / "best.keras")
 
     def close(self) -> None:
+        """After training, also when it raised (Keras then skips on_train_end):
+        the stall watchdog stops, a signal no longer waits for a save."""
+        for callback in self.callbacks:
+            if isinstance(callback, stall.StallWatchdog):
+                callback.on_train_end()
+        if self.save is not None and self.save.stop_request is not None:
+            self.save.stop_request.active = False
         if self.checkpointer is not None:
             self.checkpointer.close()
 
@@ -638,32 +710,41 @@ def run(args, strategy: distribute.Strategy) -> dict:
     artifacts."""
     check_tensorboard(args)
     out = prepare_output(args, strategy)
-    initial_epoch = resume_epoch(args, strategy, out)
+    initial_epoch, steps_done = resume_epoch(args, strategy, out)
     splits, steps_per_epoch = load_data(args)
     # A resumed run draws new random numbers (shuffles, dropout masks) rather
     # than replaying those of its first epochs; it matches an uninterrupted
     # run within noise, not bit for bit.
     set_seed(args.seed + initial_epoch)
     model = build_model(args, strategy, steps_per_epoch)
-    training = Training(args, strategy, model, out, initial_epoch)
+    training = Training(args, strategy, model, out, initial_epoch, steps_done)
     print(
         f"Training {args.model} on {keras.backend.backend()} ({strategy.name}, "
         f"{strategy.num_replicas} replica(s)); train/val/test = "
         + "/".join(str(n) for n in splits.sizes().values())
         + f", epochs {initial_epoch + 1}..{args.epochs}."
     )
+    # A partial epoch first (its remaining steps), then the other epochs.
+    fits = []
+    if steps_done:
+        fits.append((initial_epoch, initial_epoch + 1, steps_per_epoch - steps_done))
+        initial_epoch += 1
+    if initial_epoch < args.epochs or not fits:
+        fits.append((initial_epoch, args.epochs, None))
     try:
-        strategy.fit(
-            model,
-            splits.x_train,
-            splits.y_train,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            validation_data=(splits.x_val, splits.y_val),
-            callbacks=training.callbacks,
-            initial_epoch=initial_epoch,
-            verbose=args.verbose,
-        )
+        for first, last, steps in fits:
+            strategy.fit(
+                model,
+                splits.x_train,
+                splits.y_train,
+                batch_size=args.batch_size,
+                epochs=last,
+                validation_data=(splits.x_val, splits.y_val),
+                callbacks=training.callbacks,
+                initial_epoch=first,
+                verbose=args.verbose,
+                **({"steps_per_epoch": steps} if steps else {}),
+            )
     finally:
         training.close()
     model = training.best_model(model)
@@ -712,8 +793,13 @@ def main(argv=None) -> int:
     xla_flags_before = os.environ.get("XLA_FLAGS")
     cpu_settings["xla_flags"] = xla_flags.tune_xla_cpu(keras.backend.backend())
     strategy = None
+    signals = None
+    status.configure(None, fresh=True)
+    preemption.request = preemption.StopRequest()
     try:
         args = parse_args(argv)
+        _, count, index = cluster.coordinator_from_env()
+        status.configure(status_template(args, index or 0), index or 0, count or 1)
         args.cpu_settings = cpu_settings
         set_precision(args)
         if keras.backend.backend() == "jax":
@@ -721,6 +807,22 @@ def main(argv=None) -> int:
             # step to agree on a seed.
             set_seed(args.seed)
         strategy = resolve_strategy(args)
+        status.configure(
+            status_template(args, strategy.process_index),
+            strategy.process_index,
+            strategy.process_count,
+        )
+        preemption.request = preemption.for_processes(
+            strategy.process_count if strategy.backend == "jax" else 1
+        )
+        watchdog = getattr(strategy, "watchdog", None)
+        if watchdog is not None:  # it takes SIGTERM and SIGINT
+            watchdog.on_signal = preemption.on_signal
+            watchdog.on_end = preemption.report_end
+        else:
+            signals = preemption.SignalWatcher(
+                strategy.process_index, strategy.process_count
+            ).start()
         # After joining: a process whose environment differs stops every
         # process at once (its watchdog tells the others).
         check_environment()
@@ -738,10 +840,13 @@ def main(argv=None) -> int:
         code, _, process = os.environ.get(EXIT_ENV, "").partition("@")
         if code and int(process or 0) == strategy.process_index:
             print(f"{EXIT_ENV}: exiting with {code} as asked", file=sys.stderr)
+            status.report(status.word_for(int(code)), int(code), f"{EXIT_ENV}")
             return int(code)
+        status.report("ok", status.EXIT_OK, "finished")
     except ONE_LINE_ERRORS as e:
-        cli.error("mnist.py", e)
         code = 2 if isinstance(e, UsageError) else 1
+        status.report(status.word_for(code), code, e)  # before the error line
+        cli.error("mnist.py", e)
         _failed(strategy, e, code, joined=not isinstance(e, cluster.JoinError))
         return code
     except SystemExit as e:  # argparse's usage errors, the exit testing hook
@@ -752,10 +857,22 @@ def main(argv=None) -> int:
         _failed(strategy, e, 1)
         raise
     finally:
+        if signals is not None:
+            signals.stop()
         if strategy is not None:
             strategy.close()
         _restore_env("XLA_FLAGS", xla_flags_before)  # for callers in this process
     return 0
+
+
+def status_template(args, process_index: int) -> str | None:
+    """--status-file, else OUTPUT_DIR/status.json for the chief (process 0)
+    alone: only the chief writes into the output directory."""
+    if args.status_file:
+        return args.status_file
+    if process_index == 0:
+        return str(Path(args.output_dir) / status.DEFAULT_NAME)
+    return None
 
 
 def _failed(strategy, error, code, joined: bool = True) -> None:
@@ -765,6 +882,8 @@ def _failed(strategy, error, code, joined: bool = True) -> None:
     reason = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, BaseException) and not isinstance(error, ONE_LINE_ERRORS):
         reason = f"{type(error).__name__}: {reason}"
+    if isinstance(code, int):
+        status.report(status.word_for(code), code, reason)
     if strategy is None:
         if joined and keras.backend.backend() == "jax":
             if distribute.jax.report_failure_before_joining(reason):

@@ -17,9 +17,15 @@ class GlobalBatches(keras.utils.PyDataset):
     Step k's global batch is the rows `order[k * B : (k + 1) * B]` (B the
     global batch size; `order` a new seeded permutation each epoch when
     shuffling, else 0..n-1). Process p of P yields the p-th contiguous 1/P
-    of those rows, so the processes' parts, stacked in process order, are the
-    global batch: 1 process x 4 devices and 2 processes x 2 devices train on
-    the same batches. n is trimmed to a multiple of `replicas` (at most
+    of those rows, so the processes' parts together hold the global batch's
+    rows: 1 process x 4 devices and 2 processes x 2 devices train on the same
+    rows at each step. Keras places each part with
+    `jax.make_array_from_process_local_data`: a process's rows go to the
+    batch positions that its own devices hold in the DataParallel mesh (the
+    device list's order), which is process order only where that list keeps
+    each process's devices together and the processes in order. The position
+    does not change a step: its loss and gradients are means over the whole
+    global batch (up to the order of floating-point sums). n is trimmed to a multiple of `replicas` (at most
     replicas - 1 samples, with a warning) so that every batch, the last one
     included, splits evenly over the devices.
     """

@@ -28,15 +28,18 @@ coordination service's key-value store, under `synann/watchdog/`:
 - `done/<p>`: process p finished its part of the run (no more collectives).
 
 Every `interval` seconds each watchdog reads the record and ends its own
-process (exit status 1, one line on stderr naming the other process) when
-another process failed, or has not beaten for `SYNANN_WATCHDOG_TIMEOUT`
-seconds (default 60) without being done (killed, crashed, frozen), or when
+process (one line on stderr naming the other process; exit status 1, or
+the other's own when it stalled (75) or was ended by SIGTERM (143) or
+SIGINT (130): training/status.py) when another process failed, or has not
+beaten for `SYNANN_WATCHDOG_TIMEOUT` seconds (default 60) without being done (killed, crashed, frozen), or when
 the coordination service on process 0 has been unreachable that long. On
-SIGTERM (SIGINT) the watchdog records the failure and ends the process with
-status 143 (130) at once, even while the main thread waits inside a
+SIGTERM (SIGINT) the watchdog records the failure (and, through `on_signal`,
+the status file: training/preemption.py) and ends the process with status
+143 (130) at once, even while the main thread waits inside a
 collective: jax's own preemption notifier takes SIGTERM over and only logs
-it, so without this a stuck process ignores SIGTERM. A checkpoint written
-at each epoch's end is the point to resume from.
+it, so without this a stuck process ignores SIGTERM. The checkpoint of the
+last epoch, or of the partial epoch saved when the processes could
+(training/preemption.py), is the point to resume from.
 
 A process whose collective step fails because another process went away
 (`lost_a_peer`) lets its watchdog name that process before it reports a
@@ -60,6 +63,7 @@ import sys
 import threading
 import time
 
+from training import status
 from training.cli import first_line
 
 ENV_JOIN_TIMEOUT = "SYNANN_JOIN_TIMEOUT"
@@ -69,7 +73,20 @@ DEFAULT_WATCHDOG_TIMEOUT = 60.0
 PREFIX = "synann/watchdog/"
 #: Exit status of a process that the watchdog stops because of another one.
 EXIT_OTHER_FAILED = 1
-_SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
+_SIGNAL_EXIT = {signal.SIGTERM: status.EXIT_SIGTERM, signal.SIGINT: status.EXIT_SIGINT}
+
+
+def exit_status_after(reason: str) -> int:
+    """The exit status of a process that stops because another one failed
+    with `reason`: the other's own when it stalled (75) or was asked to stop
+    (143, 130), so that every process of the run reports the same kind of
+    end; else EXIT_OTHER_FAILED."""
+    if reason.startswith("stalled:"):
+        return status.EXIT_STALLED
+    for sig, code in _SIGNAL_EXIT.items():
+        if reason.startswith(f"ended by {sig.name}"):
+            return code
+    return EXIT_OTHER_FAILED
 
 
 class JoinError(Exception):
@@ -226,6 +243,11 @@ class Watchdog:
         self.interval = interval or max(0.2, min(2.0, self.timeout / 10))
         self.prog = prog
         self._exit = exit
+        # Set by training/mnist.py (training/preemption.py): on_signal(sig)
+        # -> (message, exit status), on_end(message, exit status) before exit.
+        self.on_signal = None
+        self.on_end = None
+        self._code = EXIT_OTHER_FAILED
         self._stop = threading.Event()
         self._finished = False  # done or failed: recorded, nothing more to say
         self._lock = threading.Lock()
@@ -318,7 +340,12 @@ class Watchdog:
             f"{PREFIX}beat/{self.index}", str(n), allow_overwrite=True
         )
 
-    def _end(self, message: str, status: int) -> None:
+    def _end(self, message: str, code: int) -> None:
+        if self.on_end is not None:
+            try:
+                self.on_end(message, code)
+            except Exception:
+                pass
         print(
             f"{self.prog}: error: process {self.index} of {self.count}: {message}",
             file=sys.stderr,
@@ -328,7 +355,7 @@ class Watchdog:
             sys.stdout.flush()
         except Exception:
             pass
-        self._exit(status)
+        self._exit(code)
 
     def _wait(self, seconds: float) -> list[int]:
         if self._wakeup_r is None:
@@ -344,6 +371,7 @@ class Watchdog:
                 continue
             reason = entries.get(f"{PREFIX}failed/{p}")
             if reason is not None:
+                self._code = exit_status_after(reason)
                 return f"stopping because process {p} failed: {reason}"
             if f"{PREFIX}done/{p}" in entries:
                 continue
@@ -351,6 +379,7 @@ class Watchdog:
             if beat != self._last_beat.get(p):
                 self._last_beat[p], self._heard[p] = beat, now
             elif now - self._heard[p] > self.timeout:
+                self._code = EXIT_OTHER_FAILED
                 return (
                     f"stopping because process {p} has not been heard from for "
                     f"{self.timeout:.0f} s (killed, crashed or frozen; "
@@ -363,9 +392,14 @@ class Watchdog:
         n = 0
         while not self._stop.is_set():
             for sig in self._wait(self.interval):
-                name = signal.Signals(sig).name
-                self.failed(f"ended by {name}")
-                self._end(f"ended by {name}", _SIGNAL_EXIT[sig])
+                message, code = f"ended by {signal.Signals(sig).name}", None
+                if self.on_signal is not None:
+                    try:
+                        message, code = self.on_signal(sig)
+                    except Exception:
+                        pass
+                self.failed(message)
+                self._end(message, code or _SIGNAL_EXIT[sig])
                 return
             if self._stop.is_set():
                 return
@@ -389,5 +423,5 @@ class Watchdog:
                 continue
             why = self.check(entries, now)
             if why is not None and not self._stop.is_set():
-                self._end(why, EXIT_OTHER_FAILED)
+                self._end(why, self._code)
                 return
