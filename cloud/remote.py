@@ -177,12 +177,18 @@ def _training(backend, train_args, timeout_s, env) -> list[str]:
 
 #: Started by the run step in a session of its own (setsid): writes its
 #: process id (= its process group) to run/pid, trains with output to the
-#: log, then writes the exit status; a SIGTERM to the group (stop_command)
-#: ends the training, and this shell (trapping it) still writes the status.
+#: log, then writes the exit status. A SIGTERM that reaches this shell (a
+#: spot VM's preemption notice goes to every process) is recorded in
+#: logs/worker-N.sigterm with what the metadata server says of
+#: instance/preempted, unless stop_command sent it (run/stopped).
 _LAUNCH = (
-    "trap : TERM; echo $$ > ../run/pid.new && mv ../run/pid.new ../run/pid; "
-    'log=$1; status=$2; shift 2; "$@" > "$log" 2>&1 < /dev/null; '
-    'echo $? > "$status"'
+    "echo $$ > ../run/pid.new && mv ../run/pid.new ../run/pid; "
+    'log=$1; status=$2; shift 2; sig="${status%.exit}.sigterm"; '
+    "trap 'if [ ! -f ../run/stopped ]; then p=$(curl -sf --max-time 2 -H "
+    '"Metadata-Flavor: Google" http://metadata.google.internal/computeMetadata/'
+    'v1/instance/preempted 2>/dev/null); echo "SIGTERM preempted=${p:-unknown}" '
+    '> "$sig"; fi\' TERM; '
+    '"$@" > "$log" 2>&1 < /dev/null; echo $? > "$status"'
 )
 
 
@@ -240,10 +246,12 @@ def run_command(
 
 
 def stop_command() -> str:
-    """End this worker's training (its whole process group) if one runs."""
+    """End this worker's training (its whole process group) if one runs; the
+    run marks the SIGTERM as asked for (run/stopped), not a preemption."""
     return (
         f'pid="$(cat {REMOTE_DIR}/run/pid 2>/dev/null)"; '
         'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then '
+        f"touch {REMOTE_DIR}/run/stopped; "
         'kill -s TERM -- "-$pid"; echo "stopped training (process group $pid)"; fi; '
         "exit 0"
     )

@@ -1,14 +1,17 @@
 """Run gcloud argv lists (never through a shell) and turn signals into exceptions.
 
 SIGINT and SIGTERM stop the running command and raise `Interrupted`, so the
-caller's cleanup runs. During cleanup (`protect()`), commands run in their own
-session, out of reach of a terminal's Ctrl-C; the first signal only warns, a
-second one abandons the cleanup.
+caller's cleanup runs. Every command runs in a session of its own (out of reach
+of a terminal's Ctrl-C, which this process forwards), so stopping one, on a
+signal or when its time limit passes, stops what it started too (gcloud's ssh
+and scp). During cleanup (`protect()`) the first signal only warns, a second
+one abandons the cleanup.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import subprocess
@@ -35,11 +38,17 @@ def say(message: str) -> None:
 class Runner:
     """Runs commands (one, or a batch in parallel); stops them on a signal."""
 
-    def __init__(self, gcloud: list[str] | None = None, label: str = ""):
-        """`gcloud`: the program run in place of `gcloud` (a stand-in such as
-        cloud/local_gcloud.py); `label` marks the commands it echoes."""
+    def __init__(
+        self,
+        gcloud: list[str] | None = None,
+        label: str = "",
+        env: dict[str, str] | None = None,
+    ):
+        """`gcloud`: the program run in place of `gcloud`; `label` marks the
+        commands it echoes; `env`: the commands' environment (default: ours)."""
         self.gcloud = gcloud
         self.label = label
+        self.env = env
         self.children: list[subprocess.Popen] = []
         self.cleaning = False
         self.warned = False
@@ -90,19 +99,19 @@ class Runner:
         # Only sends signals: waiting here could deadlock inside Popen.wait.
         for child in self.children:
             if child.poll() is None:
-                with contextlib.suppress(OSError):
-                    child.terminate()
+                _signal_group(child, signal.SIGTERM)
 
     def _reap(self):
         children, self.children = self.children, []
         for child in children:
-            if child.poll() is not None:
-                continue
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            if child.poll() is None:
+                _signal_group(child, signal.SIGTERM)
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            _signal_group(child, signal.SIGKILL)  # what it left behind
+            if child.poll() is None:
                 child.wait()
 
     def _echo(self, argv) -> None:
@@ -120,7 +129,8 @@ class Runner:
                 stdout=pipe,
                 stderr=pipe,
                 text=True,
-                start_new_session=self.cleaning,
+                env=self.env,
+                start_new_session=True,
             )
         except OSError as error:
             say(f"cannot run {argv[0]}: {error.strerror}")
@@ -151,7 +161,12 @@ class Runner:
             return child.returncode, out or "", err or ""
         except subprocess.TimeoutExpired:
             say(f"{argv[0]} did not finish within {timeout:.0f}s; stopped it")
-            return 124, "", ""
+            _signal_group(child, signal.SIGTERM)
+            try:
+                out, err = child.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                out, err = "", ""
+            return 124, out or "", err or ""
         finally:
             self._reap()
 
@@ -180,6 +195,12 @@ class Runner:
             finally:
                 self._reap()
         return codes
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    """Signal the command's process group (it leads one: start_new_session)."""
+    with contextlib.suppress(OSError):
+        os.killpg(child.pid, signum)
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
