@@ -328,7 +328,10 @@ def test_hang_worker_ends_within_the_bound(tmp_path, fake_source):
 
 
 def test_key_race_makes_one_key_before_parallel_steps(tmp_path, fake_source):
-    result = fake_submit(tmp_path, fake_source, "--rehearse-fault", "key-race")
+    result = fake_submit(
+        tmp_path, fake_source, "--checkpoint-dir", "ckpt", "--rehearse-fault",
+        "key-race", "--", "--epochs", "1",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     # gcloud made the key once: in worker 0's copy, before the parallel ones.
     assert result.stderr.count("You do not have an SSH key for gcloud") == 1
@@ -384,7 +387,7 @@ def test_gcloud_retries_an_ssh_that_exits_255(stage):
 
 def test_scp_to_several_workers_needs_the_key_in_the_agent(stage, tmp_path):
     f = tmp_path / "f.txt"
-    f.write_text("x")
+    f.write_text("x\n")
     many = gcloud(stage, "scp", str(f), "s:f.txt", "--worker=all", scp=True)
     assert many.returncode != 0
     assert "SSH Key is not present in the SSH agent" in many.stderr
