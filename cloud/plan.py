@@ -236,11 +236,18 @@ class Submission:
                 install,
             )
         if name == "preflight":
-            check = remote.preflight_command(self.backend)
+            check = remote.preflight_command(
+                self.backend, self.checkpoint_dir, self.service_account
+            )
             return Step(
                 "preflight",
                 "check every worker before any starts training (its index, the "
-                "backend imports, the pinned versions)",
+                "backend imports, the pinned versions"
+                + (
+                    ", worker 0 can write --checkpoint-dir)"
+                    if self.checkpoint_dir
+                    else ")"
+                ),
                 gcloud.ssh(t, check),
                 check,
             )

@@ -135,13 +135,34 @@ _PREFLIGHT_PY = (
 )
 
 
-def preflight_command(backend: str) -> str:
+#: Run by worker 0's preflight with --checkpoint-dir: write a file there and
+#: delete it, through etils.epath (orbax's file layer), so a bucket the TPU's
+#: service account cannot write fails now, not at the end of epoch 1.
+_PROBE_PY = (
+    "import sys, uuid; from etils import epath; d = epath.Path(sys.argv[1]); "
+    "p = d / ('.synann-probe-' + uuid.uuid4().hex)\n"
+    "try:\n d.mkdir(parents=True, exist_ok=True); p.write_text('probe'); p.unlink()\n"
+    "except Exception as e:\n sys.exit('cannot write ' + sys.argv[1] + ' (' + "
+    "type(e).__name__ + ': ' + str(e).splitlines()[0][:200] + '); the service "
+    "account ' + sys.argv[2] + ' needs roles/storage.objectAdmin on the bucket')"
+)
+
+
+def preflight_command(
+    backend: str, checkpoint_dir: str | None = None, account: str | None = None
+) -> str:
     """Check this worker before any worker starts training: it knows its
-    index, its venv imports the backend, its versions are the pinned ones.
-    Prints one line, `preflight: worker N ok` or `preflight: worker N failed:
-    WHY`, and exits non-zero on failure: a worker that cannot train must stop
-    the submission before the others start and wait for it to join them."""
+    index, its venv imports the backend, its versions are the pinned ones,
+    and (worker 0, with `checkpoint_dir`) it can write the checkpoint
+    directory as the TPU's service account `account`. Prints one line,
+    `preflight: worker N ok` or `preflight: worker N failed: WHY`, and exits
+    non-zero on failure: a worker that cannot train must stop the submission
+    before the others start and wait for it to join them."""
     check = f"{VENV_PYTHON} -c {q(_PREFLIGHT_PY)} {q(pins_file(backend))} {q(backend)}"
+    if checkpoint_dir:
+        who = account or "(the project's Compute Engine default)"
+        probe = f"{VENV_PYTHON} -c {q(_PROBE_PY)} {q(checkpoint_dir)} {q(who)}"
+        check = f'{check} && {{ [ "$w" != 0 ] || {probe}; }}'
     return "; ".join(
         [
             f"cd {REMOTE_DIR}/src || exit 1",

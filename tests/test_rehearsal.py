@@ -435,3 +435,19 @@ def test_a_preempted_node_refuses_ssh(stage):
     assert "PREEMPTED" in result.stderr
     with socket.socket() as s:  # its machines are gone
         assert s.connect_ex(("127.0.0.10", stage.port)) != 0
+
+
+def test_an_unwritable_checkpoint_dir_stops_at_preflight(tmp_path, fake_source):
+    (tmp_path / "ckpt").write_text("a file, not a directory")
+    result = fake_submit(
+        tmp_path, fake_source, "--checkpoint-dir", "ckpt/run", "--service-account",
+        "trainer@p.iam.gserviceaccount.com",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "preflight failed on worker 0: cannot write" in result.stderr
+    assert "trainer@p.iam.gserviceaccount.com needs roles/storage.objectAdmin" in (
+        result.stderr
+    )
+    assert not (tmp_path / "out" / "logs").exists()  # no training started
+    assert "deleted r" in result.stderr
+    assert_nothing_left(tmp_path / "out")
