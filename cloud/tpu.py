@@ -101,6 +101,12 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
     faults = tuple(args.rehearse_fault)
     if faults and not args.rehearse:
         raise ValueError("--rehearse-fault needs --rehearse")
+    for fault in faults:
+        if fault not in rehearsal.FAULTS:
+            raise ValueError(
+                f"--rehearse-fault {fault!r} is not known; use one of "
+                + ", ".join(rehearsal.FAULTS)
+            )
     train = checks.train_args(train_args)
     checks.global_batch(train, acc)
     return Submission(

@@ -461,6 +461,17 @@ def test_bad_combinations_fail_before_any_gcloud_call(
     assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
+def test_the_batch_must_split_over_the_slice_before_anything_is_created():
+    from cloud import checks
+
+    v6e = checks.accelerator("v6e-256")  # 256 chips, one device each
+    with pytest.raises(
+        ValueError, match="devices of v6e-256; use a multiple of 256, e.g. 256$"
+    ):
+        checks.global_batch([], v6e)  # the default 128
+    assert checks.global_batch(["--batch-size=512"], v6e) == 512
+
+
 def test_tensorflow_extras_are_derived_from_pyproject(tmp_path):
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text(
@@ -857,6 +868,10 @@ def test_remote_values_are_quoted():
         (["--env", "A B=1"], "--env"),
         (["--env", "NOVALUE"], "--env"),
         (["--env", "KERAS_BACKEND=torch"], "--backend"),
+        (["--", "--batch-size", "100"], "use a multiple of 8, e.g. 96 or 104"),
+        (["--service-account", "me"], "--service-account"),
+        (["--rehearse-fault", "hang-worker"], "needs --rehearse"),
+        (["--rehearse", "--rehearse-fault", "gremlins"], "use one of hang-worker"),
     ],
 )
 def test_hostile_or_bad_inputs_are_refused(tmp_path, source, capsys, args, message):
@@ -972,3 +987,16 @@ def test_help_mentions_every_subcommand():
     assert result.returncode == 0
     for word in ("submit", "status", "logs", "delete"):
         assert word in result.stdout
+
+
+def test_a_rehearsal_without_gcloud_says_what_to_install(tmp_path, source):
+    env = {**os.environ, "PATH": str(tmp_path / "empty"), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "cloud.tpu", "submit", *BASE, "--rehearse"]
+    argv += ["--accelerator-type", "v4-16", "--source", str(source)]
+    argv += ["--output-dir", str(tmp_path / "o")]
+    result = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "install the Google Cloud CLI" in last and "google-cloud-cli" in last
