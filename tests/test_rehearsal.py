@@ -312,17 +312,17 @@ def test_hang_worker_ends_within_the_bound(tmp_path, fake_source):
     (--run-timeout + margin) ends the wait; logs, then delete."""
     start = time.monotonic()
     result = fake_submit(
-        tmp_path, fake_source, "--run-timeout", "20s",
+        tmp_path, fake_source, "--run-timeout", "10s",
         "--rehearse-fault", "hang-worker", "--", "--epochs", "2",
     )  # fmt: skip
     elapsed = time.monotonic() - start
     assert result.returncode == 1, result.stderr[-4000:]
-    assert "step run did not end within 0:00:40" in result.stderr
+    assert "step run did not end within 0:00:30" in result.stderr
     assert "deleted r" in result.stderr
     from cloud.plan import REHEARSAL_LIMITS as L
 
-    # create..preflight (< 60 s here), run 20 + 20, logs, delete.
-    bound = 60 + 20 + L.run_margin_s + L.logs_s + L.describe_s + L.delete_s
+    # create..preflight (< 60 s here), run 10 + 20, logs, delete.
+    bound = 60 + 10 + L.run_margin_s + L.logs_s + L.describe_s + L.delete_s
     assert elapsed < bound, elapsed
     assert_nothing_left(tmp_path / "out")
 
