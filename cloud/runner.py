@@ -145,11 +145,15 @@ class Runner:
         capture: bool = False,
         echo: bool = True,
         timeout: float | None = None,
+        watch=None,
+        watch_s: float = 30.0,
     ) -> tuple[int, str, str]:
         """Run argv; returns (exit code, stdout, stderr), output captured or not.
 
         Without `capture` the command writes straight to this process's stdout
         and stderr (live streaming). A missing program gives 127, a timeout 124.
+        `watch()`, called every `watch_s` seconds while the command runs, stops
+        it when it returns something true (exit code WATCH_STOPPED).
         """
         if echo:
             self._echo(argv)
@@ -157,8 +161,30 @@ class Runner:
             child = self._start(argv, capture)
             if child is None:
                 return 127, "", ""
-            out, err = child.communicate(timeout=timeout)
-            return child.returncode, out or "", err or ""
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                step = (
+                    left
+                    if watch is None
+                    else watch_s
+                    if left is None
+                    else min(watch_s, left)
+                )
+                try:
+                    wait = None if step is None else max(0.0, step)
+                    out, err = child.communicate(timeout=wait)
+                    return child.returncode, out or "", err or ""
+                except subprocess.TimeoutExpired:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                if watch is not None and watch():
+                    _signal_group(child, signal.SIGTERM)
+                    try:
+                        out, err = child.communicate(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        out, err = "", ""
+                    return WATCH_STOPPED, out or "", err or ""
         except subprocess.TimeoutExpired:
             say(f"{argv[0]} did not finish within {timeout:.0f}s; stopped it")
             _signal_group(child, signal.SIGTERM)
@@ -204,3 +230,5 @@ def _signal_group(child: subprocess.Popen, signum: int) -> None:
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Runner.run's exit code for a command its `watch` stopped.
+WATCH_STOPPED = 125

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cloud import gcloud, pack
 from cloud.plan import ATTEMPT_STEPS, Step, Submission, hms
-from cloud.runner import Interrupted, Runner, say
+from cloud.runner import WATCH_STOPPED, Interrupted, Runner, say
 
 #: States in which a slice will not become usable again: the queued resource
 #: (True) or the TPU VM node (False). Those in LOST are what preemption (or a
@@ -44,7 +44,12 @@ class StepFailed(Exception):
 
 
 class Lost(Exception):
-    """The slice was lost (preempted, failed, unreachable); the message says how."""
+    """The slice was lost (preempted, failed, unreachable); the message says how.
+    `gone`: its state says so (its VMs cannot be reached: no logs to copy)."""
+
+    def __init__(self, message: str, gone: bool = False):
+        super().__init__(message)
+        self.gone = gone
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Progress:
     logs_copied: bool = False
     run_rc: int = 0
     run_timed_out: bool = False
+    gone: bool = False  # the slice's state says it is lost: no logs to copy
 
 
 def run_submission(sub: Submission, runner: Runner) -> int:
@@ -78,6 +84,7 @@ def run_submission(sub: Submission, runner: Runner) -> int:
                 _run_attempt(sub, runner, progress)
                 break
             except Lost as lost:
+                progress.gone = progress.gone or lost.gone
                 if attempt == sub.attempts:
                     raise StepFailed(_lost_for_good(sub, progress, lost)) from None
                 _replace_lost_slice(sub, runner, progress, lost)
@@ -131,9 +138,7 @@ def _run_attempt(sub: Submission, runner: Runner, progress: Progress) -> None:
             _preflight(runner, sub, step)
         elif name == "run":
             progress.started = True
-            limit = sub.run_timeout_s + limits.run_margin_s
-            progress.run_rc, _, _ = runner.run(step.argv, timeout=limit)
-            progress.run_timed_out = progress.run_rc == 124
+            _run_training(runner, sub, step, progress)
         elif name == "logs":
             progress.logs_copied = True
             _copy_logs(runner, sub)
@@ -147,6 +152,31 @@ def _run_attempt(sub: Submission, runner: Runner, progress: Progress) -> None:
             _verify(runner, sub, progress)
     if sub.attempts > 1:
         say(f"attempt {attempt} of {sub.attempts} succeeded")
+
+
+def _run_training(
+    runner: Runner, sub: Submission, step: Step, progress: Progress
+) -> None:
+    """The run step, within --run-timeout + margin. While it runs, the
+    slice's state is read every poll interval (at least 5 s): a slice lost
+    meanwhile (preempted) ends the wait at once, instead of gcloud retrying
+    ssh to VMs that are gone."""
+    limit = sub.run_timeout_s + sub.limits.run_margin_s
+    watcher = Runner(env=runner.env, label=runner.label)
+    seen: list[Lost] = []
+
+    def lost_meanwhile() -> bool:
+        lost = slice_lost(watcher, sub, probe=False, echo=False)
+        seen.extend([lost] if lost else [])
+        return lost is not None
+
+    progress.run_rc, _, _ = runner.run(
+        step.argv, timeout=limit, watch=lost_meanwhile, watch_s=max(sub.poll_s, 5.0)
+    )
+    progress.run_timed_out = progress.run_rc == 124
+    if progress.run_rc == WATCH_STOPPED and seen:
+        progress.gone = True
+        raise Lost(f"{seen[0]} (seen while training ran)", gone=True)
 
 
 def _multi_host_note(sub: Submission) -> None:
@@ -180,7 +210,7 @@ def _replace_lost_slice(
     )
     with runner.protect():
         if progress.started and not progress.logs_copied:
-            _copy_logs(runner, sub)
+            _copy_logs(runner, sub, progress)
         logs = Path(sub.output_dir) / "logs"
         if logs.is_dir():
             kept = logs.with_name(f"logs-attempt-{attempt}")
@@ -271,7 +301,7 @@ def _wait_ready(runner: Runner, sub: Submission, step: Step) -> None:
         if state == "FAILED" and t.queued:  # never ACTIVE: no slice was lost
             raise StepFailed(_failed_before_active(runner, sub))
         if state in LOST_STATES[t.queued]:
-            raise Lost(f"{kind} {t.name} is {state}")
+            raise Lost(f"{kind} {t.name} is {state}", gone=True)
         if state in BAD_STATES[t.queued]:
             raise StepFailed(f"{kind} {t.name} is {state}; it will not become {ready}")
         failures = 0 if rc == 0 else failures + 1
@@ -377,8 +407,14 @@ def _preflight(runner: Runner, sub: Submission, step: Step) -> None:
         )
 
 
-def _copy_logs(runner: Runner, sub: Submission) -> None:
-    """Every worker's log and exit status into OUTPUT_DIR/logs (best effort)."""
+def _copy_logs(
+    runner: Runner, sub: Submission, progress: Progress | None = None
+) -> None:
+    """Every worker's log and exit status into OUTPUT_DIR/logs (best effort;
+    not from a slice whose state says its VMs are gone)."""
+    if progress is not None and progress.gone:
+        say("the slice's VMs are gone: their logs cannot be copied")
+        return
     codes = runner.run_parallel(sub.logs_step().parallel, timeout=sub.limits.logs_s)
     missing = [str(w) for w, rc in enumerate(codes) if rc != 0]
     if missing:
@@ -420,7 +456,8 @@ def _verify(runner: Runner, sub: Submission, progress: Progress) -> None:
         if not lost and terms:
             lost = _watch_for_preemption(runner, sub, terms)
         if lost:
-            raise Lost(lost)
+            progress.gone = lost.gone
+            raise lost
     if progress.run_timed_out:
         limit = sub.run_timeout_s + sub.limits.run_margin_s
         raise StepFailed(
@@ -467,7 +504,7 @@ def _watch_for_preemption(
         time.sleep(min(max(sub.poll_s, 1.0), max(0.0, deadline - time.monotonic())))
         lost = slice_lost(runner, sub, probe=False)
         if lost:
-            return f"{lost} (preempted: {why} first)"
+            return Lost(f"{lost} (preempted: {why} first)", gone=lost.gone)
     say(f"{sub.target.name} stayed usable for {hms(limit)}: not a preemption")
     return None
 
@@ -476,11 +513,13 @@ def _fail_or_lost(runner: Runner, sub: Submission, failure: str) -> None:
     """A step failed: Lost if the slice is gone, else StepFailed."""
     lost = slice_lost(runner, sub)
     if lost:
-        raise Lost(lost)
+        raise lost
     raise StepFailed(failure)
 
 
-def slice_lost(runner: Runner, sub: Submission, probe: bool = True) -> str | None:
+def slice_lost(
+    runner: Runner, sub: Submission, probe: bool = True, echo: bool = True
+) -> Lost | None:
     """How the slice was lost (its state, or no worker answering ssh), or None
     when it is usable."""
     t = sub.target
@@ -488,18 +527,20 @@ def slice_lost(runner: Runner, sub: Submission, probe: bool = True) -> str | Non
     if t.queued:
         checks.insert(0, (gcloud.describe(t, gcloud.QR_STATE), True, "queued resource"))
     for argv, queued, kind in checks:
-        rc, out, err = runner.run(argv, capture=True, timeout=sub.limits.describe_s)
+        rc, out, err = runner.run(
+            argv, capture=True, timeout=sub.limits.describe_s, echo=echo
+        )
         if rc == 0 and out.strip() in LOST_STATES[queued]:
-            return f"{kind} {t.name} is {out.strip()}"
+            return Lost(f"{kind} {t.name} is {out.strip()}", gone=True)
         if rc != 0 and _not_found(err):
-            return f"{kind} {t.name} no longer exists"
+            return Lost(f"{kind} {t.name} no longer exists", gone=True)
     if not probe:
         return None
     step = sub.probe_step()
     say(f"{step.name}: {step.about}")
     codes = runner.run_parallel(step.parallel, timeout=sub.limits.probe_s)
     if all(rc != 0 for rc in codes):
-        return f"none of its {sub.workers} workers answers ssh"
+        return Lost(f"none of its {sub.workers} workers answers ssh")
     return None
 
 
@@ -512,7 +553,7 @@ def _finish(sub: Submission, runner: Runner, code: int, progress: Progress) -> i
         with runner.protect():
             if progress.started and not progress.logs_copied:
                 say(f"logs: {sub.logs_step().about}")
-                _copy_logs(runner, sub)
+                _copy_logs(runner, sub, progress)
             if not progress.created:
                 return code
             if sub.keep:

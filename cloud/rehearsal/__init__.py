@@ -188,6 +188,12 @@ class Rehearsal:
         """gcloud's environment: its own config, project, token and endpoints."""
         base = f"http://127.0.0.1:{self.api.port}/"
         keep = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDSDK_")}
+        # gcloud runs on the system's Python, not a virtual environment first
+        # on PATH (tox's), unless CLOUDSDK_PYTHON says otherwise.
+        python = os.environ.get("CLOUDSDK_PYTHON") or (
+            "/usr/bin/python3" if Path("/usr/bin/python3").is_file() else ""
+        )
+        keep.update({"CLOUDSDK_PYTHON": python} if python else {})
         return {
             **keep,
             "HOME": str(self.home),
