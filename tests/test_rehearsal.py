@@ -58,6 +58,14 @@ def submit(tmp_path, *args, env=None, timeout=600):
     )
 
 
+@pytest.fixture(autouse=True)
+def _nothing_survives(tmp_path):
+    """Whatever a test leaves (a submit killed at its timeout leaves its sshds
+    and agent), ends with it: each carries REHEARSAL_WORKER under tmp_path."""
+    yield
+    workers.kill_processes(tmp_path)
+
+
 def requests(out: Path) -> list[dict]:
     path = out / "rehearsal" / "requests.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]

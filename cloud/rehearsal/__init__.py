@@ -163,6 +163,7 @@ class Rehearsal:
         sock.unlink(missing_ok=True)
         self.agent = subprocess.Popen(
             ["ssh-agent", "-D", "-a", str(sock)],
+            env={**os.environ, machines.MARKER: str(self.root / "agent")},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

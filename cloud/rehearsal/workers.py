@@ -282,6 +282,10 @@ class Workers:
             self.sshds.append(
                 subprocess.Popen(
                     [SSHD, "-D", "-e", "-f", str(config)],
+                    env={
+                        **os.environ,
+                        MARKER: str(self.dir),
+                    },  # kill_processes finds it
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=open(self.dir / f"sshd-{w}.log", "ab"),  # noqa: SIM115
