@@ -139,6 +139,8 @@ if s in ("copy-back", "logs"):
         (dest / "logs").mkdir(parents=True, exist_ok=True)
         (dest / "logs" / f"worker-{{w}}.log").write_text("epoch 1\\n")
         (dest / "logs" / f"worker-{{w}}.exit").write_text(statuses.get(w, "0") + "\\n")
+        if env.get("FAKE_GCLOUD_SIGTERM"):  # the run recorded a SIGTERM
+            (dest / "logs" / f"worker-{{w}}.sigterm").write_text("SIGTERM\\n")
     elif not env.get("FAKE_GCLOUD_NO_METRICS"):
         (dest / "output").mkdir(parents=True, exist_ok=True)
         (dest / "output" / "metrics.json").write_text("{{}}")
@@ -333,6 +335,47 @@ def test_lost_while_waiting_is_retried(tmp_path, source, fake):
     assert "lost during step wait (queued resource synann-test is SUSPENDED)" in (
         result.stderr
     )
+
+
+def test_a_sigterm_then_a_lost_state_is_a_preemption(tmp_path, source, fake):
+    # The workers got SIGTERM and exited 143; the state changes only later.
+    env = {
+        "FAKE_GCLOUD_WORKER_EXIT": "0:143",
+        "FAKE_GCLOUD_SIGTERM": "1",
+        "FAKE_GCLOUD_STATES": "ACTIVE,ACTIVE,READY,ACTIVE,READY,SUSPENDED",
+    }
+    result = submit(tmp_path, source, env=env)
+    assert result.returncode == 1
+    assert (
+        "the slice was lost during step run: queued resource synann-test is "
+        "SUSPENDED (preempted: worker(s) 0 got SIGTERM first)" in result.stderr
+    )
+    assert "--retries N" in result.stderr  # a preemption: retries would help
+    assert steps_of(fake())[-1] == "delete"
+
+
+def _submission(tmp_path, source):
+    from cloud import tpu
+
+    argv = ["submit", *BASE, "--accelerator-type", "v5litepod-8", "--source"]
+    argv += [str(source), "--poll-interval", "0", "--output-dir", str(tmp_path / "o")]
+    return tpu.submission_from_args(tpu.build_parser().parse_args(argv), [])
+
+
+def test_a_sigterm_on_a_healthy_slice_is_watched_for_a_bounded_time(
+    tmp_path, source, fake
+):
+    import dataclasses
+
+    from cloud import submit as run
+    from cloud.runner import Runner
+
+    sub = _submission(tmp_path, source)
+    sub.limits = dataclasses.replace(sub.limits, preempt_poll_s=3)
+    start = time.monotonic()
+    assert run._watch_for_preemption(Runner(), sub, [0]) is None  # a failure
+    assert 3 <= time.monotonic() - start < 20
+    assert set(steps_of(fake())) == {"describe"}
 
 
 def test_workers_that_no_longer_answer_count_as_lost(tmp_path, source, fake):
