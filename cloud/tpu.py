@@ -278,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Arguments after `--` go to training/mnist.py. Exit code 0 only when "
         "training succeeded and its results came back.",
         epilog="Prerequisites: the Google Cloud CLI, authenticated (gcloud auth "
-        "login) with a project that has TPU quota in the zone; for slices with "
-        "several workers (v4-16, v5litepod-16 and up) your ssh key in the "
-        "ssh-agent (ssh-add ~/.ssh/google_compute_engine), as gcloud runs ssh on "
-        "all workers at once; the workers must reach each other (jax's "
+        "login) with a project that has TPU quota in the zone; if your ssh key "
+        "has a passphrase, the key in the ssh-agent (ssh-add "
+        "~/.ssh/google_compute_engine), as gcloud runs ssh on all workers at "
+        "once; the workers must reach each other (jax's "
         "coordinator listens on port 8482 of worker 0); --checkpoint-dir needs a "
         "bucket the TPU's service account can write.",
     )
