@@ -103,8 +103,7 @@ class Rehearsal:
         self._start_agent()
         hosts = [f"127.0.{net}.{10 + w}" for net in (0, 1) for w in range(8)]
         self.port = machines.free_ports(1, tuple(hosts))[0]
-        hooks = Hooks(ready=self._ready, gone=self._gone, keys=self._keys)
-        hooks.host_key = self._host_key
+        hooks = Hooks(self._ready, self._gone, self._keys, self._host_key)
         self.api = LoopbackTPU(
             self.root / "requests.jsonl",
             lambda t: checks.accelerator(t).hosts,

@@ -52,11 +52,13 @@ NO_CAPACITY_MESSAGE = (
 class Hooks:
     """What happens to a node's machines: `ready(slice)` when it becomes
     READY, `gone(slice)` when it is deleted or stops, `keys(slice)` when its
-    ssh-keys metadata changed."""
+    ssh-keys metadata changed; `host_key(slice, worker)`: the worker's
+    ed25519 host key (the guest attribute gcloud reads), or ""."""
 
     ready: object = lambda s: None
     gone: object = lambda s: None
     keys: object = lambda s: None
+    host_key: object = lambda s, w: ""
 
 
 @dataclass
@@ -343,7 +345,7 @@ class LoopbackTPU(ThreadingHTTPServer):
         raise _ApiError(405, "UNIMPLEMENTED", f"{method} {verb or 'node'}")
 
     def _guest(self, s: Slice, worker: int) -> dict:
-        key = getattr(self.hooks, "host_key", lambda s, w: "")(s, worker)
+        key = self.hooks.host_key(s, worker)
         items = [{"namespace": "hostkeys", "key": "ssh-ed25519", "value": key}]
         return {
             "queryPath": "",
