@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ class Rehearsal:
         self.slices: dict[int, machines.Workers] = {}
         self.api: LoopbackTPU | None = None
         self.agent: subprocess.Popen | None = None
+        self.agent_dir: Path | None = None
         self.watcher: threading.Thread | None = None
         self.stopping = threading.Event()
         self.preempted = False
@@ -129,6 +131,8 @@ class Rehearsal:
         if self.agent and self.agent.poll() is None:
             self.agent.kill()
             self.agent.wait(timeout=10)
+        if self.agent_dir:
+            shutil.rmtree(self.agent_dir, ignore_errors=True)
 
     def __enter__(self) -> Rehearsal:
         return self.start()
@@ -158,8 +162,9 @@ class Rehearsal:
 
     def _start_agent(self) -> None:
         """An ssh-agent holding one other key, not gcloud's."""
-        sock = self.root / "agent.sock"
-        sock.unlink(missing_ok=True)
+        # A short path: a unix socket's path is limited to 107 bytes.
+        self.agent_dir = Path(tempfile.mkdtemp(prefix="synann-agent-"))
+        sock = self.agent_dir / "agent.sock"
         self.agent = subprocess.Popen(
             ["ssh-agent", "-D", "-a", str(sock)],
             env={**os.environ, machines.MARKER: str(self.root / "agent")},
@@ -204,7 +209,7 @@ class Rehearsal:
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": f"{base}compute/v1/",
             "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
             "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1",
-            "SSH_AUTH_SOCK": str(self.root / "agent.sock"),
+            "SSH_AUTH_SOCK": str(self.agent_dir / "agent.sock"),
         }
 
     def ssh_options(self) -> tuple[str, ...]:
