@@ -380,3 +380,43 @@ def train_args(args: list[str]) -> list[str]:
         if "\x00" in arg:
             raise ValueError("training arguments cannot contain NUL characters")
     return list(args)
+
+
+#: training/mnist.py's default --batch-size (the global batch).
+DEFAULT_BATCH_SIZE = 128
+
+
+def global_batch(train_args: list[str], acc: Accelerator) -> int:
+    """The training's global batch (--batch-size, default DEFAULT_BATCH_SIZE)
+    must split evenly over every device of the slice; refused before anything
+    is created, with the nearest batch sizes that would."""
+    value = str(DEFAULT_BATCH_SIZE)
+    for i, arg in enumerate(train_args):
+        if arg == "--batch-size" and i + 1 < len(train_args):
+            value = train_args[i + 1]
+        elif arg.startswith("--batch-size="):
+            value = arg.split("=", 1)[1]
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"--batch-size {value!r} is not a positive whole number")
+    batch, devices = int(value), acc.hosts * acc.devices_per_host
+    if batch % devices:
+        lower, upper = batch // devices * devices, (batch // devices + 1) * devices
+        nearest = " or ".join(str(b) for b in (lower, upper) if b > 0)
+        raise ValueError(
+            f"--batch-size {batch} does not split over the {devices} devices of "
+            f"{acc.name}; use a multiple of {devices}, e.g. {nearest}"
+        )
+    return batch
+
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+
+
+def service_account(value: str) -> str:
+    """A service account's email for the TPU VMs."""
+    if not _EMAIL.fullmatch(value):
+        raise ValueError(
+            f"--service-account {value!r} is not an email address such as "
+            "NAME@PROJECT.iam.gserviceaccount.com"
+        )
+    return value

@@ -21,20 +21,37 @@ NAME_ONLY = "value(name)"
 NODE_JSON = "json"  # the TPU VM node: state, networkEndpoints (one per worker)
 
 
+#: ssh options on every gcloud ssh and scp (gcloud sets none of these): a
+#: worker that stops answering ends the connection within 30 s x 4 = 2 min
+#: (exit 255) instead of TCP's hours, and a connection attempt waits at most
+#: 30 s (gcloud tries 10 times, 5 s apart).
+KEEPALIVE = ("ServerAliveInterval=30", "ServerAliveCountMax=4", "ConnectTimeout=30")
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where a TPU lives; `queued` says whether it comes from a queued resource."""
+    """Where a TPU lives; `queued` says whether it comes from a queued resource.
+    `internal_ip`: ssh and scp to the workers' internal addresses.
+    `ssh_options`: `-o` options for every ssh and scp."""
 
     name: str
     zone: str
     project: str | None = None
     queued: bool = True
+    internal_ip: bool = False
+    ssh_options: tuple[str, ...] = KEEPALIVE
 
     def where(self) -> list[str]:
         flags = [f"--zone={self.zone}"]
         if self.project:
             flags.append(f"--project={self.project}")
         return flags
+
+    def ssh_flags(self, flag: str) -> list[str]:
+        """`flag` (--ssh-flag or --scp-flag) for each ssh option, and
+        --internal-ip if asked for."""
+        flags = [f"{flag}=-o{option}" for option in self.ssh_options]
+        return flags + (["--internal-ip"] if self.internal_ip else [])
 
 
 def _provisioning(provisioning: str) -> list[str]:
@@ -49,6 +66,7 @@ def create(
     runtime_version: str,
     provisioning: str = "on-demand",
     valid_for_s: int | None = None,
+    service_account: str | None = None,
 ) -> list[str]:
     """Create a queued resource (one node named like it) or a plain TPU VM.
 
@@ -62,6 +80,8 @@ def create(
             f"--runtime-version={runtime_version}",
             *_provisioning(provisioning),
         ]
+        if service_account:
+            argv.append(f"--service-account={service_account}")
         if valid_for_s:
             argv.append(f"--valid-until-duration={valid_for_s}s")
         return argv + ["--quiet"]
@@ -74,6 +94,7 @@ def create(
         f"--accelerator-type={accelerator_type}",
         f"--version={runtime_version}",
         *_provisioning(provisioning),
+        *([f"--service-account={service_account}"] if service_account else []),
         "--async",
         "--quiet",
     ]
@@ -107,6 +128,7 @@ def scp_to(t: Target, local: str, remote: str, worker: str) -> list[str]:
         f"{t.name}:{remote}",
         *t.where(),
         f"--worker={worker}",
+        *t.ssh_flags("--scp-flag"),
         "--quiet",
     ]
 
@@ -122,6 +144,7 @@ def scp_back(t: Target, remote: str, local_dir: str, worker: str = "0") -> list[
         local_dir,
         *t.where(),
         f"--worker={worker}",
+        *t.ssh_flags("--scp-flag"),
         "--quiet",
     ]
 
@@ -136,6 +159,7 @@ def ssh(t: Target, command: str, worker: str = "all") -> list[str]:
         *t.where(),
         f"--worker={worker}",
         f"--command={command}",
+        *t.ssh_flags("--ssh-flag"),
         "--quiet",
     ]
 

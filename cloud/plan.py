@@ -32,6 +32,54 @@ ATTEMPT_STEPS = (
 )
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Client-side time limits, in seconds, on every gcloud command a
+    submission runs (nothing waits unbounded while a TPU bills). When one
+    passes, the command and its ssh/scp are stopped; after a remote step,
+    the logs that can still be fetched are, and the TPU is deleted.
+
+    copy, install, preflight, logs, copy-back, probe, describe and delete are
+    fixed; run is --run-timeout plus `run_margin_s` (startup, the joining of
+    the workers, writing the outputs). After a SIGTERM ended a worker's
+    training, the slice's state is watched for `preempt_poll_s` before the run
+    counts as failed rather than preempted."""
+
+    copy_s: int = 1800
+    install_s: int = 1800
+    preflight_s: int = 300
+    run_margin_s: int = 600
+    logs_s: int = 300
+    copy_back_s: int = 900
+    probe_s: int = 300
+    describe_s: int = 120
+    delete_s: int = 900
+    preempt_poll_s: int = 300
+
+
+#: --run-timeout when none is given.
+DEFAULT_RUN_TIMEOUT = "2h"
+#: A rehearsal's limits and ssh options: loopback answers at once, so a
+#: silent worker is found in seconds (2 s x 3 keepalives).
+REHEARSAL_LIMITS = Limits(
+    copy_s=120,
+    install_s=300,
+    preflight_s=120,
+    run_margin_s=20,
+    logs_s=25,
+    copy_back_s=60,
+    probe_s=40,
+    describe_s=60,
+    delete_s=60,
+    preempt_poll_s=30,
+)
+REHEARSAL_KEEPALIVE = (
+    "ServerAliveInterval=2",
+    "ServerAliveCountMax=3",
+    "ConnectTimeout=3",
+)
+
+
 @dataclass
 class Step:
     name: str
@@ -56,7 +104,7 @@ class Submission:
     source: Path
     excludes: list[str]
     extras: list[str]
-    run_timeout_s: int | None
+    run_timeout_s: int
     keep: bool
     rehearse: bool = False
     train_args: list[str] = field(default_factory=list)
@@ -64,6 +112,9 @@ class Submission:
     retries: int = 0
     checkpoint_dir: str | None = None
     preempt_after_epoch: int | None = None  # rehearsals only
+    faults: tuple[str, ...] = ()  # rehearsals only
+    service_account: str | None = None
+    limits: Limits = field(default_factory=Limits)
     #: The slice's workers: the accelerator table's count until the `workers`
     #: step reads the created TPU's networkEndpoints.
     workers: int = 0
@@ -140,7 +191,12 @@ class Submission:
                 f"create {self.kind} {t.name}: {self.acc.describe()}, "
                 f"{self.provisioning}, runtime {self.runtime}",
                 gcloud.create(
-                    t, self.acc.name, self.runtime, self.provisioning, self.wait_s
+                    t,
+                    self.acc.name,
+                    self.runtime,
+                    self.provisioning,
+                    self.wait_s,
+                    self.service_account,
                 ),
             )
         if name == "wait":
@@ -161,7 +217,9 @@ class Submission:
         if name == "copy":
             return Step(
                 "copy",
-                "copy the source to every worker, one command per worker, all at once",
+                "copy the source to worker 0 (this makes and installs the ssh key "
+                "once), then to the other workers, one command per worker, all at "
+                "once",
                 parallel=[
                     gcloud.scp_to(t, self.tarball, gcloud.REMOTE_TARBALL, str(w))
                     for w in range(self.workers)
@@ -178,11 +236,18 @@ class Submission:
                 install,
             )
         if name == "preflight":
-            check = remote.preflight_command(self.backend)
+            check = remote.preflight_command(
+                self.backend, self.checkpoint_dir, self.service_account
+            )
             return Step(
                 "preflight",
                 "check every worker before any starts training (its index, the "
-                "backend imports, the pinned versions)",
+                "backend imports, the pinned versions"
+                + (
+                    ", worker 0 can write --checkpoint-dir)"
+                    if self.checkpoint_dir
+                    else ")"
+                ),
                 gcloud.ssh(t, check),
                 check,
             )

@@ -135,13 +135,34 @@ _PREFLIGHT_PY = (
 )
 
 
-def preflight_command(backend: str) -> str:
+#: Run by worker 0's preflight with --checkpoint-dir: write a file there and
+#: delete it, through etils.epath (orbax's file layer), so a bucket the TPU's
+#: service account cannot write fails now, not at the end of epoch 1.
+_PROBE_PY = (
+    "import sys, uuid; from etils import epath; d = epath.Path(sys.argv[1]); "
+    "p = d / ('.synann-probe-' + uuid.uuid4().hex)\n"
+    "try:\n d.mkdir(parents=True, exist_ok=True); p.write_text('probe'); p.unlink()\n"
+    "except Exception as e:\n sys.exit('cannot write ' + sys.argv[1] + ' (' + "
+    "type(e).__name__ + ': ' + str(e).splitlines()[0][:200] + '); the service "
+    "account ' + sys.argv[2] + ' needs roles/storage.objectAdmin on the bucket')"
+)
+
+
+def preflight_command(
+    backend: str, checkpoint_dir: str | None = None, account: str | None = None
+) -> str:
     """Check this worker before any worker starts training: it knows its
-    index, its venv imports the backend, its versions are the pinned ones.
-    Prints one line, `preflight: worker N ok` or `preflight: worker N failed:
-    WHY`, and exits non-zero on failure: a worker that cannot train must stop
-    the submission before the others start and wait for it to join them."""
+    index, its venv imports the backend, its versions are the pinned ones,
+    and (worker 0, with `checkpoint_dir`) it can write the checkpoint
+    directory as the TPU's service account `account`. Prints one line,
+    `preflight: worker N ok` or `preflight: worker N failed: WHY`, and exits
+    non-zero on failure: a worker that cannot train must stop the submission
+    before the others start and wait for it to join them."""
     check = f"{VENV_PYTHON} -c {q(_PREFLIGHT_PY)} {q(pins_file(backend))} {q(backend)}"
+    if checkpoint_dir:
+        who = account or "(the project's Compute Engine default)"
+        probe = f"{VENV_PYTHON} -c {q(_PROBE_PY)} {q(checkpoint_dir)} {q(who)}"
+        check = f'{check} && {{ [ "$w" != 0 ] || {probe}; }}'
     return "; ".join(
         [
             f"cd {REMOTE_DIR}/src || exit 1",
@@ -177,12 +198,18 @@ def _training(backend, train_args, timeout_s, env) -> list[str]:
 
 #: Started by the run step in a session of its own (setsid): writes its
 #: process id (= its process group) to run/pid, trains with output to the
-#: log, then writes the exit status; a SIGTERM to the group (stop_command)
-#: ends the training, and this shell (trapping it) still writes the status.
+#: log, then writes the exit status. A SIGTERM that reaches this shell (a
+#: spot VM's preemption notice goes to every process) is recorded in
+#: logs/worker-N.sigterm with what the metadata server says of
+#: instance/preempted, unless stop_command sent it (run/stopped).
 _LAUNCH = (
-    "trap : TERM; echo $$ > ../run/pid.new && mv ../run/pid.new ../run/pid; "
-    'log=$1; status=$2; shift 2; "$@" > "$log" 2>&1 < /dev/null; '
-    'echo $? > "$status"'
+    "echo $$ > ../run/pid.new && mv ../run/pid.new ../run/pid; "
+    'log=$1; status=$2; shift 2; sig="${status%.exit}.sigterm"; '
+    "trap 'if [ ! -f ../run/stopped ]; then p=$(curl -sf --max-time 2 -H "
+    '"Metadata-Flavor: Google" http://metadata.google.internal/computeMetadata/'
+    'v1/instance/preempted 2>/dev/null); echo "SIGTERM preempted=${p:-unknown}" '
+    '> "$sig"; fi\' TERM; '
+    '"$@" > "$log" 2>&1 < /dev/null; echo $? > "$status"'
 )
 
 
@@ -240,10 +267,12 @@ def run_command(
 
 
 def stop_command() -> str:
-    """End this worker's training (its whole process group) if one runs."""
+    """End this worker's training (its whole process group) if one runs; the
+    run marks the SIGTERM as asked for (run/stopped), not a preemption."""
     return (
         f'pid="$(cat {REMOTE_DIR}/run/pid 2>/dev/null)"; '
         'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then '
+        f"touch {REMOTE_DIR}/run/stopped; "
         'kill -s TERM -- "-$pid"; echo "stopped training (process group $pid)"; fi; '
         "exit 0"
     )

@@ -1,14 +1,17 @@
 """Run gcloud argv lists (never through a shell) and turn signals into exceptions.
 
 SIGINT and SIGTERM stop the running command and raise `Interrupted`, so the
-caller's cleanup runs. During cleanup (`protect()`), commands run in their own
-session, out of reach of a terminal's Ctrl-C; the first signal only warns, a
-second one abandons the cleanup.
+caller's cleanup runs. Every command runs in a session of its own (out of reach
+of a terminal's Ctrl-C, which this process forwards), so stopping one, on a
+signal or when its time limit passes, stops what it started too (gcloud's ssh
+and scp). During cleanup (`protect()`) the first signal only warns, a second
+one abandons the cleanup.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import subprocess
@@ -35,11 +38,17 @@ def say(message: str) -> None:
 class Runner:
     """Runs commands (one, or a batch in parallel); stops them on a signal."""
 
-    def __init__(self, gcloud: list[str] | None = None, label: str = ""):
-        """`gcloud`: the program run in place of `gcloud` (a stand-in such as
-        cloud/local_gcloud.py); `label` marks the commands it echoes."""
+    def __init__(
+        self,
+        gcloud: list[str] | None = None,
+        label: str = "",
+        env: dict[str, str] | None = None,
+    ):
+        """`gcloud`: the program run in place of `gcloud`; `label` marks the
+        commands it echoes; `env`: the commands' environment (default: ours)."""
         self.gcloud = gcloud
         self.label = label
+        self.env = env
         self.children: list[subprocess.Popen] = []
         self.cleaning = False
         self.warned = False
@@ -90,19 +99,19 @@ class Runner:
         # Only sends signals: waiting here could deadlock inside Popen.wait.
         for child in self.children:
             if child.poll() is None:
-                with contextlib.suppress(OSError):
-                    child.terminate()
+                _signal_group(child, signal.SIGTERM)
 
     def _reap(self):
         children, self.children = self.children, []
         for child in children:
-            if child.poll() is not None:
-                continue
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            if child.poll() is None:
+                _signal_group(child, signal.SIGTERM)
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            _signal_group(child, signal.SIGKILL)  # what it left behind
+            if child.poll() is None:
                 child.wait()
 
     def _echo(self, argv) -> None:
@@ -120,7 +129,8 @@ class Runner:
                 stdout=pipe,
                 stderr=pipe,
                 text=True,
-                start_new_session=self.cleaning,
+                env=self.env,
+                start_new_session=True,
             )
         except OSError as error:
             say(f"cannot run {argv[0]}: {error.strerror}")
@@ -135,11 +145,15 @@ class Runner:
         capture: bool = False,
         echo: bool = True,
         timeout: float | None = None,
+        watch=None,
+        watch_s: float = 30.0,
     ) -> tuple[int, str, str]:
         """Run argv; returns (exit code, stdout, stderr), output captured or not.
 
         Without `capture` the command writes straight to this process's stdout
         and stderr (live streaming). A missing program gives 127, a timeout 124.
+        `watch()`, called every `watch_s` seconds while the command runs, stops
+        it when it returns something true (exit code WATCH_STOPPED).
         """
         if echo:
             self._echo(argv)
@@ -147,11 +161,38 @@ class Runner:
             child = self._start(argv, capture)
             if child is None:
                 return 127, "", ""
-            out, err = child.communicate(timeout=timeout)
-            return child.returncode, out or "", err or ""
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                step = (
+                    left
+                    if watch is None
+                    else watch_s
+                    if left is None
+                    else min(watch_s, left)
+                )
+                try:
+                    wait = None if step is None else max(0.0, step)
+                    out, err = child.communicate(timeout=wait)
+                    return child.returncode, out or "", err or ""
+                except subprocess.TimeoutExpired:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                if watch is not None and watch():
+                    _signal_group(child, signal.SIGTERM)
+                    try:
+                        out, err = child.communicate(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        out, err = "", ""
+                    return WATCH_STOPPED, out or "", err or ""
         except subprocess.TimeoutExpired:
             say(f"{argv[0]} did not finish within {timeout:.0f}s; stopped it")
-            return 124, "", ""
+            _signal_group(child, signal.SIGTERM)
+            try:
+                out, err = child.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                out, err = "", ""
+            return 124, out or "", err or ""
         finally:
             self._reap()
 
@@ -182,4 +223,12 @@ class Runner:
         return codes
 
 
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    """Signal the command's process group (it leads one: start_new_session)."""
+    with contextlib.suppress(OSError):
+        os.killpg(child.pid, signum)
+
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Runner.run's exit code for a command its `watch` stopped.
+WATCH_STOPPED = 125

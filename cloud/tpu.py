@@ -3,8 +3,9 @@
     python -m cloud.tpu submit --name NAME --zone ZONE --accelerator-type TYPE \\
         [options] -- [training/mnist.py arguments]
 
-`submit --rehearse` runs the same plan on this machine first, with no gcloud and
-no TPU (cloud/local_gcloud.py stands in for both). Also: status, logs and delete
+`submit --rehearse` runs the same plan on this machine first, through the real
+gcloud, ssh and scp, against a loopback TPU API and one sshd per worker
+(cloud/rehearsal/). Also: status, logs and delete
 for a TPU kept with --keep. Run from the repo root; `python cloud/tpu.py ...`
 works too. Guide: docs/cloud-tpu.md.
 """
@@ -12,6 +13,7 @@ works too. Guide: docs/cloud-tpu.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -20,8 +22,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python cloud/tpu.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloud import checks, gcloud, local_gcloud, remote  # noqa: E402
-from cloud.plan import Submission, print_plan  # noqa: E402
+from cloud import checks, gcloud, rehearsal, remote  # noqa: E402
+from cloud.plan import (  # noqa: E402
+    DEFAULT_RUN_TIMEOUT,
+    REHEARSAL_KEEPALIVE,
+    REHEARSAL_LIMITS,
+    Limits,
+    Submission,
+    print_plan,
+)
 from cloud.runner import Interrupted, Runner  # noqa: E402
 from cloud.submit import run_submission  # noqa: E402
 from training import cli  # noqa: E402  (standard library only)
@@ -89,6 +98,17 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
                 "--checkpoint-dir (it preempts once that epoch's checkpoint is "
                 "complete)"
             )
+    faults = tuple(args.rehearse_fault)
+    if faults and not args.rehearse:
+        raise ValueError("--rehearse-fault needs --rehearse")
+    for fault in faults:
+        if fault not in rehearsal.FAULTS:
+            raise ValueError(
+                f"--rehearse-fault {fault!r} is not known; use one of "
+                + ", ".join(rehearsal.FAULTS)
+            )
+    train = checks.train_args(train_args)
+    checks.global_batch(train, acc)
     return Submission(
         target=target,
         acc=acc,
@@ -101,14 +121,19 @@ def submission_from_args(args, train_args: list[str]) -> Submission:
         source=source,
         excludes=list(args.exclude),
         extras=extras,
-        run_timeout_s=checks.duration(args.run_timeout) if args.run_timeout else None,
+        run_timeout_s=checks.duration(args.run_timeout),
         keep=args.keep,
-        train_args=checks.train_args(train_args),
+        train_args=train,
         env=dict(checks.env_var(e) for e in args.env),
         rehearse=args.rehearse,
         retries=retries,
         checkpoint_dir=checkpoint_dir,
         preempt_after_epoch=preempt,
+        faults=faults,
+        service_account=checks.service_account(args.service_account)
+        if args.service_account
+        else None,
+        limits=REHEARSAL_LIMITS if args.rehearse else Limits(),
     )
 
 
@@ -117,19 +142,34 @@ def cmd_submit(args, train_args: list[str]) -> int:
     if args.dry_run:
         print_plan(sub)
         return 0
-    if sub.rehearse:
-        options = local_gcloud.Options(
-            agent_holds_other_keys=True,
-            preempt_after_epoch=sub.preempt_after_epoch,
-            checkpoint_dir=sub.checkpoint_dir if sub.preempt_after_epoch else None,
-        )
-        runner = local_gcloud.rehearsal_runner(sub.backend, sub.output_dir, options)
-    else:
+    if not sub.rehearse:
         _need_gcloud()
+        Path(sub.output_dir).mkdir(parents=True, exist_ok=True)
         runner = Runner()
+        with runner.handle_signals():
+            return run_submission(sub, runner)
+    if sub.backend != "jax":
+        raise ValueError(
+            f"--rehearse runs the jax workers' commands; {sub.backend}'s need a TPU "
+            "build (tensorflow-tpu) that does not run here. Rehearse with --backend jax"
+        )
     Path(sub.output_dir).mkdir(parents=True, exist_ok=True)
+    stage = rehearsal.Rehearsal(
+        Path(sub.output_dir) / "rehearsal",
+        sub.faults,
+        sub.preempt_after_epoch,
+        sub.checkpoint_dir,
+    )
+    runner = Runner(label="rehearsal")
     with runner.handle_signals():
-        return run_submission(sub, runner)
+        try:
+            stage.start()
+            runner.env = stage.env()
+            options = (*REHEARSAL_KEEPALIVE, *stage.ssh_options())
+            sub.target = dataclasses.replace(sub.target, ssh_options=options)
+            return run_submission(sub, runner)
+        finally:
+            stage.close()
 
 
 # -- status, logs, delete ------------------------------------------------------------
@@ -141,6 +181,7 @@ def _target(args) -> gcloud.Target:
         zone=checks.zone(args.zone),
         project=checks.project(args.project) if args.project else None,
         queued=not args.tpu_vm,
+        internal_ip=args.internal_ip,
     )
 
 
@@ -217,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--dry-run", action="store_true", help="print the gcloud commands only"
     )
+    common.add_argument(
+        "--internal-ip",
+        action="store_true",
+        help="ssh and scp to the workers' internal IP addresses (for TPUs without "
+        "external IPs: run from inside the VPC; the workers need Cloud NAT or a "
+        "package mirror to install)",
+    )
 
     p = sub.add_parser(
         "submit",
@@ -230,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Arguments after `--` go to training/mnist.py. Exit code 0 only when "
         "training succeeded and its results came back.",
         epilog="Prerequisites: the Google Cloud CLI, authenticated (gcloud auth "
-        "login) with a project that has TPU quota in the zone; for slices with "
-        "several workers (v4-16, v5litepod-16 and up) your ssh key in the "
-        "ssh-agent (ssh-add ~/.ssh/google_compute_engine), as gcloud runs ssh on "
-        "all workers at once; the workers must reach each other (jax's "
+        "login) with a project that has TPU quota in the zone; if your ssh key "
+        "has a passphrase, the key in the ssh-agent (ssh-add "
+        "~/.ssh/google_compute_engine), as gcloud runs ssh on all workers at "
+        "once; the workers must reach each other (jax's "
         "coordinator listens on port 8482 of worker 0); --checkpoint-dir needs a "
         "bucket the TPU's service account can write.",
     )
@@ -272,7 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between readiness checks (default 30)",
     )
     p.add_argument(
-        "--run-timeout", help="stop training after this long, e.g. 3h (default: none)"
+        "--run-timeout",
+        default=DEFAULT_RUN_TIMEOUT,
+        help="stop training after this long, e.g. 3h (default "
+        f"{DEFAULT_RUN_TIMEOUT}); the client stops waiting 10 minutes later, "
+        "fetches the logs and deletes the TPU",
+    )
+    p.add_argument(
+        "--service-account",
+        metavar="EMAIL",
+        help="the service account the TPU VMs run as (default: the project's "
+        "Compute Engine default); it needs write access to --checkpoint-dir",
     )
     p.add_argument(
         "--output-dir",
@@ -320,17 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rehearse",
         action="store_true",
-        help="run this submission's plan on this machine first: no gcloud, no TPU; "
-        "each worker is a local process with simulated CPU devices, running the "
-        "exact commands a TPU worker gets (the package install is stubbed: this "
-        "Python and its packages stand in for the workers')",
+        help="run this submission's plan on this machine first, no TPU: the real "
+        "gcloud, ssh and scp against a loopback TPU API and one sshd per worker "
+        "(OpenSSH's sshd needed); each worker runs the exact commands a TPU "
+        "worker gets, with simulated CPU devices (the package install is stubbed: "
+        "this Python and its packages stand in for the workers')",
     )
     p.add_argument(
         "--rehearse-preempt-after-epoch",
         metavar="K",
         help="with --rehearse and --checkpoint-dir: once epoch K's checkpoint is "
-        "complete, the stand-in kills every worker and reports the slice "
-        "preempted (once), so the --retries path runs",
+        "complete, every worker gets SIGTERM and a few seconds later the slice "
+        "is PREEMPTED (once), so the --retries path runs (the preempt-sigterm "
+        "fault)",
+    )
+    p.add_argument(
+        "--rehearse-fault",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --rehearse: inject a fault through the loopback TPU API or the "
+        "workers' sshd (repeatable): " + ", ".join(rehearsal.FAULTS),
     )
     p.add_argument(
         "--keep",

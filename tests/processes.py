@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from cloud.local_gcloud import cluster_env, free_ports
+from cloud.rehearsal.workers import cluster_env, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "mnist.py"

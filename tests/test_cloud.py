@@ -139,6 +139,8 @@ if s in ("copy-back", "logs"):
         (dest / "logs").mkdir(parents=True, exist_ok=True)
         (dest / "logs" / f"worker-{{w}}.log").write_text("epoch 1\\n")
         (dest / "logs" / f"worker-{{w}}.exit").write_text(statuses.get(w, "0") + "\\n")
+        if env.get("FAKE_GCLOUD_SIGTERM"):  # the run recorded a SIGTERM
+            (dest / "logs" / f"worker-{{w}}.sigterm").write_text("SIGTERM\\n")
     elif not env.get("FAKE_GCLOUD_NO_METRICS"):
         (dest / "output").mkdir(parents=True, exist_ok=True)
         (dest / "output" / "metrics.json").write_text("{{}}")
@@ -326,13 +328,54 @@ def test_retries_run_out(tmp_path, source, fake):
 
 
 def test_lost_while_waiting_is_retried(tmp_path, source, fake):
-    env = {"FAKE_GCLOUD_STATES": "PROVISIONING,FAILED"}
+    env = {"FAKE_GCLOUD_STATES": "PROVISIONING,SUSPENDED"}
     result = submit(tmp_path, source, *RETRY, env=env)
     assert result.returncode == 0, result.stderr
     assert steps_of(fake()).count("create") == 2
-    assert "lost during step wait (queued resource synann-test is FAILED)" in (
+    assert "lost during step wait (queued resource synann-test is SUSPENDED)" in (
         result.stderr
     )
+
+
+def test_a_sigterm_then_a_lost_state_is_a_preemption(tmp_path, source, fake):
+    # The workers got SIGTERM and exited 143; the state changes only later.
+    env = {
+        "FAKE_GCLOUD_WORKER_EXIT": "0:143",
+        "FAKE_GCLOUD_SIGTERM": "1",
+        "FAKE_GCLOUD_STATES": "ACTIVE,ACTIVE,READY,ACTIVE,READY,SUSPENDED",
+    }
+    result = submit(tmp_path, source, env=env)
+    assert result.returncode == 1
+    assert (
+        "the slice was lost during step run: queued resource synann-test is "
+        "SUSPENDED (preempted: worker(s) 0 got SIGTERM first)" in result.stderr
+    )
+    assert "--retries N" in result.stderr  # a preemption: retries would help
+    assert steps_of(fake())[-1] == "delete"
+
+
+def _submission(tmp_path, source):
+    from cloud import tpu
+
+    argv = ["submit", *BASE, "--accelerator-type", "v5litepod-8", "--source"]
+    argv += [str(source), "--poll-interval", "0", "--output-dir", str(tmp_path / "o")]
+    return tpu.submission_from_args(tpu.build_parser().parse_args(argv), [])
+
+
+def test_a_sigterm_on_a_healthy_slice_is_watched_for_a_bounded_time(
+    tmp_path, source, fake
+):
+    import dataclasses
+
+    from cloud import submit as run
+    from cloud.runner import Runner
+
+    sub = _submission(tmp_path, source)
+    sub.limits = dataclasses.replace(sub.limits, preempt_poll_s=3)
+    start = time.monotonic()
+    assert run._watch_for_preemption(Runner(), sub, [0]) is None  # a failure
+    assert 3 <= time.monotonic() - start < 20
+    assert set(steps_of(fake())) == {"describe"}
 
 
 def test_workers_that_no_longer_answer_count_as_lost(tmp_path, source, fake):
@@ -461,6 +504,17 @@ def test_bad_combinations_fail_before_any_gcloud_call(
     assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
+def test_the_batch_must_split_over_the_slice_before_anything_is_created():
+    from cloud import checks
+
+    v6e = checks.accelerator("v6e-256")  # 256 chips, one device each
+    with pytest.raises(
+        ValueError, match="devices of v6e-256; use a multiple of 256, e.g. 256$"
+    ):
+        checks.global_batch([], v6e)  # the default 128
+    assert checks.global_batch(["--batch-size=512"], v6e) == 512
+
+
 def test_tensorflow_extras_are_derived_from_pyproject(tmp_path):
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text(
@@ -541,14 +595,17 @@ def test_missing_status_is_a_failure(tmp_path, source, fake):
     assert steps_of(fake())[-5:] == ["copy-back", *HEALTH, "probe", "delete"]
 
 
-def test_failed_queued_resource_is_deleted(tmp_path, source, fake):
-    result = submit(tmp_path, source, env={"FAKE_GCLOUD_STATES": "ACCEPTED,FAILED"})
+def test_failed_queued_resource_is_deleted_and_not_retried(tmp_path, source, fake):
+    # FAILED before it was ever ACTIVE: capacity or the request; no retry.
+    env = {"FAKE_GCLOUD_STATES": "ACCEPTED,FAILED"}
+    result = submit(tmp_path, source, *RETRY, env=env)
     assert result.returncode == 1
+    assert steps_of(fake()).count("create") == 1
     assert steps_of(fake())[-1] == "delete"
-    assert "lost during step wait: queued resource synann-test is FAILED" in (
+    assert "queued resource synann-test FAILED before it was ever ACTIVE" in (
         result.stderr
     )
-    assert "with --retries N --checkpoint-dir" in result.stderr
+    assert "--retries N" not in result.stderr
 
 
 def test_wait_timeout_deletes(tmp_path, source, fake):
@@ -833,7 +890,7 @@ def test_remote_values_are_quoted():
     assert "tensorflow-tpu==2.19.1" in install
     # the remote command is one argv element, never split by a local shell
     argv = gcloud.ssh(gcloud.Target("a", "us-west4-a"), run)
-    assert argv[-2] == f"--command={run}"
+    assert f"--command={run}" in argv
 
 
 @pytest.mark.parametrize(
@@ -854,6 +911,10 @@ def test_remote_values_are_quoted():
         (["--env", "A B=1"], "--env"),
         (["--env", "NOVALUE"], "--env"),
         (["--env", "KERAS_BACKEND=torch"], "--backend"),
+        (["--", "--batch-size", "100"], "use a multiple of 8, e.g. 96 or 104"),
+        (["--service-account", "me"], "--service-account"),
+        (["--rehearse-fault", "hang-worker"], "needs --rehearse"),
+        (["--rehearse", "--rehearse-fault", "gremlins"], "use one of hang-worker"),
     ],
 )
 def test_hostile_or_bad_inputs_are_refused(tmp_path, source, capsys, args, message):
@@ -952,7 +1013,9 @@ def test_status_logs_delete_commands(capsys):
         "gcloud compute tpus tpu-vm describe synann-test --zone=us-west4-a "
         "--project=my-proj",
         "gcloud compute tpus tpu-vm ssh synann-test --zone=us-west4-a --worker=all "
-        "'--command=cd synann_run/logs && tail -n 100 -F worker-*.log' --quiet",
+        "'--command=cd synann_run/logs && tail -n 100 -F worker-*.log' "
+        "--ssh-flag=-oServerAliveInterval=30 --ssh-flag=-oServerAliveCountMax=4 "
+        "--ssh-flag=-oConnectTimeout=30 --quiet",
         "gcloud compute tpus tpu-vm delete synann-test --zone=us-west4-a --quiet",
     ]
 
@@ -967,3 +1030,16 @@ def test_help_mentions_every_subcommand():
     assert result.returncode == 0
     for word in ("submit", "status", "logs", "delete"):
         assert word in result.stdout
+
+
+def test_a_rehearsal_without_gcloud_says_what_to_install(tmp_path, source):
+    env = {**os.environ, "PATH": str(tmp_path / "empty"), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "cloud.tpu", "submit", *BASE, "--rehearse"]
+    argv += ["--accelerator-type", "v4-16", "--source", str(source)]
+    argv += ["--output-dir", str(tmp_path / "o")]
+    result = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "install the Google Cloud CLI" in last and "google-cloud-cli" in last

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from processes import finish, start_script
 
-from cloud.local_gcloud import cluster_env, free_ports
+from cloud.rehearsal.workers import cluster_env, free_ports
 from training import distribute
 
 BACKEND = keras.backend.backend()

@@ -30,7 +30,7 @@ from processes import (
 )
 
 import keras_synann  # noqa: F401  (best.keras holds its layers)
-from cloud.local_gcloud import cluster_env, free_ports
+from cloud.rehearsal.workers import cluster_env, free_ports
 from training import checkpoints, data, status
 from training.distribute import cluster
 
