@@ -318,6 +318,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "n": args.n,
         "memory_batch": args.memory_batch,
+        "versions": next((r["versions"] for r in rows if "versions" in r), {}),
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

@@ -131,6 +131,25 @@ def derivative_tables(data):
     return lines
 
 
+def penalty_table(data):
+    """docs/layer.md's gradient-penalty cost table (derivatives.json)."""
+    rows = {}
+    for r in data["rows"]:
+        if r["what"] == "gradient penalty":
+            rows.setdefault(r["backend"], {}).update(
+                ms=r["synapse_ms"], dense=r["dense_ms"], ratio=r["ratio"]
+            )
+        elif r["what"].startswith("penalty peak MB"):
+            rows.setdefault(r["backend"], {}).update(
+                mb=r["synapse_mb"], dmb=r["dense_mb"]
+            )
+    return [
+        f"| {b} | {v['ms']:.1f} ms | {v['dense']:.1f} ms | {v['ratio']:.1f}x "
+        f"| {v['mb']:.0f} MB | {v['dmb']:.0f} MB |"
+        for b, v in rows.items()
+    ]
+
+
 FIGURES = [
     Figure("docs/example.md", "example_mnist_synapse.json", _example),
     Figure("examples/mnist_synapse.py", "example_mnist_synapse.json", _example),
@@ -147,6 +166,7 @@ FIGURES = [
     Figure("README.md", "layer_sweep.json", _layer_sentence),
     Figure("docs/layer.md", "series_jax.json", _series_errors),
     Figure("docs/layer.md", "derivative_errors.json", derivative_tables),
+    Figure("docs/layer.md", "derivatives.json", penalty_table),
 ]
 
 #: Figure-like tokens that are settings or definitions, not measurements.
@@ -154,6 +174,9 @@ NOT_MEASURED = {
     ("docs/training.md", "1%"): "the cosine schedule's floor, a setting",
     ("docs/training.md", "40%"): "the step schedule's milestones, a setting",
     ("docs/training.md", "80%"): "the step schedule's milestones, a setting",
+    ("docs/training.md", "600 s"): "the stall watchdog's first-step bound, a setting",
+    ("docs/training.md", "60 s"): "the stall watchdog's floor, a setting",
+    ("docs/training.md", "30 s"): "Compute Engine's documented preemption notice",
 }
 
 _TOKEN = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:%|x\b| min(?: \d+ s)?\b| ms\b| s\b)")
