@@ -130,6 +130,7 @@ def test_snippet_runs(page, number, marks, tmp_path_factory, monkeypatch):
     _run_page_up_to(page, number, tmp_path_factory, monkeypatch)
 
 
+@pytest.mark.any_backend
 def test_snippet_marks_are_known():
     for page, _, line, marks, _ in SNIPPETS:
         unknown = set(marks) - {"needs", "backends", "setup", "skip"}
@@ -168,6 +169,7 @@ def _github_slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
+@pytest.mark.any_backend
 def test_readme_links_resolve():
     """README.md is read on the repository host, outside the mkdocs build:
     its relative links must name files that exist (and headings there)."""
@@ -190,6 +192,7 @@ NARRATION = re.compile(
 )
 
 
+@pytest.mark.any_backend
 def test_documents_do_not_narrate_their_making():
     """Markdown outside data and results folders describes the project as it
     is, not how it was made."""
@@ -304,6 +307,7 @@ def _backend_of(command: str) -> str:
     return match[1] if match else ""
 
 
+@pytest.mark.any_backend
 def test_every_shell_command_has_a_rule():
     assert SHELL_COMMANDS, "no shell commands found"
     unmatched = [

@@ -27,6 +27,8 @@ PAGES = [ROOT / "README.md"] + [
 ]
 METADATA = ("machine", "versions", "command", "commit", "date")
 
+pytestmark = pytest.mark.any_backend
+
 
 @dataclass(frozen=True)
 class Figure:
