@@ -93,6 +93,7 @@ def test_default_is_one_device():
     assert strategy.num_replicas == 1 and strategy.is_chief
 
 
+@pytest.mark.any_backend
 def test_global_batch_must_split_over_replicas():
     strategy = distribute.JaxDataParallel("data_parallel", "jax", ["cpu:0"] * 4)
     with pytest.raises(ValueError, match="multiple of the 4 replicas"):
@@ -107,6 +108,7 @@ def test_global_batch_must_split_over_replicas():
         )
 
 
+@pytest.mark.any_backend
 def test_trim_drops_the_remainder_with_a_warning(recwarn):
     x, y = np.arange(10), np.arange(10) * 2
     with pytest.warns(UserWarning, match="last 2 of 10"):
@@ -120,6 +122,7 @@ def test_trim_drops_the_remainder_with_a_warning(recwarn):
     np.testing.assert_array_equal(kept[1], y[:8])
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_global_batches_do_not_depend_on_the_process_count(shuffle):
     """Stacking every process's part of step k gives one process's step k."""
@@ -156,6 +159,7 @@ def test_global_batches_do_not_depend_on_the_process_count(shuffle):
     assert reshuffled == shuffle
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
