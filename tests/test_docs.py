@@ -284,7 +284,7 @@ COMMANDS = [
     Rule(r"KERAS_BACKEND=jax python examples/mnist_synapse\.py",
          skip="a full example run; test_example_runs runs it on 3 batches per epoch"),
     Rule(r"jupytext --to notebook examples/mnist_synapse\.py", needs="jupytext"),
-    Rule(r".*python benchmarks/.*|bash benchmarks/gpu\.sh", skip="benchmarks take minutes (GPU: a GPU)"),
+    Rule(r".*python -m benchmarks\..*|bash benchmarks/gpu\.sh", skip="benchmarks take minutes (GPU: a GPU)"),
     Rule(r"KERAS_BACKEND=jax pytest .*", skip="runs part of this suite, which tox runs"),
     Rule(rf"{TRAIN} --epochs 2 --steps-per-epoch 5"),
     Rule(rf"{TRAIN} --filters 10,20 --dropout 0.5 --optimizer sgd .* --epochs 200",
