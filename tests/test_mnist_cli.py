@@ -411,6 +411,7 @@ finally:
 """
 
 
+@pytest.mark.any_backend  # training/callbacks.py's writer, the same under jax and torch
 @pytest.mark.skipif(
     keras.backend.backend() == "tensorflow",
     reason="under tensorflow, Keras's own TensorBoard callback writes the logs",

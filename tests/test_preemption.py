@@ -187,10 +187,7 @@ STEPS = 10  # training steps per epoch in the test below (160 samples / 16)
     not JAX or importlib.util.find_spec("orbax") is None,
     reason="--checkpoint-dir needs jax and orbax-checkpoint (the checkpoint extra)",
 )
-@pytest.mark.parametrize("attempt", range(2))
-def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(
-    tmp_path, attempt
-):
+def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(tmp_path):
     data_dir = write_mnist(tmp_path / "mnist", n_train=176)  # 160 train + 16 val
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     args = mlp_args(data_dir, out, "--checkpoint-dir", str(ckpt))

@@ -152,8 +152,7 @@ def mlp_args(mnist_dir, out, *extra) -> list[str]:
 BOUND, SLACK = 6, 4
 
 
-@pytest.mark.parametrize("attempt", range(2))
-def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path, attempt):
+def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path):
     """The process is alive and its training thread sleeps in an epoch-end
     callback: the watchdog ends it with status 75 and its status file."""
     out = tmp_path / "out"
