@@ -301,6 +301,9 @@ COMMANDS = [
     Rule(r"KERAS_BACKEND=torch torchrun --standalone --nproc_per_node=2 training/mnist\.py",
          append=SHORTER, needs="torchrun"),
     Rule(rf"{TRAIN}(?: --model mlp --epochs 30| --distribution auto)?", append=SHORTER),
+    Rule(rf"{TRAIN} --callbacks 'keras\.callbacks:EarlyStopping\(.*\)'",
+         skip="a default run with one more flag; tests/test_mnist_cli.py trains with an "
+         "EarlyStopping spec given the same way"),
 ]  # fmt: skip
 
 

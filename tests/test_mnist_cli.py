@@ -250,6 +250,36 @@ def test_bad_arguments_are_one_line_with_status_2(
     assert (record["status"], record["exit"]) == ("usage", 2)
 
 
+@pytest.mark.any_backend
+def test_callbacks_from_the_command_line_join_fit(mnist_dir, tmp_path):
+    """--callbacks MODULE:NAME(ARGS), as docs/training.md shows it: Keras's
+    EarlyStopping, made with those arguments, stops the run after epoch 2."""
+    out = tmp_path / "early"
+    spec = 'keras.callbacks:EarlyStopping(monitor="loss", min_delta=100, patience=0)'
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "5")
+    assert mnist.main([*args, "--callbacks", spec]) == 0
+    assert _epochs(out) == [1, 2]
+
+
+@pytest.mark.any_backend
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:f", "No module named 'no_such_module_xyz'"),
+        ("keras.callbacks:NoSuchCallback", "keras.callbacks has no 'NoSuchCallback'"),
+        ("keras.callbacks:EarlyStopping(bogus=1)", "unexpected keyword argument"),
+        ("keras.layers:Dense(3)", "gave a Dense, not a keras.callbacks.Callback"),
+        ("missing_file.py:f", "no such file"),
+    ],
+)
+def test_callbacks_that_name_no_callback_are_one_line_errors(spec, message):
+    from training import callbacks
+
+    with pytest.raises(cli.UsageError, match=message) as error:
+        callbacks.load(spec)
+    assert "\n" not in str(error.value)
+
+
 def test_the_reference_pytorch_recipe_from_flags(mnist_dir, tmp_path):
     """SGD with momentum and the reference LeNet's filters (10, 20) and
     dropout (0.5), as the reference PyTorch script trains."""
@@ -334,6 +364,15 @@ def test_script_bad_argument_exit_code(tmp_path):
         .splitlines()[-1]
         .startswith("mnist.py: error: argument --model: invalid choice")
     )
+
+
+@pytest.mark.any_backend
+def test_a_backend_keras_cannot_load_is_one_line():
+    result = _script(["--epochs", "1"], env={"KERAS_BACKEND": "no_such_backend"})
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mnist.py: error: Keras cannot load its backend")
+    assert "set KERAS_BACKEND to an installed one" in line
 
 
 @pytest.mark.any_backend

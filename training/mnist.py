@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python training/mnist.py                  # the default run
     KERAS_BACKEND=torch python training/mnist.py --model mlp --epochs 30
-    KERAS_BACKEND=jax python training/mnist.py --epochs 2 --steps-per-epoch 5
+    KERAS_BACKEND=jax python training/mnist.py --epochs 2 --steps-per-epoch 5  # smoke
 
 Selection (best checkpoint, learning-rate plateaus) uses a validation split
 carved from the training set; the test set is evaluated once, at the end.
@@ -25,7 +25,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras
+try:
+    import keras
+except (ImportError, ValueError) as e:  # KERAS_BACKEND unset or not installed
+    sys.exit(
+        f"mnist.py: error: Keras cannot load its backend ({e}); set KERAS_BACKEND "
+        "to an installed one: jax, tensorflow or torch"
+    )
 import numpy as np
 
 from keras_synann.models import get_model
