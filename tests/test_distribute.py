@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import write_mnist
-from processes import finish, start_script
+from processes import finish, mlp_args, start_script
 
 from cloud.rehearsal.workers import cluster_env, free_ports
 from training import distribute
@@ -240,14 +240,6 @@ def printed_test_accuracy(output: str) -> str:
     return lines[0]
 
 
-def cli_args(mnist_dir, out) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "2", "--batch-size", "16", "--val-size",
-        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
-        "--output-dir", str(out),
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def two_jax_processes(tmp_path_factory):
     """1 process x 4 devices, then 2 processes x 2 devices over loopback (one
@@ -257,11 +249,11 @@ def two_jax_processes(tmp_path_factory):
     mnist_dir = write_mnist(root / "mnist")
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     one = root / "one"
-    (single,) = finish_all([start_script(cli_args(mnist_dir, one), flags)])
+    (single,) = finish_all([start_script(mlp_args(mnist_dir, one, 2), flags)])
     ports = free_ports(2)
     procs = [
         start_script(
-            [*cli_args(mnist_dir, root / f"p{i}"), "--resume"],
+            [*mlp_args(mnist_dir, root / f"p{i}", 2), "--resume"],
             cluster_env(i, ports, 2),
         )
         for i in range(2)
@@ -390,7 +382,7 @@ def test_torch_two_nodes_report_the_same_test_accuracy(mnist_dir, tmp_path):
     (port,) = free_ports(1)
     procs = [
         start_script(
-            cli_args(mnist_dir, tmp_path / f"node{node}"),
+            mlp_args(mnist_dir, tmp_path / f"node{node}", 2),
             {"OMP_NUM_THREADS": "1"},
             launcher=[
                 "-m",

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from processes import (
     finish,
+    mlp_args,
     port_held_like_grpc,
     start_cluster,
     start_script,
@@ -44,14 +45,6 @@ pytestmark = [
 ]
 #: The watchdog's timeout in these runs (seconds): short, to keep tests fast.
 WATCHDOG = "8"
-
-
-def mlp_args(mnist_dir, out, epochs: int = 3, *extra) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", str(epochs), "--batch-size", "16",
-        "--val-size", "16", "--data-dir", str(mnist_dir), "--seed", "3",
-        "--verbose", "2", "--output-dir", str(out), *extra,
-    ]  # fmt: skip
 
 
 def assert_ok(results):

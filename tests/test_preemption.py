@@ -17,7 +17,7 @@ import faults
 import keras
 import pytest
 from conftest import write_mnist
-from processes import finish, start_script, wait_for_line
+from processes import finish, mlp_args, start_script, wait_for_line
 
 from training import checkpoints
 from training.supervisor import preemption, status
@@ -151,19 +151,13 @@ def test_the_first_report_wins(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "st-3.json"]  # no temp file
 
 
-def mlp_args(mnist_dir, out, *extra) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--val-size",
-        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
-        "--output-dir", str(out), *extra,
-    ]  # fmt: skip
-
-
 def test_sigterm_is_a_stop_not_a_failure(mnist_dir, tmp_path):
     """Any backend, no --checkpoint-dir: status 143 and `terminated` (no
     metadata server here: preempted is null), within seconds."""
     out = tmp_path / "out"
-    proc = start_script(mlp_args(mnist_dir, out, *faults.spec("slow_steps(0.2)")), {})
+    proc = start_script(
+        mlp_args(mnist_dir, out, 3, *faults.spec("slow_steps(0.2)")), {}
+    )
     wait_for_line(proc, "faults: epoch 2 step 1 done", timeout=240)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -190,7 +184,7 @@ STEPS = 10  # training steps per epoch in the test below (160 samples / 16)
 def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(tmp_path):
     data_dir = write_mnist(tmp_path / "mnist", n_train=176)  # 160 train + 16 val
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    args = mlp_args(data_dir, out, "--checkpoint-dir", str(ckpt))
+    args = mlp_args(data_dir, out, 3, "--checkpoint-dir", str(ckpt))
     proc = start_script([*args, *faults.spec("slow_steps(0.3)")], {})
     lines = wait_for_line(proc, "epoch 2 step 3 done", timeout=240)
     proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import time
 
 import faults
 import pytest
-from processes import finish, start_script, wait_for_line
+from processes import finish, mlp_args, start_script, wait_for_line
 
 from training import cli, mnist
 from training.supervisor import stall, status
@@ -140,14 +140,6 @@ def test_bad_stall_timeouts_are_usage_errors(raw):
         cli.parse_args(["--stall-timeout", raw])
 
 
-def mlp_args(mnist_dir, out, *extra) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "2", "--batch-size", "16", "--val-size",
-        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
-        "--output-dir", str(out), *extra,
-    ]  # fmt: skip
-
-
 #: The bound of the hang tests (s), and the most they may take beyond it.
 BOUND, SLACK = 6, 4
 
@@ -156,7 +148,7 @@ def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path):
     """The process is alive and its training thread sleeps in an epoch-end
     callback: the watchdog ends it with status 75 and its status file."""
     out = tmp_path / "out"
-    args = mlp_args(mnist_dir, out, "--stall-timeout", str(BOUND))
+    args = mlp_args(mnist_dir, out, 2, "--stall-timeout", str(BOUND))
     proc = start_script([*args, *faults.spec("hang_after(1)")], {})
     wait_for_line(proc, "faults: hang after epoch 1", timeout=240)
     hung = time.monotonic()
@@ -180,7 +172,7 @@ def test_a_run_that_raises_leaves_no_watchdog_running(mnist_dir, tmp_path):
     watchdog itself (else it would end the caller's process later). (A run
     that finishes says `ok`: tests/test_mnist_cli.py, test_script_end_to_end.)"""
     out = tmp_path / "out"
-    args = mlp_args(mnist_dir, out, "--verbose", "0", *faults.spec("fail_after(1)"))
+    args = mlp_args(mnist_dir, out, 2, "--verbose", "0", *faults.spec("fail_after(1)"))
     with pytest.raises(RuntimeError, match="raised after epoch 1"):
         mnist.main(args)
     time.sleep(1.5)  # the threads' poll intervals

@@ -53,9 +53,10 @@ def main(argv=None) -> int:
 
 
 def train(argv, supervisor: Supervisor, cpu_settings: dict) -> None:
+    """One run: the flags, the strategy, the data, the model, fit, then the
+    best epoch's model evaluated and written."""
     backend = keras.backend.backend()
     args = cli.read_args(argv, backend)
-    args.cpu_settings = cpu_settings
     supervisor.report_to(args)  # the status file, for the errors below too
     cli.check(args, backend)
     policy = cli.MIXED_POLICIES.get(args.mixed_precision, "float32")
@@ -87,7 +88,7 @@ def train(argv, supervisor: Supervisor, cpu_settings: dict) -> None:
     fitting.fit(model, splits, steps_per_epoch)
 
     model = fitting.best_model(model)
-    metrics = evaluate(args, strategy, model, splits, fitting.rows)
+    metrics = evaluate(args, strategy, model, splits, fitting.rows, cpu_settings)
     if strategy.is_chief:
         outputs.write(out, model, fitting.rows, metrics)
         if fitting.best is not None:  # best.keras from the best epoch's weights
@@ -164,14 +165,14 @@ def optimizer(args, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(rate)
 
 
-def evaluate(args, strategy, model, splits: data.Splits, rows: list[dict]) -> dict:
+def evaluate(args, strategy, model, splits, rows: list[dict], cpu_settings) -> dict:
     """Validation and test metrics of `model` (every process gets the same),
     its predictions for ten test images, printed; the contents of
     metrics.json."""
     batch = 512 * strategy.num_replicas
     val = strategy.evaluate(model, splits.x_val, splits.y_val, batch_size=batch)
     test = strategy.evaluate(model, splits.x_test, splits.y_test, batch_size=batch)
-    metrics = outputs.metrics(args, strategy, splits, rows, val, test)
+    metrics = outputs.metrics(args, strategy, splits, rows, (val, test), cpu_settings)
     best = metrics["best_epoch"]
     print(f"Best epoch (validation): {best}; val accuracy {val['accuracy']:.4%}")
     print(f"Test accuracy: {test['accuracy']:.4%} (loss {test['loss']:.4f})")

@@ -57,10 +57,11 @@ def read_history(output_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def metrics(args, strategy, splits, rows: list[dict], val: dict, test: dict) -> dict:
+def metrics(args, strategy, splits, rows: list[dict], results, cpu_settings) -> dict:
     """The contents of metrics.json: the validation and test metrics of the
-    best epoch's model (`val`, `test`), the epochs (`rows`), and the settings
-    and machine of the run."""
+    best epoch's model (`results`: two dicts), the epochs (`rows`), and the
+    settings and machine of the run (`cpu_settings`: training/tuning.py's)."""
+    val, test = results
     best_epoch = (
         max(rows, key=lambda r: r.get("val_accuracy", -1.0))["epoch"] if rows else 0
     )
@@ -93,8 +94,7 @@ def metrics(args, strategy, splits, rows: list[dict], val: dict, test: dict) -> 
         "samples": splits.sizes(),
         "environment": environment.versions(backend),
         "keras_version": keras.__version__,
-        # What the script set up for the CPU (training/tuning.py).
-        "cpu_settings": args.cpu_settings,
+        "cpu_settings": cpu_settings,
     }
 
 

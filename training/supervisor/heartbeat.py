@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import sys
 import threading
 import time
@@ -43,11 +42,11 @@ import time
 from training.cli import first_line
 from training.distribute.cluster import ENV_WATCHDOG_TIMEOUT, watchdog_timeout
 from training.supervisor import status
+from training.supervisor.preemption import SIGNAL_EXIT
 
 PREFIX = "synann/watchdog/"
 #: Exit status of a process that stops because another one failed.
 EXIT_OTHER_FAILED = 1
-_SIGNAL_EXIT = {signal.SIGTERM: status.EXIT_SIGTERM, signal.SIGINT: status.EXIT_SIGINT}
 
 
 def exit_status_after(reason: str) -> int:
@@ -57,7 +56,7 @@ def exit_status_after(reason: str) -> int:
     end; else EXIT_OTHER_FAILED."""
     if reason.startswith("stalled:"):
         return status.EXIT_STALLED
-    for sig, code in _SIGNAL_EXIT.items():
+    for sig, code in SIGNAL_EXIT.items():
         if reason.startswith(f"ended by {sig.name}"):
             return code
     return EXIT_OTHER_FAILED
