@@ -184,7 +184,7 @@ class Supervisor:
         if self.strategy.coordination() is None:
             return
         if self.heartbeat is not None:
-            if crashed and lost_a_peer(error):
+            if isinstance(error, BaseException) and lost_a_peer(error):
                 self.heartbeat.await_verdict()  # ends this process naming the other
             self.heartbeat.failed(reason)
         if crashed:
