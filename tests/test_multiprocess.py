@@ -146,7 +146,9 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
 
 #: The stall bound of the test below (s), and the most the processes may
 #: take beyond it (process 0 waits up to 4.5 s for the others to read why).
-STALL, STALL_SLACK = 8, 10
+#: The bound holds for the first step too, which compiles: on a loaded 2-core
+#: machine that took more than 8 s.
+STALL, STALL_SLACK = 15, 10
 
 
 def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path):
