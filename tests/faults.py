@@ -26,13 +26,27 @@ def spec(call: str) -> list[str]:
 
 
 class _AfterEpoch(keras.callbacks.Callback):
+    """Acts at the end of epoch `epoch`, the last callback there: prints
+    `faults: WHAT after epoch E; its validation ended at monotonic T` first,
+    T the time.monotonic() (the same clock in every process) at which the
+    epoch's validation ended, before the other callbacks' epoch-end work."""
+
     def __init__(self, epoch: int):
         super().__init__()
         self.epoch = epoch
+        self._validated = None
+
+    def on_test_end(self, logs=None):
+        self._validated = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == self.epoch:
-            print(f"faults: {self.name} after epoch {epoch + 1}", flush=True)
+            ended = self._validated or time.monotonic()
+            print(
+                f"faults: {self.what} after epoch {epoch + 1}; its validation ended "
+                f"at monotonic {ended:.3f}",
+                flush=True,
+            )
             self.act(epoch + 1)
 
 
@@ -40,7 +54,7 @@ class kill_after(_AfterEpoch):  # noqa: N801  (read as a function in specs)
     """SIGKILL once epoch `epoch` is complete (its checkpoint included: the
     callbacks of --callbacks come after training's own)."""
 
-    name = "kill"
+    what = "kill"
 
     def act(self, epoch):
         sys.stdout.flush()
@@ -50,7 +64,7 @@ class kill_after(_AfterEpoch):  # noqa: N801  (read as a function in specs)
 class fail_after(_AfterEpoch):  # noqa: N801
     """Raise a RuntimeError after epoch `epoch`."""
 
-    name = "fail"
+    what = "fail"
 
     def act(self, epoch):
         raise RuntimeError(f"faults.fail_after raised after epoch {epoch}")
@@ -60,7 +74,7 @@ class hang_after(_AfterEpoch):  # noqa: N801
     """After epoch `epoch`, sleep forever on the training loop's thread: the
     process stays alive and never reaches the next collective step."""
 
-    name = "hang"
+    what = "hang"
 
     def act(self, epoch):
         while True:
