@@ -18,7 +18,9 @@ either signal (`on_signal`):
    exits at once (the training thread may be blocked in a collective).
 
 `SignalWatcher` takes the signals on a thread of its own, so that a training
-thread blocked in a collective cannot delay them. With several processes,
+thread blocked in a collective cannot delay them; it starts once the process
+has joined the others, replacing the handler of jax's preemption notifier,
+which takes SIGTERM over and only logs it. With several processes,
 every AGREE_EVERY (5) steps of an epoch they agree whether any of them was
 asked to stop (a small collective step); if so, all save the partial epoch
 at that step, the one asked ends with its status, and the others end with
