@@ -65,6 +65,7 @@ class Supervisor:
             return status.EXIT_OK
         except self.one_line as e:
             code = status.EXIT_USAGE if isinstance(e, cli.UsageError) else 1
+            self._await_verdict(e)
             self.status.report(status.word_for(code), code, e)  # before the line
             cli.error(self.prog, e)
             self._failed(e, code, joined=not isinstance(e, JoinError))
@@ -175,6 +176,7 @@ class Supervisor:
         )
         if crashed:
             reason = f"{type(error).__name__}: {reason}"
+        self._await_verdict(error)
         if isinstance(code, int):
             self.status.report(status.word_for(code), code, reason)
         if self.strategy is None:
@@ -184,12 +186,22 @@ class Supervisor:
         if self.strategy.coordination() is None:
             return
         if self.heartbeat is not None:
-            if isinstance(error, BaseException) and lost_a_peer(error):
-                self.heartbeat.await_verdict()  # ends this process naming the other
             self.heartbeat.failed(reason)
         if crashed:
             traceback.print_exc()
         self._exit_now(code)
+
+    def _await_verdict(self, error) -> None:
+        """A collective step that failed because another process went away:
+        the heartbeat names that process and ends this one with the other's
+        status (a stall, a signal) before this one reports a failure of its
+        own. Returns when it finds nothing."""
+        if (
+            self.heartbeat is not None
+            and isinstance(error, BaseException)
+            and lost_a_peer(error)
+        ):
+            self.heartbeat.await_verdict()
 
     def _report_before_joining(self, reason: str) -> bool:
         """A process that fails before joining (bad arguments, a failed
