@@ -1,7 +1,7 @@
 """Times the fused kernels (Triton under torch, Pallas under jax) over tile shapes.
 
-    KERAS_BACKEND=torch python benchmarks/fused_sweep.py     # needs a CUDA GPU
-    KERAS_BACKEND=jax python benchmarks/fused_sweep.py --batch 4096 --n 1024
+    KERAS_BACKEND=torch python -m benchmarks.fused_sweep     # needs a CUDA GPU
+    KERAS_BACKEND=jax python -m benchmarks.fused_sweep --batch 4096 --n 1024
 
 For each (block rows, block columns, factors per log, warps), passed as the
 kernel's `config`, it prints the forward + backward time of the kernel's
@@ -18,10 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make keras_synann importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: (block rows, block columns, factors per log, warps): a TileConfig each.
 CONFIGS = [

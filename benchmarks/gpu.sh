@@ -33,20 +33,20 @@ triton.__version__, '| keras', keras.__version__)" 2>&1 | tail -1
 # The keras.ops path is left out here: under jax it had not finished one
 # measurement at this shape on an H100 when the run hit its time limit
 # (benchmarks/results/gpu/README.md).
-part layer 200 "$py" benchmarks/layer.py --backends torch,jax \
+part layer 200 "$py" -m benchmarks.layer --backends torch,jax \
     --implementations triton,pallas,torch --batch 4096 --n 1024 \
     --memory-batch 4096 --no-reference --json "$out/layer.json"
-part sweep_torch 50 env KERAS_BACKEND=torch "$py" benchmarks/fused_sweep.py
-part sweep_jax 50 env KERAS_BACKEND=jax "$py" benchmarks/fused_sweep.py
+part sweep_torch 50 env KERAS_BACKEND=torch "$py" -m benchmarks.fused_sweep
+part sweep_jax 50 env KERAS_BACKEND=jax "$py" -m benchmarks.fused_sweep
 # The opt-in Taylor series (not exact): its cost at the same shape.
 for backend in torch jax; do
-    part "series_$backend" 45 env KERAS_BACKEND=$backend "$py" benchmarks/series.py \
+    part "series_$backend" 45 env KERAS_BACKEND=$backend "$py" -m benchmarks.series \
         --orders 2 3 4 --beta-max 0.1 --shapes 4096x1024 --repeats 10 \
         --output "$out/series_$backend.json"
 done
-part mnist 180 "$py" benchmarks/mnist.py --models lenet mlp --backends torch jax \
+part mnist 180 "$py" -m benchmarks.mnist --models lenet mlp --backends torch jax \
     --epochs 3 --dense-epochs 3 --output "$out/mnist.json"
-part mnist_ops 90 "$py" benchmarks/mnist.py --models lenet mlp --backends jax \
+part mnist_ops 90 "$py" -m benchmarks.mnist --models lenet mlp --backends jax \
     --implementation ops --epochs 3 --dense-epochs 0 --output "$out/mnist_ops.json"
 
 if ((${#failed[@]})); then

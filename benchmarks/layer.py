@@ -1,8 +1,8 @@
 """Forward + backward of one Synapse layer against a Dense layer of the same shape.
 
-    python benchmarks/layer.py                      # all installed backends
-    python benchmarks/layer.py --backends jax --batch 4096 --n 1024
-    python benchmarks/layer.py --implementations auto,ops,cpu,torch,triton,pallas
+    python -m benchmarks.layer                      # all installed backends
+    python -m benchmarks.layer --backends jax --batch 4096 --n 1024
+    python -m benchmarks.layer --implementations auto,ops,cpu,torch,triton,pallas
 
 Prints the CPU (model, cores, caches) and the load average, then a table
 (backend, implementation, how the step runs, shape, synapse ms, dense ms,
@@ -39,11 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make keras_synann importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import _machine
 
-import _machine  # noqa: E402  (benchmarks/_machine.py)
+ROOT = Path(__file__).resolve().parents[1]
 
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -316,7 +314,11 @@ def _accelerator_peak_mb() -> float | None:
 def _run_worker(backend, mode, argv) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, __file__, mode, *argv], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.layer", mode, *argv],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["(no output)"]
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
     load_after = _machine.load()
     print(f"CPU: {_machine.line(info)}")
     print(f"Before: {load_before}; after: {load_after}")
-    print(f"Command: python benchmarks/layer.py {' '.join(argv or sys.argv[1:])}\n")
+    print(f"Command: python -m benchmarks.layer {' '.join(argv or sys.argv[1:])}\n")
     print(_table(rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -439,7 +441,7 @@ def main(argv=None) -> int:
         "machine": info,
         "load_before": load_before,
         "load_after": load_after,
-        "command": ["python", "benchmarks/layer.py", *(argv or sys.argv[1:])],
+        "command": ["python", "-m", "benchmarks.layer", *(argv or sys.argv[1:])],
         "rows": rows,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")

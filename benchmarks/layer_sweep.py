@@ -1,9 +1,9 @@
 """Milliseconds per forward + backward step against the layer size n, as a plot.
 
-    python benchmarks/layer_sweep.py                     # measure, then plot
-    python benchmarks/layer_sweep.py --plot-only         # plot the saved JSON again
+    python -m benchmarks.layer_sweep                     # measure, then plot
+    python -m benchmarks.layer_sweep --plot-only         # plot the saved JSON again
 
-Runs `benchmarks/layer.py` once per size in --sizes (every backend and
+Runs `benchmarks.layer` once per size in --sizes (every backend and
 implementation asked for, batch --batch, float32, without the reference
 formula), merges its rows into one JSON (--json) with what the figure needs
 to be reproduced: the CPU (`lscpu` model name), the package versions, the
@@ -27,10 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import _machine
 
-import _machine  # noqa: E402  (benchmarks/_machine.py)
+ROOT = Path(__file__).resolve().parents[1]
 
 PACKAGES = ("keras", "jax", "jaxlib", "tensorflow", "torch", "numpy")
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "layer_sweep.json"
@@ -80,7 +79,7 @@ def measure(args) -> dict:
     """Runs benchmarks/layer.py for each size; returns the merged record."""
     record = {
         **provenance(),
-        "command": ["python", "benchmarks/layer_sweep.py", *sys.argv[1:]],
+        "command": ["python", "-m", "benchmarks.layer_sweep", *sys.argv[1:]],
         "batch": args.batch,
         "runs": [],
         "rows": [],
@@ -89,7 +88,8 @@ def measure(args) -> dict:
         for n in args.sizes:
             out = Path(tmp) / f"layer_{n}.json"
             command = [
-                "benchmarks/layer.py",
+                "-m",
+                "benchmarks.layer",
                 f"--backends={args.backends}",
                 f"--implementations={args.implementations}",
                 f"--batch={args.batch}",
@@ -101,7 +101,9 @@ def measure(args) -> dict:
             print(f"n = {n}: python {' '.join(command)}", file=sys.stderr, flush=True)
             result = subprocess.run([sys.executable, *command], cwd=ROOT)
             if not out.is_file():
-                raise SystemExit(f"layer_sweep.py: layer.py wrote nothing for n = {n}")
+                raise SystemExit(
+                    f"layer_sweep: benchmarks.layer wrote nothing for n = {n}"
+                )
             run = json.loads(out.read_text())
             record["runs"].append(
                 {

@@ -1,8 +1,8 @@
 """Train the SynaNN models on real MNIST and print a table of their numbers.
 
-    python benchmarks/mnist.py                                # lenet + mlp on jax
-    python benchmarks/mnist.py --models lenet --backends jax torch --seeds 0 1 2
-    python benchmarks/mnist.py --models synacnn --steps-per-epoch 5   # smoke run
+    python -m benchmarks.mnist                                # lenet + mlp on jax
+    python -m benchmarks.mnist --models lenet --backends jax torch --seeds 0 1 2
+    python -m benchmarks.mnist --models synacnn --steps-per-epoch 5   # smoke run
 
 Each run is `training/mnist.py` in a subprocess (Keras picks its backend once
 per process), with the model's benchmark settings below unless overridden.
@@ -29,14 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import _machine
+from training import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "mnist.py"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(ROOT))
-
-import _machine  # noqa: E402  (benchmarks/_machine.py)
-
-from training import cli  # noqa: E402
 
 #: Per-model settings (the reference's epochs where they fit a CPU).
 SETTINGS = {
@@ -158,7 +155,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = cli.Parser(prog="benchmarks/mnist.py", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="benchmarks.mnist", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--models", nargs="+", default=["lenet", "mlp"], choices=tuple(SETTINGS)
     )
@@ -207,10 +204,10 @@ def main(argv=None) -> int:
     try:
         rows = benchmark(args)
     except RuntimeError as e:
-        cli.error("benchmarks/mnist.py", e)
+        cli.error("benchmarks.mnist", e)
         return 1
     info, load_after = _machine.describe(), _machine.load()
-    command = ["python", "benchmarks/mnist.py", *(argv or sys.argv[1:])]
+    command = ["python", "-m", "benchmarks.mnist", *(argv or sys.argv[1:])]
     print(f"\nCPU: {_machine.line(info)}")
     print(f"Before: {load_before}; after: {load_after}")
     print(f"Command: {' '.join(command)}\n")

@@ -1,7 +1,7 @@
 """The opt-in Taylor-series Synapse (`series_order=K`): its error and its speed.
 
-    KERAS_BACKEND=jax python benchmarks/series.py
-    KERAS_BACKEND=torch python benchmarks/series.py --orders 2 3 --shapes 100x280
+    KERAS_BACKEND=jax python -m benchmarks.series
+    KERAS_BACKEND=torch python -m benchmarks.series --orders 2 3 --shapes 100x280
 
 Two tables on the backend in KERAS_BACKEND:
 
@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(ROOT))
 
 
 def error_rows(orders, beta_maxes, batch, n) -> list[dict]:

@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from training import cli as training_cli
+
 BACKENDS = ("jax", "tensorflow")
 PROVISIONING = ("on-demand", "spot", "reserved")
 
@@ -382,23 +384,13 @@ def train_args(args: list[str]) -> list[str]:
     return list(args)
 
 
-#: training/mnist.py's default --batch-size (the global batch).
-DEFAULT_BATCH_SIZE = 128
-
-
 def global_batch(train_args: list[str], acc: Accelerator) -> int:
-    """The training's global batch (--batch-size, default DEFAULT_BATCH_SIZE)
-    must split evenly over every device of the slice; refused before anything
-    is created, with the nearest batch sizes that would."""
-    value = str(DEFAULT_BATCH_SIZE)
-    for i, arg in enumerate(train_args):
-        if arg == "--batch-size" and i + 1 < len(train_args):
-            value = train_args[i + 1]
-        elif arg.startswith("--batch-size="):
-            value = arg.split("=", 1)[1]
-    if not value.isdigit() or int(value) <= 0:
-        raise ValueError(f"--batch-size {value!r} is not a positive whole number")
-    batch, devices = int(value), acc.hosts * acc.devices_per_host
+    """The training's global batch (--batch-size, as training/cli.py reads it,
+    its default included) must split evenly over every device of the slice;
+    refused before anything is created, with the nearest batch sizes that
+    would."""
+    batch = training_cli.batch_size(train_args)
+    devices = acc.hosts * acc.devices_per_host
     if batch % devices:
         lower, upper = batch // devices * devices, (batch // devices + 1) * devices
         nearest = " or ".join(str(b) for b in (lower, upper) if b > 0)

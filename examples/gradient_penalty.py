@@ -32,7 +32,7 @@ from keras_synann import Synapse
 
 keras.utils.set_random_seed(0)
 rng = np.random.default_rng(0)
-STEPS = int(os.environ.get("SYNANN_EXAMPLE_STEPS", "40"))
+STEPS = 40
 
 # %% [markdown]
 # ## A critic

@@ -17,7 +17,6 @@
 # ```
 #
 # It also reads as a notebook: `jupytext --to notebook examples/mnist_synapse.py`.
-# `SYNANN_EXAMPLE_STEPS=N` trains on only N batches per epoch (a quick check).
 
 # %% [markdown]
 # ## Setup
@@ -42,7 +41,6 @@ import keras_synann
 
 EPOCHS = 3
 BATCH_SIZE = 128
-STEPS = int(os.environ.get("SYNANN_EXAMPLE_STEPS", 0)) or None  # None: whole epochs
 
 
 def read_idx(path):
@@ -76,8 +74,6 @@ order = np.random.default_rng(0).permutation(len(x_train))
 x_train, y_train = x_train[order], y_train[order]
 x_val, y_val = x_train[-5000:], y_train[-5000:]
 x_train, y_train = x_train[:-5000], y_train[:-5000]
-if STEPS:
-    x_train, y_train = x_train[: STEPS * BATCH_SIZE], y_train[: STEPS * BATCH_SIZE]
 print("train", x_train.shape, "validation", x_val.shape, "test", x_test.shape)
 
 

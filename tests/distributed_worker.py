@@ -9,6 +9,8 @@ environment that gives the wanted devices:
 The chief prints one line, `RESULT {...}`: strategy name, devices, replica
 count, the history, the final validation accuracy, whether tensorflow was
 imported by `resolve()`, predictions, and (for DDP) what each rank ran.
+`run(...)` returns the same in the calling process (one device needs no
+environment of its own).
 """
 
 from __future__ import annotations
@@ -61,7 +63,16 @@ def main() -> None:
     parser.add_argument("--initial-epoch", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    result = run(args.name, args.out, args.epochs, args.initial_epoch, args.batch)
+    if result is not None:
+        print("RESULT " + json.dumps(result), flush=True)
 
+
+def run(name, out=None, epochs=3, initial_epoch=0, batch=32) -> dict | None:
+    """Train under the strategy `name`; the results on the chief, else None."""
+    args = argparse.Namespace(
+        name=name, out=out, epochs=epochs, initial_epoch=initial_epoch, batch=batch
+    )
     strategy = distribute.resolve(args.name)
     tf_imported = "tensorflow" in sys.modules
     keras.utils.set_random_seed(1234)
@@ -123,8 +134,7 @@ def main() -> None:
         result["ranks"] = gathered
         del torch
     strategy.close()
-    if strategy.is_chief:
-        print("RESULT " + json.dumps(result), flush=True)
+    return result if strategy.is_chief else None
 
 
 if __name__ == "__main__":

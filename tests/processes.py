@@ -20,6 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "mnist.py"
 
 
+def mlp_args(data_dir, out, epochs: int = 3, *extra) -> list[str]:
+    """training/mnist.py's arguments for a small mlp run on the IDX files in
+    `data_dir` (16 validation samples, batch 16, seed 3), writing to `out`."""
+    return [
+        "--model", "mlp", "--epochs", str(epochs), "--batch-size", "16",
+        "--val-size", "16", "--data-dir", str(data_dir), "--seed", "3",
+        "--verbose", "2", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
 def script_env(extra: dict[str, str]) -> dict[str, str]:
     env = {
         k: v

@@ -9,6 +9,8 @@ import pytest
 
 from training import allocator
 
+pytestmark = pytest.mark.any_backend
+
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 #: Allocates and frees a 64 MB buffer (past glibc's largest dynamic mmap

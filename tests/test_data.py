@@ -19,12 +19,14 @@ def _rewrite_sums(directory):
     (directory / data.CHECKSUMS).write_text("".join(lines))
 
 
+@pytest.mark.any_backend
 def test_read_idx_round_trip(tmp_path):
     array = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
     write_idx(tmp_path / "x.gz", array)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x.gz"), array)
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     "payload, message",
     [
@@ -41,6 +43,7 @@ def test_read_idx_rejects_malformed_files(tmp_path, payload, message):
         data.read_idx(path)
 
 
+@pytest.mark.any_backend
 def test_read_idx_rejects_non_gzip(tmp_path):
     path = tmp_path / "plain.gz"
     path.write_bytes(b"not gzip at all")
@@ -48,6 +51,7 @@ def test_read_idx_rejects_non_gzip(tmp_path):
         data.read_idx(path)
 
 
+@pytest.mark.any_backend
 def test_load_mnist_shapes_ranges_and_split(mnist_dir):
     splits = data.load_mnist(mnist_dir, val_size=16, seed=3)
     assert splits.sizes() == {"train": 48, "val": 16, "test": 32}
@@ -58,6 +62,7 @@ def test_load_mnist_shapes_ranges_and_split(mnist_dir):
         assert y.dtype == np.int32 and 0 <= y.min() and y.max() <= 9
 
 
+@pytest.mark.any_backend
 def test_validation_split_is_seeded_and_disjoint():
     x = np.arange(100)[:, None]
     y = np.arange(100)
@@ -70,12 +75,14 @@ def test_validation_split_is_seeded_and_disjoint():
         data.split_validation(x, y, 100, seed=1)
 
 
+@pytest.mark.any_backend
 def test_data_dir_from_environment(mnist_dir, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(mnist_dir))
     assert data.resolve_data_dir(None) == mnist_dir
     assert data.load_mnist(val_size=8).sizes()["test"] == 32
 
 
+@pytest.mark.any_backend
 def test_checksum_mismatch(mnist_dir):
     name = data.FILES["test_labels"]
     write_idx(mnist_dir / name, np.zeros(32))  # valid IDX, different bytes
@@ -83,6 +90,7 @@ def test_checksum_mismatch(mnist_dir):
         data.load_mnist(mnist_dir, val_size=8)
 
 
+@pytest.mark.any_backend
 def test_missing_checksums_file_and_missing_files(mnist_dir, tmp_path):
     (mnist_dir / data.CHECKSUMS).unlink()
     with pytest.raises(data.DataError, match="SHA256SUMS"):
@@ -94,6 +102,7 @@ def test_missing_checksums_file_and_missing_files(mnist_dir, tmp_path):
         data.load_mnist(tmp_path / "nowhere", val_size=8)
 
 
+@pytest.mark.any_backend
 def test_label_out_of_range(mnist_dir):
     write_idx(mnist_dir / data.FILES["train_labels"], np.full(64, 10))
     _rewrite_sums(mnist_dir)
@@ -101,6 +110,7 @@ def test_label_out_of_range(mnist_dir):
         data.load_mnist(mnist_dir, val_size=8)
 
 
+@pytest.mark.any_backend
 def test_wrong_image_shape_and_count(mnist_dir):
     write_idx(mnist_dir / data.FILES["test_images"], np.zeros((32, 27, 28)))
     _rewrite_sums(mnist_dir)
@@ -112,11 +122,13 @@ def test_wrong_image_shape_and_count(mnist_dir):
         data.load_mnist(mnist_dir, val_size=8)
 
 
+@pytest.mark.any_backend
 def test_carried_dataset_matches_its_checksums():
     data.verify_checksums(data.DEFAULT_DATA_DIR)
     assert (data.DEFAULT_DATA_DIR / "README.md").is_file()
 
 
+@pytest.mark.any_backend
 def test_download_from_file_url(mnist_dir, tmp_path):
     dest = data.download(
         tmp_path / "fetched",
@@ -126,6 +138,7 @@ def test_download_from_file_url(mnist_dir, tmp_path):
     assert data.load_mnist(dest, val_size=8).sizes()["train"] == 56
 
 
+@pytest.mark.any_backend
 def test_download_rejects_corrupt_and_failed_fetches(mnist_dir, tmp_path):
     sums = mnist_dir / data.CHECKSUMS
     with pytest.raises(data.DataError, match="checksum mismatch"):
@@ -156,6 +169,7 @@ def test_tfds_missing_dataset_is_one_line_error(tmp_path):
         data.load_tfds(tmp_path, name="no_such_dataset_xyz")
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     "absent, named",
     [
@@ -186,6 +200,7 @@ def test_tfds_without_tensorflow_refuses_in_one_line(monkeypatch, absent, named)
     assert "pip install '.[tfds]'" in message
 
 
+@pytest.mark.any_backend
 def test_tfds_extra_installs_tensorflow():
     import tomllib
 
@@ -196,6 +211,7 @@ def test_tfds_extra_installs_tensorflow():
     assert {r.split(">")[0] for r in extra} == {"tensorflow-datasets", "tensorflow"}
 
 
+@pytest.mark.any_backend
 def test_synthetic_fixture_is_learnable_shape(tmp_path):
     directory = write_mnist(tmp_path / "m", n_train=20, n_test=10)
     splits = data.load_mnist(directory, val_size=5)

@@ -154,7 +154,6 @@ def test_gradient_penalty_example_trains():
         env={
             **os.environ,
             "KERAS_BACKEND": BACKEND,
-            "SYNANN_EXAMPLE_STEPS": "25",
             "PYTHONPATH": str(root),
         },
         check=False,

@@ -3,8 +3,9 @@
 Multi-device runs happen in subprocesses (tests/distributed_worker.py) whose
 environment gives the devices before the backend starts: jax with 4 simulated
 CPU devices, tensorflow with 2 logical CPUs under MirroredStrategy, torch with
-2 gloo processes under torchrun. Each backend's tests run only under that
-backend, so a jax or torch test process never imports tensorflow.
+2 gloo processes under torchrun; the one-device run they are compared with
+runs in this process. Each backend's tests run only under that backend, so a
+jax or torch test process never imports tensorflow.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_worker
 import keras
 import numpy as np
 import pytest
-from processes import finish, start_script
+from conftest import write_mnist
+from processes import finish, mlp_args, start_script
 
 from cloud.rehearsal.workers import cluster_env, free_ports
 from training import distribute
@@ -57,6 +60,11 @@ def run_worker(args: list[str], env: dict[str, str], launcher=()) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def run_here(name: str = "default") -> dict:
+    """The worker's run in this process, with WORKER_ARGS's epochs."""
+    return distributed_worker.run(name, epochs=4, initial_epoch=1)
+
+
 def assert_parity(single: dict, multi: dict, replicas: int) -> None:
     assert single["num_replicas"] == 1
     assert multi["num_replicas"] == replicas == len(multi["devices"])
@@ -93,6 +101,7 @@ def test_default_is_one_device():
     assert strategy.num_replicas == 1 and strategy.is_chief
 
 
+@pytest.mark.any_backend
 def test_global_batch_must_split_over_replicas():
     strategy = distribute.JaxDataParallel("data_parallel", "jax", ["cpu:0"] * 4)
     with pytest.raises(ValueError, match="multiple of the 4 replicas"):
@@ -107,6 +116,7 @@ def test_global_batch_must_split_over_replicas():
         )
 
 
+@pytest.mark.any_backend
 def test_trim_drops_the_remainder_with_a_warning(recwarn):
     x, y = np.arange(10), np.arange(10) * 2
     with pytest.warns(UserWarning, match="last 2 of 10"):
@@ -120,6 +130,7 @@ def test_trim_drops_the_remainder_with_a_warning(recwarn):
     np.testing.assert_array_equal(kept[1], y[:8])
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_global_batches_do_not_depend_on_the_process_count(shuffle):
     """Stacking every process's part of step k gives one process's step k."""
@@ -156,6 +167,7 @@ def test_global_batches_do_not_depend_on_the_process_count(shuffle):
     assert reshuffled == shuffle
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
@@ -202,7 +214,7 @@ def test_jax_resolve_on_one_device():
 
 @only["jax"]
 def test_jax_data_parallel_matches_one_device():
-    single = run_worker(["default"], {})
+    single = run_here()
     flags = "--xla_force_host_platform_device_count=4"
     multi = run_worker(["auto"], {"XLA_FLAGS": flags})
     assert multi["name"] == "data_parallel"
@@ -228,28 +240,33 @@ def printed_test_accuracy(output: str) -> str:
     return lines[0]
 
 
-def cli_args(mnist_dir, out) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "2", "--batch-size", "16", "--val-size",
-        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
-        "--output-dir", str(out),
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def two_jax_processes(tmp_path_factory):
+    """1 process x 4 devices, then 2 processes x 2 devices over loopback (one
+    cluster, with --resume and nothing to resume): their output directories
+    and printed outputs."""
+    root = tmp_path_factory.mktemp("two")
+    mnist_dir = write_mnist(root / "mnist")
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    one = root / "one"
+    (single,) = finish_all([start_script(mlp_args(mnist_dir, one, 2), flags)])
+    ports = free_ports(2)
+    procs = [
+        start_script(
+            [*mlp_args(mnist_dir, root / f"p{i}", 2), "--resume"],
+            cluster_env(i, ports, 2),
+        )
+        for i in range(2)
+    ]
+    return root, single, finish_all(procs)
 
 
 @only["jax"]
-def test_jax_two_processes_train_like_one(mnist_dir, tmp_path):
+def test_jax_two_processes_train_like_one(two_jax_processes):
     """2 processes x 2 devices over loopback (one cluster) against 1 process x
     4 devices: same global batches, so the same history and test accuracy."""
-    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    tmp_path, single_out, outputs = two_jax_processes
     one = tmp_path / "one"
-    (single_out,) = finish_all([start_script(cli_args(mnist_dir, one), flags)])
-    ports = free_ports(2)
-    procs = [
-        start_script(cli_args(mnist_dir, tmp_path / f"p{i}"), cluster_env(i, ports, 2))
-        for i in range(2)
-    ]
-    outputs = finish_all(procs)
-
     metrics = json.loads((tmp_path / "p0" / "metrics.json").read_text())
     single = json.loads((one / "metrics.json").read_text())
     assert metrics["process_count"] == 2 and single["process_count"] == 1
@@ -271,16 +288,14 @@ def test_jax_two_processes_train_like_one(mnist_dir, tmp_path):
 
 
 @only["jax"]
-def test_jax_resume_of_several_processes_without_checkpoint_dir(mnist_dir, tmp_path):
+def test_jax_resume_of_several_processes_without_checkpoint_dir(two_jax_processes):
     """Only --checkpoint-dir holds a state every process can read: without it
     --resume says there is nothing to resume and starts at epoch 1 (so that a
     retry may always pass --resume)."""
-    ports = free_ports(2)
-    args = [*cli_args(mnist_dir, tmp_path / "r"), "--resume"]
-    procs = [start_script(args, cluster_env(i, ports, 2)) for i in range(2)]
-    for out in finish_all(procs):
+    tmp_path, _, outputs = two_jax_processes
+    for out in outputs:
         assert "with 2 processes --resume continues only from --checkpoint-dir" in out
-    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    history = json.loads((tmp_path / "p0" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
 
 
@@ -312,7 +327,7 @@ def test_tensorflow_logical_cpus_value_is_checked(monkeypatch):
 
 @only["tensorflow"]
 def test_tensorflow_mirrored_matches_one_device():
-    single = run_worker(["default"], {})
+    single = run_here()
     multi = run_worker(["auto"], {distribute.ENV_TF_LOGICAL_CPUS: "2"})
     assert multi["name"] == "mirrored"
     assert_parity(single, multi, 2)
@@ -337,7 +352,7 @@ def test_torch_resolve_without_torchrun(monkeypatch):
 
 @only["torch"]
 def test_torch_ddp_matches_one_device(tmp_path):
-    single = run_worker(["default"], {})
+    single = run_here()
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     multi = run_worker(["auto", "--out", str(tmp_path)], {}, launcher=torchrun)
     assert multi["name"] == "ddp"
@@ -367,7 +382,7 @@ def test_torch_two_nodes_report_the_same_test_accuracy(mnist_dir, tmp_path):
     (port,) = free_ports(1)
     procs = [
         start_script(
-            cli_args(mnist_dir, tmp_path / f"node{node}"),
+            mlp_args(mnist_dir, tmp_path / f"node{node}", 2),
             {"OMP_NUM_THREADS": "1"},
             launcher=[
                 "-m",

@@ -139,17 +139,26 @@ def test_snippet_marks_are_known():
         assert "skip" not in marks or marks["skip"], f"{page.name}:{line + 1}: say why"
 
 
+#: Runs the script in argv[1] as `python SCRIPT` does, with keras.Model.fit
+#: cut to 3 batches per epoch.
+_THREE_STEPS = """
+import os, runpy, sys
+import keras
+fit = keras.Model.fit
+keras.Model.fit = lambda self, *a, **kw: fit(self, *a, **kw, steps_per_epoch=3)
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(sys.argv[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_example_runs(tmp_path):
     """examples/mnist_synapse.py, as a user runs it, on 3 batches per epoch."""
-    env = {
-        **os.environ,
-        "SYNANN_EXAMPLE_STEPS": "3",
-        "MPLBACKEND": "Agg",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
+    env = {**os.environ, "MPLBACKEND": "Agg", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    script = ROOT / "examples" / "mnist_synapse.py"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "mnist_synapse.py")],
+        [sys.executable, "-c", _THREE_STEPS, str(script)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -287,7 +296,7 @@ COMMANDS = [
     Rule(r"KERAS_BACKEND=jax python examples/mnist_synapse\.py",
          skip="a full example run; test_example_runs runs it on 3 batches per epoch"),
     Rule(r"jupytext --to notebook examples/mnist_synapse\.py", needs="jupytext"),
-    Rule(r".*python benchmarks/.*|bash benchmarks/gpu\.sh", skip="benchmarks take minutes (GPU: a GPU)"),
+    Rule(r".*python -m benchmarks\..*|bash benchmarks/gpu\.sh", skip="benchmarks take minutes (GPU: a GPU)"),
     Rule(r"KERAS_BACKEND=jax pytest .*", skip="runs part of this suite, which tox runs"),
     Rule(rf"{TRAIN} --epochs 2 --steps-per-epoch 5"),
     Rule(rf"{TRAIN} --filters 10,20 --dropout 0.5 --optimizer sgd .* --epochs 200",
@@ -295,6 +304,9 @@ COMMANDS = [
     Rule(r"KERAS_BACKEND=torch torchrun --standalone --nproc_per_node=2 training/mnist\.py",
          append=SHORTER, needs="torchrun"),
     Rule(rf"{TRAIN}(?: --model mlp --epochs 30| --distribution auto)?", append=SHORTER),
+    Rule(rf"{TRAIN} --callbacks 'keras\.callbacks:EarlyStopping\(.*\)'",
+         skip="a default run with one more flag; tests/test_mnist_cli.py trains with an "
+         "EarlyStopping spec given the same way"),
 ]  # fmt: skip
 
 

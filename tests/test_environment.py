@@ -11,6 +11,8 @@ import pytest
 
 from training import environment
 
+pytestmark = pytest.mark.any_backend
+
 REPO_PINS = Path(__file__).resolve().parents[1] / "constraints.txt"
 
 

@@ -1,7 +1,9 @@
-"""training/mnist.py end to end on tiny synthetic IDX files.
+"""training/mnist.py end to end on tiny synthetic IDX files, and its flags
+(training/cli.py).
 
-Most runs call `main()` in this process (fast); a subprocess runs the script
-as users do (`python training/mnist.py`) and kills it mid-training.
+Most runs call `main()` in this process (fast); the checks of the flags call
+the parser; a subprocess runs the script as users do (`python
+training/mnist.py`), once to the end and once killed mid-training.
 """
 
 import importlib.util
@@ -12,11 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faults
 import keras
 import numpy as np
 import pytest
 
-from training import mnist, xla_flags
+from training import cli, mnist, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "mnist.py"
@@ -65,9 +68,13 @@ def _epochs(out):
 
 
 def test_script_end_to_end(mnist_dir, tmp_path):
+    """The script as users run it: its outputs, and a finished run's status
+    (the stall watchdog on, its bound derived)."""
     out = tmp_path / "run"
     result = _script(_args(mnist_dir, out, "--epochs", "2", "--steps-per-epoch", "2"))
     assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "status.json").read_text())
+    assert record["status"] == "ok" and record["exit"] == 0
     assert "Test accuracy:" in result.stdout and "Predicted" in result.stdout
     for name in ("best.keras", "history.csv", "history.json", "metrics.json"):
         assert (out / name).is_file(), name
@@ -168,7 +175,7 @@ def test_tfds_source(tmp_path):
 def test_resume_after_kill(mnist_dir, tmp_path):
     out = tmp_path / "resumed"
     args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "3")
-    killed = _script(args, env={mnist.KILL_ENV: "1"})
+    killed = _script([*args, *faults.spec("kill_after(1)")])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _epochs(out) == [1] and not (out / "metrics.json").exists()
     first = json.loads((out / "history.json").read_text())[0]
@@ -192,6 +199,7 @@ def test_fresh_run_ignores_old_backup(mnist_dir, tmp_path):
     assert _epochs(out) == [1]
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -204,22 +212,72 @@ def test_fresh_run_ignores_old_backup(mnist_dir, tmp_path):
             "does not combine with --series-order",
         ),
         (["--series-order", "2", "--dense-baseline"], "not --dense-baseline"),
-        (
-            ["--distribution", "no-such-strategy"],
-            "distribution 'no-such-strategy' cannot run here",
-        ),
         (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only"),
         (["--optimizer", "sgd", "--momentum", "1"], "--momentum must be in [0, 1)"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--filters", "10"], "--filters takes two positive integers"),
         (["--model", "mlp", "--filters", "10,20"], "applies to --model lenet"),
+        (["--callbacks", "no_colon"], "is not MODULE:NAME or MODULE:NAME(ARGS)"),
+        (["--callbacks", "m:f(x)"], "must be Python literals"),
     ],
 )
-def test_bad_arguments(mnist_dir, tmp_path, capsys, extra, message):
-    code = mnist.main(_args(mnist_dir, tmp_path / "bad", *extra))
+def test_bad_arguments(extra, message):
+    with pytest.raises(cli.UsageError) as error:
+        cli.parse_args(extra)
+    assert "\n" not in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning-rate", "0"], "--learning-rate must be a positive number"),
+        (
+            ["--distribution", "no-such-strategy"],
+            "distribution 'no-such-strategy' cannot run here",
+        ),
+    ],
+)
+def test_bad_arguments_are_one_line_with_status_2(
+    mnist_dir, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "bad"
+    code = mnist.main(_args(mnist_dir, out, *extra))
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+    # Read from the flags, the status file says so too.
+    record = json.loads((out / "status.json").read_text())
+    assert (record["status"], record["exit"]) == ("usage", 2)
+
+
+@pytest.mark.any_backend
+def test_callbacks_from_the_command_line_join_fit(mnist_dir, tmp_path):
+    """--callbacks MODULE:NAME(ARGS), as docs/training.md shows it: Keras's
+    EarlyStopping, made with those arguments, stops the run after epoch 2."""
+    out = tmp_path / "early"
+    spec = 'keras.callbacks:EarlyStopping(monitor="loss", min_delta=100, patience=0)'
+    args = _args(mnist_dir, out, "--model", "mlp", "--epochs", "5")
+    assert mnist.main([*args, "--callbacks", spec]) == 0
+    assert _epochs(out) == [1, 2]
+
+
+@pytest.mark.any_backend
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:f", "No module named 'no_such_module_xyz'"),
+        ("keras.callbacks:NoSuchCallback", "keras.callbacks has no 'NoSuchCallback'"),
+        ("keras.callbacks:EarlyStopping(bogus=1)", "unexpected keyword argument"),
+        ("keras.layers:Dense(3)", "gave a Dense, not a keras.callbacks.Callback"),
+        ("missing_file.py:f", "no such file"),
+    ],
+)
+def test_callbacks_that_name_no_callback_are_one_line_errors(spec, message):
+    from training import callbacks
+
+    with pytest.raises(cli.UsageError, match=message) as error:
+        callbacks.load(spec)
+    assert "\n" not in str(error.value)
 
 
 def test_the_reference_pytorch_recipe_from_flags(mnist_dir, tmp_path):
@@ -243,6 +301,7 @@ def test_the_reference_pytorch_recipe_from_flags(mnist_dir, tmp_path):
     assert optimizer["learning_rate"] == pytest.approx(0.012)
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -253,7 +312,7 @@ def test_the_reference_pytorch_recipe_from_flags(mnist_dir, tmp_path):
 )
 def test_argparse_errors_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        mnist.main(argv)
+        cli.parse_args(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
@@ -296,6 +355,7 @@ def test_bad_data(mnist_dir, tmp_path, capsys, spoil, message):
     assert err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.any_backend
 def test_script_bad_argument_exit_code(tmp_path):
     result = _script(["--model", "resnet", "--output-dir", str(tmp_path)], timeout=120)
     assert result.returncode == 2
@@ -306,26 +366,51 @@ def test_script_bad_argument_exit_code(tmp_path):
     )
 
 
+@pytest.mark.any_backend
+def test_a_backend_keras_cannot_load_is_one_line():
+    result = _script(["--epochs", "1"], env={"KERAS_BACKEND": "no_such_backend"})
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mnist.py: error: Keras cannot load its backend")
+    assert "set KERAS_BACKEND to an installed one" in line
+
+
+@pytest.mark.any_backend
 def test_help_lists_the_options():
-    text = mnist.build_parser().format_help()
+    text = cli.build_parser().format_help()
     for flag in (
         "--model", "--epochs", "--batch-size", "--learning-rate", "--schedule",
         "--data-dir", "--output-dir", "--seed", "--distribution",
         "--steps-per-epoch", "--mixed-precision", "--resume", "--source",
-        "--series-order", "--stall-timeout", "--status-file",
+        "--series-order", "--stall-timeout", "--status-file", "--callbacks",
     ):  # fmt: skip
         assert flag in text
 
 
-def test_output_dir_that_cannot_be_made_is_one_line(tmp_path):
+@pytest.mark.any_backend
+def test_the_batch_size_cloud_checks_is_the_scripts():
+    """cloud/ reads --batch-size with this parser (its abbreviation and
+    default included) and looks at nothing else."""
+    assert cli.batch_size([]) == cli.build_parser().get_default("batch_size")
+    assert cli.batch_size(["x; y", "--batch-size=512", "--unknown", "1"]) == 512
+    assert cli.batch_size(["--batch", "96", "--epochs", "2"]) == 96
+    with pytest.raises(cli.UsageError, match="--batch-size must be >= 1, got 0"):
+        cli.batch_size(["--batch-size", "0"])
+    with pytest.raises(cli.UsageError, match="invalid int value: 'x'"):
+        cli.batch_size(["--batch-size", "x"])
+
+
+@pytest.mark.any_backend
+def test_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = _script(["--output-dir", str(blocker / "x"), "--model", "mlp"])
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    code = mnist.main(["--output-dir", str(blocker / "x"), "--model", "mlp"])
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert lines[-1].startswith(f"mnist.py: error: --output-dir {blocker / 'x'}")
     assert "cannot be created" in lines[-1]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
 
 def test_resume_with_nothing_to_resume_says_so(mnist_dir, tmp_path, capsys):
@@ -342,6 +427,7 @@ def test_resume_with_nothing_to_resume_says_so(mnist_dir, tmp_path, capsys):
         assert events, sorted(p.name for p in out.rglob("*"))
 
 
+@pytest.mark.any_backend
 def test_tensorboard_without_tensorboard_is_one_line(mnist_dir, tmp_path, capsys):
     if importlib.util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed: --tensorboard works")
@@ -364,6 +450,7 @@ finally:
 """
 
 
+@pytest.mark.any_backend  # training/callbacks.py's writer, the same under jax and torch
 @pytest.mark.skipif(
     keras.backend.backend() == "tensorflow",
     reason="under tensorflow, Keras's own TensorBoard callback writes the logs",
@@ -402,17 +489,18 @@ def test_tensorboard_logs_without_tensorflow_read_back(mnist_dir, tmp_path):
     np.testing.assert_allclose(rates, [row["learning_rate"] for row in history])
 
 
-def test_pinned_versions_are_checked_before_training(mnist_dir, tmp_path):
+@pytest.mark.any_backend
+def test_pinned_versions_are_checked_before_training(
+    mnist_dir, tmp_path, capsys, monkeypatch
+):
     from training import environment
 
     pins = tmp_path / "pins.txt"
     pins.write_text(f"keras=={keras.__version__}\nnumpy==0.0.1\n")
     out = tmp_path / "pinned"
-    result = _script(
-        _args(mnist_dir, out, "--model", "mlp"), env={environment.PINS_ENV: str(pins)}
-    )
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv(environment.PINS_ENV, str(pins))
+    assert mnist.main(_args(mnist_dir, out, "--model", "mlp")) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("mnist.py: error: this environment is not the tested one")
     assert f"numpy {np.__version__} (pinned 0.0.1)" in last and "keras" not in last
     assert not (out / "history.json").exists()  # stopped before training

@@ -2,7 +2,7 @@
 loopback, gloo collectives), started as users start training/mnist.py:
 
 - the setting that hung (the carried MNIST, validation of more batches than
-  jaxlib's CPU client keeps in flight), several times;
+  jaxlib's CPU client keeps in flight: it hung every time without the fix);
 - when one process fails, exits, is killed or hangs, the others stop within a
   bounded time with one line naming it; SIGTERM ends a process that waits in
   a collective step; a process that fails before joining stops the others;
@@ -18,11 +18,13 @@ import json
 import signal
 import time
 
+import faults
 import keras
 import numpy as np
 import pytest
 from processes import (
     finish,
+    mlp_args,
     port_held_like_grpc,
     start_cluster,
     start_script,
@@ -31,8 +33,9 @@ from processes import (
 
 import keras_synann  # noqa: F401  (best.keras holds its layers)
 from cloud.rehearsal.workers import cluster_env, free_ports
-from training import checkpoints, data, status
+from training import checkpoints, data
 from training.distribute import cluster
+from training.supervisor import heartbeat, preemption, status
 
 pytestmark = [
     pytest.mark.skipif(
@@ -42,14 +45,6 @@ pytestmark = [
 ]
 #: The watchdog's timeout in these runs (seconds): short, to keep tests fast.
 WATCHDOG = "8"
-
-
-def mlp_args(mnist_dir, out, epochs: int = 3, *extra) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", str(epochs), "--batch-size", "16",
-        "--val-size", "16", "--data-dir", str(mnist_dir), "--seed", "3",
-        "--verbose", "2", "--output-dir", str(out), *extra,
-    ]  # fmt: skip
 
 
 def assert_ok(results):
@@ -65,8 +60,7 @@ def error_lines(output: str) -> list[str]:
 # The setting that hung
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_lenet_on_the_carried_mnist_does_not_hang(tmp_path, attempt):
+def test_lenet_on_the_carried_mnist_does_not_hang(tmp_path):
     """Each epoch validates on 5,000 samples in 157 batches of 32: more steps
     than jaxlib's CPU client keeps in flight (32), which deadlocked the
     processes whenever Keras queued them all."""
@@ -92,23 +86,23 @@ def test_lenet_on_the_carried_mnist_does_not_hang(tmp_path, attempt):
 def test_the_others_stop_when_a_process_raises(mnist_dir, tmp_path):
     env = {cluster.ENV_WATCHDOG_TIMEOUT: WATCHDOG}
     args = mlp_args(mnist_dir, tmp_path / "out")
-    fault = {1: {"env": {"SYNANN_TEST_FAULT": "raise@1:1"}}}
+    fault = {1: {"args": faults.spec("fail_after(1)")}}
     first, second = finish(start_cluster(args, env=env, per_process=fault))
     assert second.returncode == 1 and "RuntimeError" in second.output
-    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    assert first.returncode == heartbeat.EXIT_OTHER_FAILED
     (line,) = error_lines(first.output)
     assert line.startswith("mnist.py: error: process 0 of 2: stopping because ")
-    assert "process 1 failed: RuntimeError: SYNANN_TEST_FAULT raised" in line
+    assert "process 1 failed: RuntimeError: faults.fail_after raised" in line
 
 
 def test_the_others_stop_when_a_process_is_killed(mnist_dir, tmp_path):
     """SIGKILL leaves no word: the others notice the missing heartbeat."""
     env = {cluster.ENV_WATCHDOG_TIMEOUT: WATCHDOG}
     args = mlp_args(mnist_dir, tmp_path / "out")
-    kill = {1: {"env": {"SYNANN_KILL_AFTER_EPOCH": "1@1"}}}
+    kill = {1: {"args": faults.spec("kill_after(1)")}}
     first, second = finish(start_cluster(args, env=env, per_process=kill))
     assert second.returncode == -signal.SIGKILL
-    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    assert first.returncode == heartbeat.EXIT_OTHER_FAILED
     (line,) = error_lines(first.output)
     assert line.startswith(
         "mnist.py: error: process 0 of 2: stopping because process 1 has not "
@@ -128,9 +122,9 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
         "--status-file",
         str(tmp_path / "status-{process}.json"),
     )
-    hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
+    hang = {1: {"args": faults.spec("hang_after(1)")}}
     procs = start_cluster(args, env=env, per_process=hang)
-    wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
+    wait_for_line(procs[1], "faults: hang after epoch 1", timeout=240)
     time.sleep(3)  # process 0 is in the next step by now
     assert procs[0].poll() is None
     sent = time.monotonic()
@@ -152,11 +146,12 @@ def test_sigterm_ends_a_process_waiting_in_a_collective(mnist_dir, tmp_path):
 
 #: The stall bound of the test below (s), and the most the processes may
 #: take beyond it (process 0 waits up to 4.5 s for the others to read why).
-STALL, STALL_SLACK = 8, 10
+#: The bound holds for the first step too, which compiles: on a loaded 2-core
+#: machine that took more than 8 s.
+STALL, STALL_SLACK = 15, 10
 
 
-@pytest.mark.parametrize("attempt", range(2))
-def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path, attempt):
+def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path):
     """Process 1 hangs after epoch 1, alive (its heartbeats carry on);
     process 0 waits in epoch 2's first collective step. The heartbeat
     watchdog (60 s here) cannot see it; the stall watchdog ends both."""
@@ -170,9 +165,9 @@ def test_a_stall_with_every_process_alive_ends_them_all(mnist_dir, tmp_path, att
         "--status-file",
         str(tmp_path / "status-{process}.json"),
     )
-    hang = {1: {"env": {"SYNANN_TEST_FAULT": "hang@1:1"}}}
+    hang = {1: {"args": faults.spec("hang_after(1)")}}
     procs = start_cluster(args, env=env, per_process=hang)
-    wait_for_line(procs[1], "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
+    wait_for_line(procs[1], "faults: hang after epoch 1", timeout=240)
     hung = time.monotonic()
     results = finish(procs, timeout=120)
     took = time.monotonic() - hung
@@ -198,7 +193,7 @@ def test_a_failed_start_up_check_stops_the_others(mnist_dir, tmp_path):
     first, second = finish(start_cluster(args, per_process=bad), timeout=120)
     assert second.returncode == 1
     assert "this environment is not the tested one" in error_lines(second.output)[0]
-    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    assert first.returncode == heartbeat.EXIT_OTHER_FAILED
     assert "process 1 failed: this environment is not the tested one" in first.output
 
 
@@ -210,7 +205,7 @@ def test_a_process_failing_before_joining_stops_the_others(mnist_dir, tmp_path):
     bad = {1: {"args": ["--learning-rate", "0"]}}
     first, second = finish(start_cluster(args, env=env, per_process=bad), 120)
     assert second.returncode == 2
-    assert first.returncode == cluster.EXIT_OTHER_FAILED
+    assert first.returncode == heartbeat.EXIT_OTHER_FAILED
     assert "process 1 failed: --learning-rate must be a positive number" in (
         first.output
     )
@@ -244,8 +239,7 @@ def test_resume_with_other_process_counts(mnist_dir, tmp_path):
         out = tmp_path / f"out{attempt}"
         return mlp_args(mnist_dir, out, 4, "--checkpoint-dir", ckpt, *extra)
 
-    kill = {"SYNANN_KILL_AFTER_EPOCH": "2"}
-    for r in finish(start_cluster(args(1), env=kill)):
+    for r in finish(start_cluster(args(1, *faults.spec("kill_after(2)")))):
         assert r.returncode == -signal.SIGKILL, r.output[-2000:]
     assert checkpoints.completed_epochs(ckpt) == [1, 2]
     saved = checkpoints.read_saved(ckpt, 2)
@@ -253,10 +247,9 @@ def test_resume_with_other_process_counts(mnist_dir, tmp_path):
     assert saved.processes == 2
 
     one = start_script(
-        args(2, "--resume"),
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "SYNANN_KILL_AFTER_EPOCH": "3"},
-    )  # fmt: skip
+        args(2, "--resume", *faults.spec("kill_after(3)")),
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
     (r,) = finish([one])
     assert r.returncode == -signal.SIGKILL, r.output[-2000:]
     assert f"Resuming {ckpt} after epoch 2 of 4." in r.output
@@ -290,8 +283,6 @@ def test_sigterm_mid_epoch_saves_the_steps_of_every_process(tmp_path):
     count exact."""
     from conftest import write_mnist
 
-    from training import preemption
-
     steps_per_epoch = 10  # 160 training samples / 16
     data_dir = write_mnist(tmp_path / "mnist", n_train=176)
     ckpt = str(tmp_path / "ckpt")
@@ -304,9 +295,9 @@ def test_sigterm_mid_epoch_saves_the_steps_of_every_process(tmp_path):
         "--status-file",
         str(tmp_path / "status-{process}.json"),
     )
-    env = {"SYNANN_TEST_STEP_DELAY": "0.3", cluster.ENV_WATCHDOG_TIMEOUT: "30"}
-    procs = start_cluster(args, env=env)
-    wait_for_line(procs[0], "SYNANN_TEST_STEP_DELAY: epoch 2 step 1 done", 240)
+    env = {cluster.ENV_WATCHDOG_TIMEOUT: "30"}
+    procs = start_cluster([*args, *faults.spec("slow_steps(0.3)")], env=env)
+    wait_for_line(procs[0], "faults: epoch 2 step 1 done", 240)
     sent = time.monotonic()
     procs[0].send_signal(signal.SIGTERM)
     results = finish(procs, timeout=90)

@@ -1,4 +1,4 @@
-"""training/preemption.py and training/status.py: SIGTERM is recorded as a stop
+"""training/supervisor/preemption.py and status.py: SIGTERM is recorded as a stop
 (with what the metadata server says), not a failure, and with
 --checkpoint-dir the steps done since the last epoch are saved so that
 --resume loses at most the step in flight."""
@@ -13,12 +13,14 @@ import socket
 import threading
 import time
 
+import faults
 import keras
 import pytest
 from conftest import write_mnist
-from processes import finish, start_script, wait_for_line
+from processes import finish, mlp_args, start_script, wait_for_line
 
-from training import checkpoints, preemption, status
+from training import checkpoints
+from training.supervisor import preemption, status
 
 JAX = keras.backend.backend() == "jax"
 
@@ -58,6 +60,7 @@ def metadata_server(monkeypatch):
     server.server_close()
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(("answer", "expected"), [("TRUE", True), ("FALSE", False)])
 def test_the_metadata_servers_answer(metadata_server, answer, expected):
     metadata_server.answer = answer
@@ -67,6 +70,7 @@ def test_the_metadata_servers_answer(metadata_server, answer, expected):
     assert headers.get("Metadata-Flavor") == "Google"
 
 
+@pytest.mark.any_backend
 def test_a_slow_or_absent_metadata_server_is_no_answer(metadata_server, monkeypatch):
     metadata_server.delay = 5.0
     start = time.monotonic()
@@ -87,22 +91,22 @@ def metadata_server_url(server) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-def test_a_signal_while_training_waits_for_the_partial_save(
-    metadata_server, tmp_path, monkeypatch
-):
+@pytest.mark.any_backend
+def test_a_signal_while_training_waits_for_the_partial_save(metadata_server, tmp_path):
     """on_signal asks the training loop (here a thread standing in for
     SaveCheckpoint) to save, and reports what it saved."""
-    status.configure(str(tmp_path / "status-{process}.json"), fresh=True)
+    reporter = status.Reporter(str(tmp_path / "status-{process}.json"))
     request = preemption.StopRequest()
     request.active = True
-    monkeypatch.setattr(preemption, "request", request)
 
     def training_loop():
         request.requested.wait(5)
         request.answer({"epoch": 2, "steps": 7})
 
     threading.Thread(target=training_loop, daemon=True).start()
-    message, code = preemption.on_signal(signal.SIGTERM, grace=5)
+    message, code = preemption.on_signal(
+        signal.SIGTERM, request, reporter.report, grace=5
+    )
     assert code == status.EXIT_SIGTERM
     assert message == (
         "ended by SIGTERM (the metadata server says this VM was preempted); "
@@ -112,28 +116,29 @@ def test_a_signal_while_training_waits_for_the_partial_save(
     assert record["status"] == "preempted" and record["exit"] == 143
     assert record["preempted"] is True
     assert record["checkpoint"] == {"epoch": 2, "steps": 7}
-    status.configure(None, fresh=True)
 
 
+@pytest.mark.any_backend
 def test_a_loop_that_never_reaches_a_step_is_waited_for_no_longer_than_the_grace(
-    metadata_server, tmp_path, monkeypatch
+    metadata_server, tmp_path
 ):
     metadata_server.answer = "FALSE"
-    status.configure(str(tmp_path / "s-{process}.json"), fresh=True)
+    reporter = status.Reporter(str(tmp_path / "s-{process}.json"))
     request = preemption.StopRequest()
     request.active = True
-    monkeypatch.setattr(preemption, "request", request)
     start = time.monotonic()
-    message, code = preemption.on_signal(signal.SIGINT, grace=0.5)
+    message, code = preemption.on_signal(
+        signal.SIGINT, request, reporter.report, grace=0.5
+    )
     assert time.monotonic() - start < 2.5
     assert code == status.EXIT_SIGINT
     record = status.read(tmp_path / "s-0.json")
     assert (record["status"], record["preempted"]) == ("terminated", False)
     assert record["checkpoint"] is None
     assert "training reached no step boundary" in record["checkpoint_note"]
-    status.configure(None, fresh=True)
 
 
+@pytest.mark.any_backend
 def test_the_first_report_wins(tmp_path):
     reporter = status.Reporter(str(tmp_path / "st-{process}.json"), 3, 4)
     assert reporter.report("stalled", 75, "stalled:\n  no progress", epoch=2)
@@ -146,20 +151,14 @@ def test_the_first_report_wins(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "st-3.json"]  # no temp file
 
 
-def mlp_args(mnist_dir, out, *extra) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--val-size",
-        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
-        "--output-dir", str(out), *extra,
-    ]  # fmt: skip
-
-
 def test_sigterm_is_a_stop_not_a_failure(mnist_dir, tmp_path):
     """Any backend, no --checkpoint-dir: status 143 and `terminated` (no
     metadata server here: preempted is null), within seconds."""
     out = tmp_path / "out"
-    proc = start_script(mlp_args(mnist_dir, out), {"SYNANN_TEST_STEP_DELAY": "0.2"})
-    wait_for_line(proc, "SYNANN_TEST_STEP_DELAY: epoch 2 step 1 done", timeout=240)
+    proc = start_script(
+        mlp_args(mnist_dir, out, 3, *faults.spec("slow_steps(0.2)")), {}
+    )
+    wait_for_line(proc, "faults: epoch 2 step 1 done", timeout=240)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     (result,) = finish([proc], timeout=60)
@@ -182,14 +181,11 @@ STEPS = 10  # training steps per epoch in the test below (160 samples / 16)
     not JAX or importlib.util.find_spec("orbax") is None,
     reason="--checkpoint-dir needs jax and orbax-checkpoint (the checkpoint extra)",
 )
-@pytest.mark.parametrize("attempt", range(2))
-def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(
-    tmp_path, attempt
-):
+def test_sigterm_mid_epoch_saves_the_steps_and_resume_continues_after_them(tmp_path):
     data_dir = write_mnist(tmp_path / "mnist", n_train=176)  # 160 train + 16 val
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    args = mlp_args(data_dir, out, "--checkpoint-dir", str(ckpt))
-    proc = start_script(args, {"SYNANN_TEST_STEP_DELAY": "0.3"})
+    args = mlp_args(data_dir, out, 3, "--checkpoint-dir", str(ckpt))
+    proc = start_script([*args, *faults.spec("slow_steps(0.3)")], {})
     lines = wait_for_line(proc, "epoch 2 step 3 done", timeout=240)
     proc.send_signal(signal.SIGTERM)
     (result,) = finish([proc], timeout=60)

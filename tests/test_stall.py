@@ -1,5 +1,5 @@
-"""training/stall.py: the stall bound, and real hangs ended within it (one
-process on every backend; two jax processes, all alive, in
+"""training/supervisor/stall.py: the stall bound, and real hangs ended within
+it (one process on every backend; two jax processes, all alive, in
 tests/test_multiprocess.py)."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import json
 import threading
 import time
 
+import faults
 import pytest
-from processes import finish, start_script, wait_for_line
+from processes import finish, mlp_args, start_script, wait_for_line
 
-from training import mnist, stall, status
+from training import cli, mnist
+from training.supervisor import stall, status
 
 
 class Clock:
@@ -22,6 +24,7 @@ class Clock:
         return self.now
 
 
+@pytest.mark.any_backend
 def test_the_bound_follows_the_slowest_wait_of_each_phase():
     bounds = stall.Bounds()
     assert bounds.bound("train") == stall.FIRST_ALLOWANCE_S  # compiles first
@@ -48,6 +51,7 @@ def watchdog(bounds):
     return dog, clock
 
 
+@pytest.mark.any_backend
 def test_steps_keep_it_quiet_and_a_stop_is_named():
     dog, clock = watchdog(stall.Bounds(floor=2.0, factor=5.0, first=50.0))
     dog.on_train_begin()
@@ -76,6 +80,7 @@ def test_steps_keep_it_quiet_and_a_stop_is_named():
     assert dog.check(clock.now + 1000) is None  # off outside training
 
 
+@pytest.mark.any_backend
 def test_a_late_step_of_another_phase_only_counts_as_progress():
     """Keras may report a training step's end from its worker threads after
     validation began: that wait is not validation's first (compiling) one."""
@@ -92,13 +97,15 @@ def test_a_late_step_of_another_phase_only_counts_as_progress():
     assert dog.check(clock.now) is None
 
 
+@pytest.mark.any_backend
 def test_the_thread_ends_the_process_with_75_and_a_status(tmp_path, capsys):
-    status.configure(str(tmp_path / "status-{process}.json"), 1, 2, fresh=True)
+    reporter = status.Reporter(str(tmp_path / "status-{process}.json"), 1, 2)
     codes, told = [], []
     dog = stall.StallWatchdog(
         stall.Bounds(fixed=0.3),
         process_index=1,
         process_count=2,
+        report=reporter.report,
         on_stall=told.append,
         exit=codes.append,
     )
@@ -115,44 +122,39 @@ def test_the_thread_ends_the_process_with_75_and_a_status(tmp_path, capsys):
     assert record["status"] == "stalled" and record["exit"] == 75
     assert record["process"] == 1 and record["processes"] == 2
     assert record["bound_s"] == 0.3 and record["phase"] == "start"
-    status.configure(None, fresh=True)
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize(
     ("raw", "bound"), [("auto", None), ("0", -1.0), ("12.5", 12.5)]
 )
 def test_stall_timeout_values(raw, bound):
-    args = mnist.parse_args(["--stall-timeout", raw])
+    args = cli.parse_args(["--stall-timeout", raw])
     assert args.stall_bound == bound
 
 
+@pytest.mark.any_backend
 @pytest.mark.parametrize("raw", ["-1", "soon", "nan"])
 def test_bad_stall_timeouts_are_usage_errors(raw):
-    with pytest.raises(mnist.UsageError, match="--stall-timeout must be auto"):
-        mnist.parse_args(["--stall-timeout", raw])
-
-
-def mlp_args(mnist_dir, out, *extra) -> list[str]:
-    return [
-        "--model", "mlp", "--epochs", "2", "--batch-size", "16", "--val-size",
-        "16", "--data-dir", str(mnist_dir), "--seed", "3", "--verbose", "2",
-        "--output-dir", str(out), *extra,
-    ]  # fmt: skip
+    with pytest.raises(cli.UsageError, match="--stall-timeout must be auto"):
+        cli.parse_args(["--stall-timeout", raw])
 
 
 #: The bound of the hang tests (s), and the most they may take beyond it.
 BOUND, SLACK = 6, 4
 
 
-@pytest.mark.parametrize("attempt", range(2))
-def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path, attempt):
+def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path):
     """The process is alive and its training thread sleeps in an epoch-end
-    callback: the watchdog ends it with status 75 and its status file."""
+    callback: the watchdog ends it with status 75 and its status file, the
+    bound after the epoch's end."""
     out = tmp_path / "out"
-    args = mlp_args(mnist_dir, out, "--stall-timeout", str(BOUND))
-    proc = start_script(args, {"SYNANN_TEST_FAULT": "hang@0:1"})
-    wait_for_line(proc, "SYNANN_TEST_FAULT: hang after epoch 1", timeout=240)
-    hung = time.monotonic()
+    args = mlp_args(mnist_dir, out, 2, "--stall-timeout", str(BOUND))
+    proc = start_script([*args, *faults.spec("hang_after(1)")], {})
+    line = wait_for_line(proc, "faults: hang after epoch 1", timeout=240)[-1]
+    # From the end of the epoch's validation, where the epoch-end wait begins
+    # (the best checkpoint and the backup are written before the hang).
+    hung = float(line.split("at monotonic ")[1])
     (result,) = finish([proc], timeout=60)
     took = time.monotonic() - hung
     print(f"after the hang, bound {BOUND} s: ended at {took:.1f} s")
@@ -168,25 +170,17 @@ def test_a_hanging_callback_ends_the_run_within_the_bound(mnist_dir, tmp_path, a
     assert record["bound_s"] == BOUND
 
 
-def test_no_stall_and_the_ok_status(mnist_dir, tmp_path):
-    """A run that finishes (the watchdog on, its bound derived) says so."""
-    out = tmp_path / "out"
-    (result,) = finish([start_script(mlp_args(mnist_dir, out), {})], timeout=240)
-    assert result.returncode == 0, result.output[-2000:]
-    record = json.loads((out / "status.json").read_text())
-    assert record["status"] == "ok" and record["exit"] == 0
-
-
-def test_a_run_that_raises_leaves_no_watchdog_running(mnist_dir, tmp_path, monkeypatch):
+def test_a_run_that_raises_leaves_no_watchdog_running(mnist_dir, tmp_path):
     """Keras skips on_train_end when a callback raises: the script stops the
-    watchdog itself (else it would end the caller's process later)."""
-    monkeypatch.setenv("SYNANN_TEST_FAULT", "raise@0:1")
+    watchdog itself (else it would end the caller's process later). (A run
+    that finishes says `ok`: tests/test_mnist_cli.py, test_script_end_to_end.)"""
     out = tmp_path / "out"
+    args = mlp_args(mnist_dir, out, 2, "--verbose", "0", *faults.spec("fail_after(1)"))
     with pytest.raises(RuntimeError, match="raised after epoch 1"):
-        mnist.main(mlp_args(mnist_dir, out, "--verbose", "0"))
+        mnist.main(args)
     time.sleep(1.5)  # the threads' poll intervals
     names = {t.name for t in threading.enumerate() if t.is_alive()}
     assert not names & {"synann-stall", "synann-signals"}
     record = json.loads((out / "status.json").read_text())
     assert record["status"] == "failed" and record["exit"] == 1
-    assert record["message"].startswith("RuntimeError: SYNANN_TEST_FAULT raised")
+    assert record["message"].startswith("RuntimeError: faults.fail_after raised")

@@ -1,5 +1,6 @@
-"""training/distribute/cluster.py: the watchdog's decisions (with a stand-in for
-jax's key-value store) and the checks made before joining."""
+"""training/supervisor/heartbeat.py: the heartbeat's decisions (with a
+stand-in for jax's key-value store), and training/distribute/cluster.py: the
+checks made before joining."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 from processes import port_held_like_grpc
 
 from training.distribute import cluster
+from training.supervisor import heartbeat
 
-P = cluster.PREFIX
+pytestmark = pytest.mark.any_backend
+P = heartbeat.PREFIX
 
 
 class Store:
@@ -48,7 +51,7 @@ def watchdog(store, index=0, count=3, timeout=10.0):
         codes.append(code)
         raise Exited(code)
 
-    dog = cluster.Watchdog(store, index, count, timeout=timeout, interval=0.05)
+    dog = heartbeat.Heartbeat(store, index, count, timeout=timeout, interval=0.05)
     dog._exit = exit_
     return dog, codes
 
@@ -113,7 +116,7 @@ def test_the_loop_ends_the_process_naming_the_failed_one(capsys):
         ("stalled: no training progress for 70 s in train", 75),
         ("ended by SIGTERM (the metadata server says this VM was preempted)", 143),
         ("ended by SIGINT", 130),
-        ("RuntimeError: boom", cluster.EXIT_OTHER_FAILED),
+        ("RuntimeError: boom", heartbeat.EXIT_OTHER_FAILED),
     ],
 )
 def test_a_stopped_process_takes_the_others_exit_status(reason, code):
@@ -134,7 +137,7 @@ def test_the_loop_ends_when_the_service_is_gone(capsys):
     dog, codes = watchdog(store, index=1, count=2, timeout=0.3)
     with pytest.raises(Exited):
         dog._loop()
-    assert codes == [cluster.EXIT_OTHER_FAILED]
+    assert codes == [heartbeat.EXIT_OTHER_FAILED]
     assert "coordination service on process 0 has been unreachable" in (
         capsys.readouterr().err
     )

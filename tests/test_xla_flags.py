@@ -8,6 +8,8 @@ import pytest
 
 from training import jax_platform, xla_flags
 
+pytestmark = pytest.mark.any_backend
+
 ADDED = f"{xla_flags.FLAG}={xla_flags.VALUE}"
 
 

@@ -1,4 +1,5 @@
-"""The Keras callbacks training/mnist.py trains with, besides Keras's own.
+"""The Keras callbacks training/mnist.py trains with, besides Keras's own,
+and the user's (--callbacks, `load`).
 
 Every process of a multi-process run runs `EpochLog`, `BestWeights` and
 `SaveCheckpoint` alike (only the chief writes files), so that they take the
@@ -8,9 +9,10 @@ through values every process already holds (its replicated weights).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,18 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from training import checkpoints, history
-
-#: Testing hook: SIGKILL after K completed epochs ("K": every process, "K@P":
-#: process P only); with --checkpoint-dir, after epoch K's checkpoint.
-KILL_ENV = "SYNANN_KILL_AFTER_EPOCH"
-#: Testing hook: every training step takes this many more seconds, and each
-#: completed step prints "SYNANN_TEST_STEP_DELAY: epoch E step K done".
-STEP_DELAY_ENV = "SYNANN_TEST_STEP_DELAY"
-#: Testing hook, "ACTION@P:K": process P, after epoch K, `raise`s an error,
-#: `exit`s (status 3) or `hang`s (sleeps on the training loop's thread).
-FAULT_ENV = "SYNANN_TEST_FAULT"
-FAULT_ACTIONS = ("raise", "exit", "hang")
+from training import checkpoints, cli, outputs
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -53,7 +44,7 @@ class EpochLog(keras.callbacks.Callback):
         row["seconds"] = time.perf_counter() - self._start
         self.rows.append(row)
         if self.write:
-            history.write(self.output_dir, self.rows)
+            outputs.write_history(self.output_dir, self.rows)
 
 
 class BestWeights(keras.callbacks.Callback):
@@ -130,7 +121,7 @@ class SaveCheckpoint(keras.callbacks.Callback):
         self.plateau_start = plateau_start
         self.settings = settings or {}
         self.processes = processes
-        # training/preemption.py's StopRequest (one process): asked to stop,
+        # training/supervisor/preemption.py's StopRequest: asked to stop,
         # save the steps done so far at the next step boundary.
         self.stop_request = stop_request
         self._epoch = 0
@@ -207,94 +198,9 @@ class SaveCheckpoint(keras.callbacks.Callback):
             except Exception as e:  # report it; the process ends anyway
                 request.answer(None, f"saving the partial epoch failed: {e}")
         # The thread that took the signal ends the process; in the other
-        # processes, the cluster watchdog, once it reads that process's end.
+        # processes, the heartbeat, once it reads that process's end.
         while True:
             time.sleep(3600)
-
-
-def _target(value: str) -> tuple[str, int | None]:
-    """ "X" -> (X, None); "X@P" -> (X, P)."""
-    head, _, process = value.partition("@")
-    return head, int(process) if process else None
-
-
-class KillAfterEpoch(keras.callbacks.Callback):
-    """Testing hook: SIGKILLs this process once `epochs` epochs are complete."""
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.epochs:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class FaultAfterEpoch(keras.callbacks.Callback):
-    """Testing hook: after epoch `epochs`, raise, exit with status 3, or hang."""
-
-    def __init__(self, action: str, epochs: int):
-        super().__init__()
-        self.action, self.epochs = action, epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 != self.epochs:
-            return
-        print(f"{FAULT_ENV}: {self.action} after epoch {epoch + 1}", flush=True)
-        if self.action == "raise":
-            raise RuntimeError(f"{FAULT_ENV} raised after epoch {epoch + 1}")
-        if self.action == "exit":
-            sys.exit(3)
-        while True:  # hang: alive, never reaching the next collective step
-            time.sleep(3600)
-
-
-class SlowSteps(keras.callbacks.Callback):
-    """Testing hook: each training step takes `seconds` longer (a sleep before
-    it), and each completed step is printed."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch + 1
-
-    def on_train_batch_begin(self, batch, logs=None):
-        time.sleep(self.seconds)
-
-    def on_train_batch_end(self, batch, logs=None):
-        print(
-            f"{STEP_DELAY_ENV}: epoch {self._epoch} step {batch + 1} done", flush=True
-        )
-
-
-def testing_hooks(process_index: int) -> list[keras.callbacks.Callback]:
-    """The testing hooks the environment asks for this process (see KILL_ENV
-    and FAULT_ENV); one-line ValueError for a malformed value."""
-    hooks = []
-    kill = os.environ.get(KILL_ENV, "").strip()
-    if kill:
-        epochs, process = _target(kill)
-        if process in (None, process_index):
-            hooks.append(KillAfterEpoch(int(epochs)))
-    delay = os.environ.get(STEP_DELAY_ENV, "").strip()
-    if delay:
-        hooks.append(SlowSteps(float(delay)))
-    fault = os.environ.get(FAULT_ENV, "").strip()
-    if fault:
-        action, _, rest = fault.partition("@")
-        process, _, epochs = rest.partition(":")
-        if action not in FAULT_ACTIONS or not process.isdigit() or not epochs.isdigit():
-            raise ValueError(
-                f"{FAULT_ENV}={fault!r} is not valid; expected ACTION@PROCESS:EPOCH "
-                f"with ACTION one of {', '.join(FAULT_ACTIONS)}"
-            )
-        if int(process) == process_index:
-            hooks.append(FaultAfterEpoch(action, int(epochs)))
-    return hooks
 
 
 class EventFileTensorBoard(keras.callbacks.Callback):
@@ -347,3 +253,46 @@ class EventFileTensorBoard(keras.callbacks.Callback):
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def load(spec: str) -> list[keras.callbacks.Callback]:
+    """The callbacks --callbacks SPEC names (training/cli.py's `callback_spec`):
+    MODULE:NAME is a callback, a callback class (made with no arguments) or a
+    function returning callbacks; MODULE:NAME(ARGS) calls NAME with ARGS.
+    cli.UsageError (one line) when SPEC names nothing of the kind."""
+    module_name, name, args, kwargs = cli.callback_spec(spec)
+    module = _import(module_name, spec)
+    if not hasattr(module, name):
+        raise cli.UsageError(f"--callbacks {spec!r}: {module_name} has no {name!r}")
+    found = getattr(module, name)
+    if kwargs is not None or isinstance(found, type):
+        try:
+            found = found(*args, **(kwargs or {}))
+        except TypeError as e:
+            raise cli.UsageError(f"--callbacks {spec!r}: {e}") from None
+    found = list(found) if isinstance(found, list | tuple) else [found]
+    for callback in found:
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise cli.UsageError(
+                f"--callbacks {spec!r} gave a {type(callback).__name__}, not a "
+                "keras.callbacks.Callback"
+            )
+    return found
+
+
+def _import(module_name: str, spec: str):
+    """A module by dotted name, or by the path of a .py file."""
+    try:
+        if not module_name.endswith(".py"):
+            return importlib.import_module(module_name)
+        path = Path(module_name).resolve()
+        name = f"synann_callbacks_{path.stem}"
+        found = importlib.util.spec_from_file_location(name, path)
+        if found is None or not path.is_file():
+            raise ImportError(f"no such file: {path}")
+        module = importlib.util.module_from_spec(found)
+        sys.modules[name] = module  # as an import does (dataclasses look it up)
+        found.loader.exec_module(module)
+        return module
+    except ImportError as e:
+        raise cli.UsageError(f"--callbacks {spec!r}: {cli.first_line(e)}") from None

@@ -7,13 +7,15 @@ Python, keras, backend and NumPy versions, the process and the devices.
 the numbers (keras, the backends, NumPy, ml_dtypes, h5py) and the Python version
 with a pip constraints file such as the repository's `constraints.txt`
 (`name==version` lines; a `# python X.Y` line pins the interpreter). The
-training script runs it when `SYNANN_PINS=FILE` is set, as `cloud/` sets it on
-TPU workers, so a worker whose install went astray stops before training.
+training script runs it when `SYNANN_PINS=FILE` is set (`check_pins_in_env`),
+as `cloud/` sets it on TPU workers, so a worker whose install went astray
+stops before training.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import sys
@@ -122,3 +124,10 @@ def check_pins(path: str | Path) -> None:
             f"install with `pip install -c {path} ...` (checked because "
             f"{PINS_ENV}={path}) using {sys.executable}"
         )
+
+
+def check_pins_in_env() -> None:
+    """With SYNANN_PINS=FILE in the environment, `check_pins(FILE)`."""
+    pins = os.environ.get(PINS_ENV)
+    if pins:
+        check_pins(pins)

@@ -13,7 +13,7 @@ Names: "auto", "default" (one device, no strategy), "data_parallel" (jax),
   than one, else "default". Both feed `GlobalBatches`, so the batches do not
   depend on the device or process count. Multi-process runs (multi-host TPU
   slices, several GPU hosts) join first (`cluster.join`, with gloo collectives
-  on CPU) and run a `cluster.Watchdog`; they are detected from the environment only
+  on CPU); they are detected from the environment only
   (no network, no jax backend start-up): `SYNANN_MULTIHOST=1` (force; `0`
   forbids), `KERAS_DISTRIBUTION_NUM_PROCESSES` > 1,
   `KERAS_DISTRIBUTION_JOB_ADDRESSES` with several addresses,
@@ -33,10 +33,13 @@ Modules: `base` (the `Strategy` interface and what the backends share),
 `batches` (`GlobalBatches`), and one per backend, `jax`, `tensorflow` and
 `torch`, each with its strategies and its `resolve(name)`, as Keras keeps
 `backend/*/distribution_lib.py`; `cluster` joins the processes of a
-multi-process jax run and stops them together when one fails.
+multi-process jax run. `set_seed` seeds every process alike; a process that
+fails before it joined the others reports it with `join_to_report`.
 """
 
 from __future__ import annotations
+
+import sys
 
 import keras
 
@@ -60,7 +63,9 @@ __all__ = [
     "TFStrategy",
     "TorchDDP",
     "chief_only",
+    "join_to_report",
     "resolve",
+    "set_seed",
     "trim",
 ]
 
@@ -95,3 +100,26 @@ def resolve(name: str = "auto") -> Strategy:
     if backend not in _RESOLVERS:
         return Strategy("default", backend, ["cpu:0"])
     return _RESOLVERS[backend](name)
+
+
+def set_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed` (Python, NumPy, Keras and the backend),
+    the same on every process, without importing TensorFlow under jax or
+    torch (that function also seeds TensorFlow whenever it can import it)."""
+    hide = keras.backend.backend() != "tensorflow" and "tensorflow" not in sys.modules
+    if hide:
+        sys.modules["tensorflow"] = None  # makes `import tensorflow` fail
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        if hide:
+            del sys.modules["tensorflow"]
+
+
+def join_to_report():
+    """Before joining: join the other processes only to report this one's
+    failure (jax; see `jax.join_to_report`). (coordination client, process
+    index, process count), or None."""
+    if keras.backend.backend() != "jax":
+        return None
+    return jax.join_to_report()

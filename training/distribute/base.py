@@ -67,13 +67,15 @@ class Strategy:
         """Process 0's `value`, on every process."""
         return value
 
-    def done(self) -> None:
-        """This process has finished its part of the run (no more collective
-        steps): the other processes may exit."""
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (every process calls it at
+        the same step)."""
+        return flag
 
-    def failed(self, reason: str, error: BaseException | None = None) -> None:
-        """Tell the other processes why this one stops (one line); `error`,
-        if given, is what stopped it."""
+    def coordination(self):
+        """A key-value store the processes share (jax's coordination-service
+        client) for the supervisor's heartbeat; None with one process."""
+        return None
 
     def evaluate(self, model, x, y, *, batch_size, verbose=0) -> dict[str, float]:
         """Metrics of `model` on all of (x, y), the same on every process."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,15 +69,15 @@ class JaxDataParallel(JaxStrategy):
     batch (`auto_shard_dataset=False`); Keras assembles the global batch.
     `restore_best` gives every process the same weights (replicated, or the
     chief's file broadcast from process 0), so every process evaluates and
-    predicts on its own and reports the same numbers. A `Watchdog`
-    (training/distribute/cluster.py) stops every process when one fails.
+    predicts on its own and reports the same numbers. `coordination()` is
+    jax's coordination-service client, in which the supervisor's heartbeat
+    (training/supervisor/heartbeat.py) keeps its record.
 
     On CPU with several processes, `fit` runs one step at a time (see
     `OneStepAtATime`).
     """
 
     distribution: Any = None
-    watchdog: Any = None
 
     def scope(self):
         keras.distribution.set_distribution(self.distribution)
@@ -131,20 +130,19 @@ class JaxDataParallel(JaxStrategy):
 
         return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
-    def done(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.done()
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (a small all-gather)."""
+        if self.process_count == 1:
+            return flag
+        from jax.experimental import multihost_utils
 
-    def failed(self, reason: str, error: BaseException | None = None) -> None:
-        if self.watchdog is None:
-            return
-        if error is not None and cluster.lost_a_peer(error):
-            self.watchdog.await_verdict()  # ends this process naming the other
-        self.watchdog.failed(reason)
+        flags = multihost_utils.process_allgather(np.int32(bool(flag)))
+        return bool(np.asarray(flags).any())
 
-    def close(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.stop()
+    def coordination(self):
+        if self.process_count == 1:
+            return None
+        return cluster.distributed_client()
 
     @contextlib.contextmanager
     def _undistributed(self):
@@ -285,24 +283,22 @@ def _join(jax, agree_on_seed: bool = True) -> None:
     cluster.join(agree_on_seed=agree_on_seed)
 
 
-def report_failure_before_joining(reason: str) -> bool:
-    """A process that fails before joining (bad arguments, a failed check)
-    joins only to tell the others, so that they stop at once instead of
-    waiting for it until the join timeout. Whether it did (then the caller
-    must end the process without jax's shutdown, which would wait for the
-    others). Does nothing for one process."""
+def join_to_report():
+    """Join the other processes of a multi-process run only to report a
+    failure that came first (bad arguments, a failed check), so that they stop
+    at once instead of waiting for this one until the join timeout: (jax's
+    coordination-service client, process index, process count), or None for
+    one process or when joining fails (the others' join timeout then bounds
+    their wait)."""
     import jax
 
     if not multihost_requested() or cluster.distributed_client() is not None:
-        return False
+        return None
     try:
         _join(jax, agree_on_seed=False)
-        client = cluster.distributed_client()
-        watchdog = cluster.Watchdog(client, jax.process_index(), jax.process_count())
-        watchdog.failed(reason)
-    except Exception:  # best effort: the others' join timeout still bounds them
-        return False
-    return True
+    except Exception:
+        return None
+    return cluster.distributed_client(), jax.process_index(), jax.process_count()
 
 
 def resolve(name: str) -> Strategy:
@@ -323,15 +319,6 @@ def resolve(name: str) -> Strategy:
             "simulates N)."
         )
     processes = jax.process_count()
-    watchdog = None
-    if processes > 1:
-        client = cluster.distributed_client()
-        try:
-            watchdog = cluster.Watchdog(client, jax.process_index(), processes)
-            watchdog.start()
-        except (AttributeError, TypeError) as e:  # an older jaxlib's client
-            warnings.warn(f"No watchdog for this run: {e}", stacklevel=2)
-            watchdog = None
     return JaxDataParallel(
         "data_parallel",
         "jax",
@@ -343,5 +330,4 @@ def resolve(name: str) -> Strategy:
             devices=devices, auto_shard_dataset=processes == 1
         ),
         process_index=jax.process_index(),
-        watchdog=watchdog,
     )

@@ -174,6 +174,15 @@ class TorchDDP(Strategy):
             for k, v in model.get_metrics_result().items()
         }
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (an all-reduce)."""
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([float(bool(flag))], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def _broadcast_scalar(self, value) -> float:
         import torch
         import torch.distributed as dist

@@ -1,42 +1,43 @@
 """SIGTERM and SIGINT: a run asked to stop records it, saves what it can, and
-exits with its own status (training/status.py: `preempted` or `terminated`,
-exit status 143; 130 for SIGINT), distinct from a failure.
+exits with its own status (status.py: `preempted` or `terminated`, exit status
+143; 130 for SIGINT), distinct from a failure.
 
 Compute Engine sends a spot or preemptible VM SIGTERM about 30 s before it
 stops it, and its metadata server's `instance/preempted` turns TRUE. On
-either signal:
+either signal (`on_signal`):
 
 1. with --checkpoint-dir, while training runs, the training loop is asked
-   to save the steps done since the last epoch's checkpoint at its next step
-   boundary (`SaveCheckpoint`, training/checkpoints.py's `partial/`), waited
-   for at most SAVE_GRACE_S (20 s) from the signal: `--resume` then
-   continues after those steps, so the run loses at most the step in flight;
+   (`StopRequest`) to save the steps done since the last epoch's checkpoint at
+   its next step boundary (training/callbacks.py's `SaveCheckpoint`,
+   training/checkpoints.py's `partial/`), waited for at most SAVE_GRACE_S
+   (20 s) from the signal: `--resume` then continues after those steps, so
+   the run loses at most the step in flight;
 2. meanwhile the metadata server is asked (at most about 1.5 s; off Compute
    Engine it does not answer and the status says `"preempted": null`);
 3. the status file and one line on stderr are written, and the process
    exits at once (the training thread may be blocked in a collective).
 
-One process: `SignalWatcher` here takes the signals. Several jax processes:
-the cluster watchdog (training/distribute/cluster.py) takes them and calls
-`on_signal`. Every AGREE_EVERY (5) steps of an epoch the processes agree
-whether any of them was asked to stop (a small all-gather); if so, all save
-the partial epoch at that step, the one asked ends with its status, and the
-others end with the same status once their cluster watchdog reads it. The
-save then comes at most AGREE_EVERY steps after the signal, still within
-SAVE_GRACE_S when a step takes under about 3 s.
+`SignalWatcher` takes the signals on a thread of its own, so that a training
+thread blocked in a collective cannot delay them; it starts once the process
+has joined the others, replacing the handler of jax's preemption notifier,
+which takes SIGTERM over and only logs it. With several processes,
+every AGREE_EVERY (5) steps of an epoch they agree whether any of them was
+asked to stop (a small collective step); if so, all save the partial epoch
+at that step, the one asked ends with its status, and the others end with
+the same status once their heartbeat reads it (heartbeat.py). The save then
+comes at most AGREE_EVERY steps after the signal, still within SAVE_GRACE_S
+when a step takes under about 3 s.
 """
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 
-from training import status
+from training.supervisor import status
 
 SAVE_GRACE_S = 20.0
 SIGNAL_EXIT = {signal.SIGTERM: status.EXIT_SIGTERM, signal.SIGINT: status.EXIT_SIGINT}
@@ -61,34 +62,16 @@ class StopRequest:
         self.answered.set()
 
 
-#: The running script's request (one per process).
-request = StopRequest()
-
-
 #: Several processes agree whether to stop every this many steps.
 AGREE_EVERY = 5
 
 
-def any_process(asked: bool) -> bool:
-    """Whether any process of a multi-process jax run was asked to stop (every
-    process calls it at the same step)."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    flags = multihost_utils.process_allgather(np.int32(bool(asked)))
-    return bool(np.asarray(flags).any())
-
-
-def for_processes(count: int) -> StopRequest:
-    """The stop request of a run of `count` processes."""
-    if count > 1:
-        return StopRequest(agree=any_process, every=AGREE_EVERY)
-    return StopRequest()
-
-
-def on_signal(sig: int, grace: float = SAVE_GRACE_S) -> tuple[str, int]:
+def on_signal(
+    sig: int, request: StopRequest, report, grace: float = SAVE_GRACE_S
+) -> tuple[str, int]:
     """What a process does when asked to stop (see the module docstring), up
-    to writing its status; returns (the one-line message, the exit status)."""
+    to writing its status with `report` (a status.Reporter's); returns (the
+    one-line message, the exit status)."""
     code = SIGNAL_EXIT.get(sig, status.EXIT_SIGTERM)
     name = signal.Signals(sig).name
     start = time.monotonic()
@@ -119,12 +102,12 @@ def on_signal(sig: int, grace: float = SAVE_GRACE_S) -> tuple[str, int]:
         elif request.note:
             message += f"; {request.note}"
     word = "preempted" if was_preempted else "terminated"
-    status.report(word, code, message, **extra)
+    report(word, code, message, **extra)
     return message, code
 
 
-def report_end(message: str, code: int) -> None:
-    """The status of a process that the cluster watchdog ends (another process
+def report_end(message: str, code: int, request: StopRequest, report) -> None:
+    """The status of a process that the heartbeat ends (another process
     failed, stalled or was asked to stop; the coordinator is gone)."""
     extra = {}
     if code in (status.EXIT_SIGTERM, status.EXIT_SIGINT):
@@ -134,18 +117,16 @@ def report_end(message: str, code: int) -> None:
             if request.note:
                 extra["checkpoint_note"] = request.note
     word = "preempted" if extra.get("preempted") else status.word_for(code)
-    status.report(word, code, message, **extra)
+    report(word, code, message, **extra)
 
 
 class SignalWatcher:
-    """Takes SIGTERM and SIGINT for a one-process run: a thread reads them
-    from a wakeup fd (so a blocked training thread cannot delay them), runs
-    `on_signal` and ends the process. `stop()` restores what it replaced."""
+    """Takes SIGTERM and SIGINT: a thread reads them from a wakeup fd (so a
+    blocked training thread cannot delay them) and calls `handle(sig)`, which
+    ends the process. `stop()` restores what it replaced."""
 
-    def __init__(
-        self, process_index: int = 0, count: int = 1, prog="mnist.py", exit=os._exit
-    ):
-        self.index, self.count, self.prog, self._exit = process_index, count, prog, exit
+    def __init__(self, handle):
+        self.handle = handle
         self._old: dict = {}
         self._old_fd = None
         self._r = self._w = None
@@ -178,18 +159,7 @@ class SignalWatcher:
                 continue
             sigs = [b for b in data if b in SIGNAL_EXIT]
             if sigs and not self._closing.is_set():
-                message, code = on_signal(sigs[0])
-                print(
-                    f"{self.prog}: error: process {self.index} of {self.count}: "
-                    + message,
-                    file=sys.stderr,
-                    flush=True,
-                )
-                try:
-                    sys.stdout.flush()
-                except Exception:
-                    pass
-                self._exit(code)
+                self.handle(sigs[0])
                 return
 
     def stop(self) -> None:

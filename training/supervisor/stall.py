@@ -1,8 +1,8 @@
 """A stall watchdog: ends the process when no training step completes within
 a bound, also when every process of the run is alive (a step that waits
 forever in a collective, a callback that blocks, a device that stopped
-answering). The heartbeat watchdog of training/distribute/cluster.py cannot
-see that: its heartbeats come from a thread, which carries on.
+answering). The heartbeat (heartbeat.py here) cannot see that: its beats come
+from a thread, which carries on.
 
 `StallWatchdog` is a Keras callback with a thread of its own. Progress is
 every completed training or validation step (batch-end hooks; Keras may run
@@ -25,9 +25,9 @@ start of training to its end (not during the final evaluation).
 
 When the bound is passed the process prints one line on stderr
 (`mnist.py: error: process P of N: stalled: ...`), writes its status file
-(training/status.py: `stalled`, exit status 75), tells the other processes
-through the cluster watchdog (which then stop with status 75 too, naming
-it), and exits with status 75 at once (the training thread may be stuck).
+(status.py: `stalled`, exit status 75), tells the other processes through
+the heartbeat (they then stop with status 75 too, naming it), and exits with
+status 75 at once (the training thread may be stuck).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 
 import keras
 
-from training import status
+from training.supervisor import status
 
 FIRST_ALLOWANCE_S = 600.0
 FLOOR_S = 60.0
@@ -83,8 +83,9 @@ class Bounds:
 
 
 class StallWatchdog(keras.callbacks.Callback):
-    """See the module docstring. `on_stall(message)` is called (from the
-    watchdog's thread) before the process exits; `exit` ends the process."""
+    """See the module docstring. `report` (a status.Reporter's) records the
+    stall; `on_stall(message)` is called (from the watchdog's thread) before
+    the process exits; `exit` ends the process."""
 
     async_safe = True  # its batch-end hooks only take the time
 
@@ -94,6 +95,7 @@ class StallWatchdog(keras.callbacks.Callback):
         *,
         process_index: int = 0,
         process_count: int = 1,
+        report=None,
         on_stall=None,
         prog: str = "mnist.py",
         exit=os._exit,
@@ -102,6 +104,7 @@ class StallWatchdog(keras.callbacks.Callback):
         super().__init__()
         self.bounds = bounds
         self.index, self.count = process_index, process_count
+        self.report = report or status.Reporter(None).report
         self.on_stall, self.prog, self._exit, self._clock = on_stall, prog, exit, clock
         self._lock = threading.Lock()
         self._armed = False
@@ -202,7 +205,7 @@ class StallWatchdog(keras.callbacks.Callback):
             file=sys.stderr,
             flush=True,
         )
-        status.report("stalled", status.EXIT_STALLED, why, **self.details)
+        self.report("stalled", status.EXIT_STALLED, why, **self.details)
         if self.on_stall is not None:
             try:
                 self.on_stall(why)
@@ -213,13 +216,3 @@ class StallWatchdog(keras.callbacks.Callback):
         except Exception:
             pass
         self._exit(status.EXIT_STALLED)
-
-
-def parse_timeout(raw: str) -> float | None:
-    """--stall-timeout: "auto" (None: derived), 0 (off: -1.0), or seconds."""
-    if raw.strip().lower() == "auto":
-        return None
-    value = float(raw)
-    if value < 0 or value != value:
-        raise ValueError(raw)
-    return -1.0 if value == 0 else value

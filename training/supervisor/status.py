@@ -1,6 +1,6 @@
-"""How a run of training/mnist.py ended, for whoever started it (the Cloud TPU
-tool reads it from every worker): the exit status, and one line in a status
-file.
+"""How a run of training/mnist.py ended, for whoever started it (a job
+scheduler, a script that retries, a person reading the logs): the exit status,
+and one line in a status file.
 
 Exit statuses:
 
@@ -9,7 +9,7 @@ Exit statuses:
                      process of the run failed and this one stopped with it
     2    usage       a bad command-line argument
     75   stalled     no training step completed within the stall bound
-                     (--stall-timeout; training/stall.py): the run hangs although
+                     (--stall-timeout; stall.py here): the run hangs although
                      its processes are alive; also a process stopped because
                      another one stalled
     130  terminated  SIGINT
@@ -20,7 +20,9 @@ Exit statuses:
 A status file (--status-file PATH, written by every process; `{process}` in
 PATH becomes the process index; without it the chief alone writes
 OUTPUT_DIR/status.json) holds one line of JSON, written once (the first
-outcome wins) and atomically (a temporary file renamed):
+outcome wins) and atomically (a temporary file renamed). A usage error that
+argparse itself reports (an unknown flag, a value of the wrong type or not
+among the choices) comes before the file's path is known: it writes none.
 
     {"status": "preempted", "exit": 143, "message": "...", "process": 0,
      "processes": 2, "time": "2026-12-05T08:40:00Z", ...}
@@ -106,6 +108,13 @@ class Reporter:
         self._lock = threading.Lock()
         self.written: dict | None = None
 
+    def retarget(self, template: str | None, process_index: int, count: int) -> None:
+        """Write to `template` as process `process_index` of `count` from now on
+        (an outcome already reported stays reported)."""
+        with self._lock:
+            self.template = template
+            self.process_index, self.process_count = process_index, count
+
     @property
     def path(self) -> Path | None:
         if not self.template:
@@ -142,27 +151,6 @@ class Reporter:
                     flush=True,
                 )
             return True
-
-
-#: The running script's reporter (training/mnist.py sets it); a no-op one
-#: (no file) until then.
-current = Reporter(None)
-
-
-def configure(
-    template: str | None, process_index: int = 0, count: int = 1, fresh=False
-):
-    """Make `current` write to `template` ({process} = the process index);
-    an outcome already reported stays reported unless `fresh` (a new run)."""
-    global current
-    written = None if fresh else current.written
-    current = Reporter(template, process_index, count)
-    current.written = written
-    return current
-
-
-def report(status: str, code: int, message: str, **extra) -> bool:
-    return current.report(status, code, message, **extra)
 
 
 def read(path) -> dict:
