@@ -41,8 +41,8 @@ def worker() -> dict:
     backend = keras.backend.backend()
     x, w = (keras.ops.convert_to_tensor(a, "float32") for a in derivative_inputs()[:2])
     columns = {}
-    for name, impl in kernels.IMPLEMENTATIONS.items():
-        if backend in impl.backends and not impl.not_supported_reasons(x, w):
+    for name in kernels.NAMES:
+        if name in kernels.priority() and not kernels.not_supported_reasons(name, x, w):
             columns[name] = check_derivatives(name, rtol=float("inf"))
     compiled = {}
     for transform in TRANSFORMS[backend]:

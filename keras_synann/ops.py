@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Ways to compute `log_inhibition` (see its docstring).
-IMPLEMENTATIONS = ("auto", *kernels.IMPLEMENTATIONS)
+IMPLEMENTATIONS = ("auto", *kernels.NAMES)
 
 
 def synapse(x, y, alpha=1.0, beta=0.5):

@@ -47,9 +47,9 @@ def _require(implementation, x, kernel):
     """Skips unless `implementation` applies to x and kernel here. With
     KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 a missing compiler raises instead."""
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-    reason = kernels.IMPLEMENTATIONS[implementation].why_not(x, kernel)
-    if reason is not None:
-        pytest.skip(f"implementation={implementation!r}: {reason}")
+    reasons = kernels.not_supported_reasons(implementation, x, kernel)
+    if reasons:
+        pytest.skip(f"implementation={implementation!r}: {'; '.join(reasons)}")
 
 
 def _run(script, tmp_path, **env):

@@ -13,20 +13,22 @@ reduced axis, so no (batch, n_in, n_out) tensor and no chunk buffer exists:
 float32 only. The keras.ops path is the reference: tests run these kernels in
 Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against it. Like the
 C loops, a launch is invisible to torch's tracers; "auto" takes the keras.ops
-path under them.
+path under them. The contractions of the higher derivatives are the
+reference's.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from keras_synann.kernels import devices
+from keras_synann.kernels import reference
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.rules import Kernel
 from keras_synann.kernels.tiles import TileConfig
 
 #: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
@@ -143,28 +145,16 @@ def _padded(t, rows: int):
     return out
 
 
-def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
-    """Why the Triton kernels do not apply (empty: they do).
-
-    Explicit requests may run in Triton's interpreter on CPU tensors
-    (TRITON_INTERPRET=1, for tests); "auto" takes compiled kernels only.
-    """
-    reasons = []
-    if not devices.is_float32(x, kernel):
-        reasons.append(
-            "the Triton kernels compute in float32 "
-            f"(received {devices.dtypes(x, kernel)})"
-        )
+def _reasons(x, kernel, auto: bool) -> list[str]:
+    """Explicit requests may run in Triton's interpreter on CPU tensors
+    (TRITON_INTERPRET=1, for tests); "auto" takes compiled kernels only."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not devices.torch_is_cuda(x, kernel) and (auto or not interpreted):
-        reasons.append(
-            "the Triton kernels need CUDA tensors (or Triton's interpreter: "
-            f"TRITON_INTERPRET=1 before import; received tensors on {x.device})"
-        )
-    tracer = devices.torch_tracer(x, kernel)
-    if tracer is not None:
-        reasons.append(f"{tracer} cannot record a Triton launch")
-    return reasons
+    if (x.is_cuda and kernel.is_cuda) or (interpreted and not auto):
+        return []
+    return [
+        "the Triton kernels need CUDA tensors (or Triton's interpreter: "
+        f"TRITON_INTERPRET=1 before import; received tensors on {x.device})"
+    ]
 
 
 def forward(x, kernel, chunk: int, config: TileConfig = CONFIG):
@@ -211,22 +201,25 @@ def adjoint(x, kernel, upstream, chunk: int, config: TileConfig = CONFIG):
     return dx, dw.sum(0) if parts > 1 else dw[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiled:
-    """The kernels with one tiling, as an implementation for `functions`."""
+@functools.cache
+def kernel_for(config: TileConfig) -> Kernel:
+    """The kernels with one tiling: `config.chunk` factors per log, whatever
+    the caller's `chunk_size`; the contractions are the reference's."""
+    return Kernel(
+        functools.partial(forward, config=config),
+        functools.partial(adjoint, config=config),
+        reference.contract,
+        chunk=config.chunk,
+        reasons=_reasons,
+    )
 
-    config: TileConfig = CONFIG
 
-    def forward(self, x, kernel, chunk: int):
-        return forward(x, kernel, chunk, self.config)
-
-    def adjoint(self, x, kernel, upstream, chunk: int):
-        return adjoint(x, kernel, upstream, chunk, self.config)
+KERNEL = kernel_for(CONFIG)
 
 
 def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):
     """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))`, differentiable to every
-    order (`functions`), for float32 torch tensors."""
+    order (`functions`), for float32 torch tensors (`chunk` does not apply)."""
     from keras_synann.kernels.torch import functions
 
-    return functions.log_inhibition(x, kernel, Tiled(config), chunk)
+    return functions.log_inhibition(kernel_for(config), x, kernel, chunk)
