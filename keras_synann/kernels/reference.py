@@ -183,25 +183,21 @@ def contract(slot: str, power: int, a, b, c, x, kernel, chunk: int):
         init = ops.zeros((batch, n_out), dtype=dtype)
         return _over_chunks_of(step_c, init, (xc, wc, ac, bc))
 
-    if slot == "a":
+    # "a" and "b": one (chunk, m) block of the result per chunk of j.
+    spec, given, m = {
+        "a": ("jbi,ji,bi->jb", bc, batch),
+        "b": ("jbi,jb,bi->ji", ac, n_out),
+    }[slot]
 
-        def step_a(k, out, inputs):
-            xk, wk, bk = inputs
-            part = ops.einsum("jbi,ji,bi->jb", factors_r(xk, wk), bk, c)
-            return ops.slice_update(out, (k, 0, 0), part[None])
-
-        init = ops.zeros((num_chunks, chunk, batch), dtype=dtype)
-        out = _over_chunks_of(step_a, init, (xc, wc, bc))
-        return ops.transpose(ops.reshape(out, (num_chunks * chunk, batch))[:n_in])
-
-    def step_b(k, out, inputs):
-        xk, wk, ak = inputs
-        part = ops.einsum("jbi,jb,bi->ji", factors_r(xk, wk), ak, c)
+    def step(k, out, inputs):
+        xk, wk, gk = inputs
+        part = ops.einsum(spec, factors_r(xk, wk), gk, c)
         return ops.slice_update(out, (k, 0, 0), part[None])
 
-    init = ops.zeros((num_chunks, chunk, n_out), dtype=dtype)
-    out = _over_chunks_of(step_b, init, (xc, wc, ac))
-    return ops.reshape(out, (num_chunks * chunk, n_out))[:n_in]
+    init = ops.zeros((num_chunks, chunk, m), dtype=dtype)
+    out = _over_chunks_of(step, init, (xc, wc, given))
+    out = ops.reshape(out, (num_chunks * chunk, m))[:n_in]
+    return ops.transpose(out) if slot == "a" else out
 
 
 def _over_chunks_of(step, init, stacked):

@@ -39,16 +39,24 @@ GRAD_W_ROWS = 256
 
 
 @triton.jit
+def _block(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_R, BLOCK_C) block of an (n_rows, n_cols) array
+    (grid axes 0 and 1): its row and column indices and their masks."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, c, r < n_rows, c < n_cols
+
+
+@triton.jit
 def _forward(
     xt_ptr, w_ptr, s_ptr, batch, n_pad, n_out, floor, product_floor,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # xt is x transposed, (n_pad, batch), so each j's column loads
-    # contiguously; xt and w are zero-padded to n_pad = a multiple of CHUNK
-    # input units (a padded factor is exactly 1).
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    in_b, in_i = rb < batch, ri < n_out
+    """s[b, i] = sum over chunks of log(prod_j max(1 - W[j, i] x[b, j], floor))
+    for one (batch, n_out) block. xt is x transposed, (n_pad, batch), so each
+    j's column loads contiguously; xt and w are zero-padded to n_pad, a
+    multiple of CHUNK input units (a padded factor is exactly 1)."""
+    rb, ri, in_b, in_i = _block(batch, n_out, BLOCK_B, BLOCK_I)
     total = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
     for start in range(0, n_pad, CHUNK):
         product = tl.full((BLOCK_B, BLOCK_I), 1.0, dtype=tl.float32)
@@ -67,16 +75,20 @@ def _forward(
 
 
 @triton.jit
+def _quotient(g, factor, floor):
+    """g / factor, 0 where the factor is floored (it passes no gradient)."""
+    return tl.where(factor > floor, g / factor, 0.0)
+
+
+@triton.jit
 def _grad_x(
     x_ptr, wt_ptr, gt_ptr, dx_ptr, batch, n_in, n_pad, floor,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # gt and wt are the upstream gradient and W transposed, (n_pad, batch) and
-    # (n_pad, n_in), zero-padded to n_pad = a multiple of CHUNK output units
-    # (padded units have g = 0: no contribution).
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    in_b, in_j = rb < batch, rj < n_in
+    """dx[b, j] = -sum_i g[b, i] W[j, i] / f[b, j, i] for one (batch, n_in)
+    block. gt and wt are g and W transposed, (n_pad, batch) and (n_pad, n_in),
+    zero-padded to n_pad, a multiple of CHUNK output units (g = 0 there)."""
+    rb, rj, in_b, in_j = _block(batch, n_in, BLOCK_B, BLOCK_J)
     x = tl.load(
         x_ptr + rb[:, None] * n_in + rj[None, :],
         mask=in_b[:, None] & in_j[None, :],
@@ -88,8 +100,7 @@ def _grad_x(
             i = start + k
             gi = tl.load(gt_ptr + i * batch + rb, mask=in_b, other=0.0)
             wi = tl.load(wt_ptr + i * n_in + rj, mask=in_j, other=0.0)
-            factor = 1.0 - x * wi[None, :]
-            q = tl.where(factor > floor, gi[:, None] / factor, 0.0)
+            q = _quotient(gi[:, None], 1.0 - x * wi[None, :], floor)
             acc += q * wi[None, :]
     tl.store(
         dx_ptr + rb[:, None] * n_in + rj[None, :],
@@ -103,14 +114,12 @@ def _grad_w(
     x_ptr, w_ptr, g_ptr, dw_ptr, n_in, n_out, floor, rows,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # Program (j, i, slice) sums batch rows [slice * rows, (slice + 1) * rows)
-    # into dw[slice]; the caller adds the slices. x and g are zero-padded to
-    # a whole number of slices, `rows` a multiple of CHUNK (g = 0: no
-    # contribution).
-    rj = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    """dW[j, i] = -sum_b g[b, i] x[b, j] / f[b, j, i] for one (n_in, n_out)
+    block, over batch rows [slice * rows, (slice + 1) * rows) of program
+    (j, i, slice), into dw[slice] (the caller adds the slices). x and g are
+    zero-padded to whole slices, `rows` a multiple of CHUNK (g = 0 there)."""
+    rj, ri, in_j, in_i = _block(n_in, n_out, BLOCK_J, BLOCK_I)
     part = tl.program_id(2)
-    in_j, in_i = rj < n_in, ri < n_out
     w = tl.load(
         w_ptr + rj[:, None] * n_out + ri[None, :],
         mask=in_j[:, None] & in_i[None, :],
@@ -122,8 +131,7 @@ def _grad_w(
             b = start + k
             xb = tl.load(x_ptr + b * n_in + rj, mask=in_j, other=0.0)
             gb = tl.load(g_ptr + b * n_out + ri, mask=in_i, other=0.0)
-            factor = 1.0 - xb[:, None] * w
-            q = tl.where(factor > floor, gb[None, :] / factor, 0.0)
+            q = _quotient(gb[None, :], 1.0 - xb[:, None] * w, floor)
             acc += q * xb[:, None]
     tl.store(
         dw_ptr + part * n_in * n_out + rj[:, None] * n_out + ri[None, :],
