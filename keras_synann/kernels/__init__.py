@@ -63,9 +63,7 @@ def _unrolled(x, kernel, chunk: int):
 #: Every implementation, one row per backend it runs on; a backend's rows in
 #: "auto"'s order of preference.
 REGISTRY = (
-    Implementation(
-        "pallas", "jax", "jax.pallas", "the Pallas kernels", dtypes=_FLOAT32
-    ),
+    Implementation("pallas", "jax", "jax.pallas", "the Pallas kernels", dtypes=_FLOAT32),
     Implementation("cpu", "jax", "jax.cpu", _LOOPS, dtypes=_FLOAT32, devices=_CPU),
     Implementation("ops", "jax"),
     Implementation(
@@ -112,8 +110,9 @@ REGISTRY = (
     Implementation("ops", "torch", plain={devices.TORCH_JIT_TRACE: reference.forward}),
 )  # fmt: skip
 
-#: Every implementation's name ("auto" is not one: it picks one of these).
-NAMES = ("ops", *dict.fromkeys(row.name for row in REGISTRY if row.name != "ops"))
+#: Every implementation's name, the reference first ("auto" is not one: it
+#: picks one of these).
+NAMES = ("ops", *sorted({row.name for row in REGISTRY} - {"ops"}))
 
 
 def find(name: str, backend: str | None = None) -> Implementation | None:

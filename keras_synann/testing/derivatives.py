@@ -73,7 +73,8 @@ def check_derivatives(
         y_i = alpha_i x_i prod_j max(1 - W[j, i] x_j, 1e-6)
 
     written with the backend's own ops in float64 (no keras_synann code).
-    `compiled` runs both inside jax.jit / tf.function / torch.compile.
+    `compiled` runs ours inside jax.jit / tf.function / torch.compile (the
+    reference, whose numbers do not depend on it, as it is).
     `input_dtype="float16"` casts x and W to float16 before the layer (mixed
     precision: the layer accumulates in float32); the reference then starts
     from the same rounded inputs.
@@ -188,7 +189,7 @@ def _evaluate(config, names, compiled, inputs, with_reference=True):
     plain formula in float64 or None) for `inputs` (x, W, vx, vW)."""
     backend = transforms_module.backend()
 
-    def run(fn, dtype):
+    def run(fn, dtype, compiled):
         alpha = config["alpha"]
         if alpha is not None:
             alpha = backend.tensor(alpha, dtype)
@@ -200,9 +201,11 @@ def _evaluate(config, names, compiled, inputs, with_reference=True):
             out[name] = backend.numpy(transform(*args))
         return out
 
-    ours = run(_synapse_fn, "float32")
+    ours = run(_synapse_fn, "float32", compiled)
     if not with_reference:
         return ours, None
     with backend.float64():
-        reference = run(lambda cfg: _plain_fn(cfg, backend.namespace), "float64")
+        reference = run(
+            lambda cfg: _plain_fn(cfg, backend.namespace), "float64", compiled=False
+        )
     return ours, reference
