@@ -63,22 +63,22 @@ def log_inhibition(kernel: Kernel, x, w, chunk: int):
 # --- the operations of a kernel, as each primitive computes them ---------------------
 
 
-def _forward(kernel, x, w, *, chunk, **_):
+def _forward(kernel, x, w, *, chunk):
     return kernel.forward(x, w, chunk)
 
 
-def _adjoint(kernel, x, w, u, *, chunk, **_):
+def _adjoint(kernel, x, w, u, *, chunk):
     return list(kernel.adjoint(x, w, u, chunk))
 
 
-def _tangent(kernel, x, w, tx, tw, *, chunk, **_):
+def _tangent(kernel, x, w, tx, tw, *, chunk):
     def contract(slot, power, a, b):
         return kernel.contract(slot, power, a, b, None, x, w, chunk)
 
     return rules.tangent(contract, x, w, tx, tw)
 
 
-def _contract(kernel, p, q, x, w, *, slot, power, chunk, **_):
+def _contract(kernel, p, q, x, w, *, slot, power, chunk):
     given = dict(zip(rules.operand_slots(slot), (p, q), strict=True))
     a, b, c = (given.get(s) for s in rules.SLOTS)
     return kernel.contract(slot, power, a, b, c, x, w, chunk)
