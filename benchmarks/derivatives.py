@@ -45,7 +45,7 @@ BACKENDS = ("jax", "tensorflow", "torch")
 # --- the worker: runs in a subprocess with KERAS_BACKEND and PYTHONPATH set ----------
 
 
-def _steps(batch: int, n: int):
+def _steps(batch: int, n: int, implementation: str = "auto"):
     """(synapse first-order, dense first-order, synapse penalty, dense penalty)
     steps with their arguments, and `block`, for the running backend."""
     import keras
@@ -63,7 +63,7 @@ def _steps(batch: int, n: int):
 
     def synapse(x, w, b):
         del b
-        return synann_ops.synapse_graph(x, w)
+        return synann_ops.synapse_graph(x, w, implementation=implementation)
 
     def dense(x, w, b):
         return ops.matmul(x, w) + b

@@ -27,18 +27,26 @@ _TARGETS = {
 
 
 @functools.cache
-def _registered(target: str) -> str:
-    """`target`, once the loops' handlers are registered with XLA."""
+def _register() -> str | None:
+    """Registers the loops' handlers with XLA; None, or why they are not."""
     lib = cpu_build.load(VARIANT)
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(
             name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
         )
-    return target
+    return None
+
+
+def _reasons(x, kernel, auto: bool) -> list[str]:
+    """The handlers, registered with XLA before the loops are taken."""
+    del x, kernel, auto
+    reason = _register()
+    return [] if reason is None else [reason]
 
 
 def _call(target: str, outs, *args, **attributes):
-    call = jax.ffi.ffi_call(_registered(target), outs)
+    _register()
+    call = jax.ffi.ffi_call(target, outs)
     return call(
         *args,
         floor=np.float32(FACTOR_FLOOR),
@@ -77,4 +85,4 @@ def contract(slot, power, a, b, c, x, kernel, chunk: int):
     )  # fmt: skip
 
 
-KERNEL = Kernel(forward, adjoint, contract, build=VARIANT)
+KERNEL = Kernel(forward, adjoint, contract, build=VARIANT, reasons=_reasons)
