@@ -1,6 +1,6 @@
 """The error of every derivative transform, per backend and implementation.
 
-    python benchmarks/derivative_errors.py [--backends jax,torch,tensorflow]
+    python -m benchmarks.derivative_errors [--backends jax,torch,tensorflow]
 
 Runs `keras_synann.testing.check_derivatives` (float32 Synapse against the
 plain formula in float64, n = 6, batch 3, x in [0.05, 0.95], beta in
@@ -21,10 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _machine  # noqa: E402
+from benchmarks import _machine
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -41,8 +38,8 @@ def worker() -> dict:
     backend = keras.backend.backend()
     x, w = (keras.ops.convert_to_tensor(a, "float32") for a in derivative_inputs()[:2])
     columns = {}
-    for name, impl in kernels.IMPLEMENTATIONS.items():
-        if backend in impl.backends and not impl.not_supported_reasons(x, w):
+    for name in kernels.NAMES:
+        if name in kernels.priority() and not kernels.not_supported_reasons(name, x, w):
             columns[name] = check_derivatives(name, rtol=float("inf"))
     compiled = {}
     for transform in TRANSFORMS[backend]:
@@ -105,7 +102,7 @@ def main(argv=None) -> int:
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
     record = {
-        "command": "python benchmarks/derivative_errors.py "
+        "command": "python -m benchmarks.derivative_errors "
         + " ".join(argv or sys.argv[1:]),
         "commit": subprocess_commit,
         "date": datetime.date.today().isoformat(),

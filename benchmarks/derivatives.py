@@ -1,20 +1,21 @@
 """First-order and gradient-penalty steps of Synapse against Dense, and their peak memory.
 
-    python benchmarks/derivatives.py                         # this tree, every backend
-    python benchmarks/derivatives.py --compare 781e2a0 --compare 5fc678c
-    python benchmarks/derivatives.py --backends torch --batch 128 --n 784
+    python -m benchmarks.derivatives                         # this tree, every backend
+    python -m benchmarks.derivatives --compare 781e2a0 --compare 5fc678c
+    python -m benchmarks.derivatives --backends torch --batch 128 --n 784
 
 For each backend (one subprocess per measurement: Keras picks its backend
 once per process), with the layer's default implementation ("auto"):
 
 - first order: value and gradient (x and W) of sum(g * y), y = Synapse(x)
-  against y = x @ W + b (Dense), timed in alternating pairs; with
-  `--compare REV`, the same step of the package at each REV (checked out in a
-  temporary git worktree), the trees' runs alternating round by round;
+  against y = x @ W + b (Dense), timed in alternating pairs;
 - gradient penalty: the gradient in W of sum(g * y) + sum((d sum(g * y) / dx) ** 2)
-  (WGAN-GP / R1 style), Synapse against Dense, this tree only;
-- peak memory of that gradient-penalty step at --memory-batch (fresh
-  subprocess: growth of peak RSS on a CPU, peak device memory on a GPU).
+  (WGAN-GP / R1 style), Synapse against Dense, likewise;
+- with `--compare REV`, both steps of the package at each REV too (checked
+  out in a temporary git worktree), the trees' runs alternating round by
+  round (the same script measures every tree);
+- peak memory of the gradient-penalty step at --memory-batch, this tree only
+  (fresh subprocess: growth of peak RSS on a CPU, peak device memory on a GPU).
 
 Steps run as a Keras train step runs by default: jax.jit, tf.function,
 eager torch. Prints a table and writes JSON (machine, versions, commit,
@@ -35,10 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _machine  # noqa: E402  (benchmarks/_machine.py)
+from benchmarks import _machine
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -47,9 +45,9 @@ BACKENDS = ("jax", "tensorflow", "torch")
 # --- the worker: runs in a subprocess with KERAS_BACKEND and PYTHONPATH set ----------
 
 
-def _steps(batch: int, n: int):
+def _steps(batch: int, n: int, implementation: str = "auto"):
     """(synapse first-order, dense first-order, synapse penalty, dense penalty)
-    step functions and their arguments, for the running backend."""
+    steps with their arguments, and `block`, for the running backend."""
     import keras
     import numpy as np
     from keras import ops
@@ -65,80 +63,81 @@ def _steps(batch: int, n: int):
 
     def synapse(x, w, b):
         del b
-        return synann_ops.synapse_graph(x, w)
+        return synann_ops.synapse_graph(x, w, implementation=implementation)
 
     def dense(x, w, b):
         return ops.matmul(x, w) + b
 
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
+    builders = {"jax": _jax, "torch": _torch, "tensorflow": _tensorflow}
+    first, penalty, tensor, block = builders[keras.backend.backend()](g)
+    syn = [tensor(a) for a in (x, w_syn, bias)]
+    den = [tensor(a) for a in (x, w_dense, bias)]
+    return (
+        (first(synapse), syn),
+        (first(dense), den),
+        (penalty(synapse), [syn[1], syn[0], syn[2]]),
+        (penalty(dense), [den[1], den[0], den[2]]),
+        block,
+    )
 
-        def first(layer):
-            def loss(x, w, b):
-                return jnp.sum(g * layer(x, w, b))
 
-            return jax.jit(jax.value_and_grad(loss, (0, 1)))
+def _jax(g):
+    """(first, penalty, tensor, block): jax.jit of value_and_grad."""
+    import jax
+    import jax.numpy as jnp
 
-        def penalty(layer):
-            def loss(x, w, b):
-                return jnp.sum(g * layer(x, w, b))
+    def first(layer):
+        def loss(x, w, b):
+            return jnp.sum(g * layer(x, w, b))
 
-            def total(w, x, b):
-                gx = jax.grad(loss, 0)(x, w, b)
-                return loss(x, w, b) + jnp.sum(gx**2)
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))
 
-            return jax.jit(jax.value_and_grad(total))
+    def penalty(layer):
+        def loss(x, w, b):
+            return jnp.sum(g * layer(x, w, b))
 
-        def block(t):
-            jax.block_until_ready(t)
+        def total(w, x, b):
+            gx = jax.grad(loss, 0)(x, w, b)
+            return loss(x, w, b) + jnp.sum(gx**2)
 
-        args = [jnp.asarray(a) for a in (x, w_syn, bias)]
-        dargs = [jnp.asarray(a) for a in (x, w_dense, bias)]
-        return (
-            (first(synapse), args),
-            (first(dense), dargs),
-            (penalty(synapse), [args[1], args[0], args[2]]),
-            (penalty(dense), [dargs[1], dargs[0], dargs[2]]),
-            block,
-        )
-    if backend == "torch":
-        import torch
+        return jax.jit(jax.value_and_grad(total))
 
-        gt = torch.tensor(g)
+    return first, penalty, jnp.asarray, jax.block_until_ready
 
-        def first(layer):
-            def step(x, w, b):
-                x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-                value = (gt * layer(x, w, b)).sum()
-                return value, torch.autograd.grad(value, (x, w))
 
-            return step
+def _torch(g):
+    """(first, penalty, tensor, block): eager torch.autograd."""
+    import torch
 
-        def penalty(layer):
-            def step(w, x, b):
-                x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-                value = (gt * layer(x, w, b)).sum()
-                (gx,) = torch.autograd.grad(value, x, create_graph=True)
-                total = value + (gx**2).sum()
-                return total, torch.autograd.grad(total, w)
+    gt = torch.tensor(g)
 
-            return step
+    def first(layer):
+        def step(x, w, b):
+            x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+            value = (gt * layer(x, w, b)).sum()
+            return value, torch.autograd.grad(value, (x, w))
 
-        def block(t):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        return step
 
-        args = [torch.tensor(a) for a in (x, w_syn, bias)]
-        dargs = [torch.tensor(a) for a in (x, w_dense, bias)]
-        return (
-            (first(synapse), args),
-            (first(dense), dargs),
-            (penalty(synapse), [args[1], args[0], args[2]]),
-            (penalty(dense), [dargs[1], dargs[0], dargs[2]]),
-            block,
-        )
+    def penalty(layer):
+        def step(w, x, b):
+            x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+            value = (gt * layer(x, w, b)).sum()
+            (gx,) = torch.autograd.grad(value, x, create_graph=True)
+            total = value + (gx**2).sum()
+            return total, torch.autograd.grad(total, w)
+
+        return step
+
+    def block(t):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    return first, penalty, torch.tensor, block
+
+
+def _tensorflow(g):
+    """(first, penalty, tensor, block): tf.function of nested tapes."""
     import tensorflow as tf
 
     gt = tf.constant(g)
@@ -170,15 +169,7 @@ def _steps(batch: int, n: int):
     def block(t):
         tf.nest.map_structure(lambda a: a.numpy(), t)
 
-    args = [tf.constant(a) for a in (x, w_syn, bias)]
-    dargs = [tf.constant(a) for a in (x, w_dense, bias)]
-    return (
-        (first(synapse), args),
-        (first(dense), dargs),
-        (penalty(synapse), [args[1], args[0], args[2]]),
-        (penalty(dense), [dargs[1], dargs[0], dargs[2]]),
-        block,
-    )
+    return first, penalty, tf.constant, block
 
 
 def _pairs(a, b, block, repeats: int):
@@ -266,9 +257,20 @@ def _commit(tree: Path) -> str:
     ).stdout.strip() or "unknown"  # fmt: skip
 
 
+def _backends(text: str) -> tuple[str, ...]:
+    """--backends: a comma-separated list of BACKENDS."""
+    names = tuple(b.strip() for b in text.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}"
+        )
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", type=_backends, default=BACKENDS)
     parser.add_argument("--compare", action="append", default=[], metavar="REV")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=784)
@@ -285,10 +287,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        parser.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    backends = args.backends
     info = _machine.describe()
     print(f"# {_machine.line(info)}; {_machine.load()}")
     trees = {_commit(REPO) + " (this tree)": REPO}
@@ -310,7 +309,7 @@ def main(argv=None) -> int:
                     check=False, capture_output=True,
                 )  # fmt: skip
     record = {
-        "command": "python benchmarks/derivatives.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.derivatives " + " ".join(argv or sys.argv[1:]),
         "commit": _commit(REPO),
         "date": datetime.date.today().isoformat(),
         "machine": info,
@@ -330,16 +329,18 @@ def _measure(trees: dict, backends: list[str], args) -> list[dict]:
     rows = []
     header = f"{'backend':11s} {'what':22s} {'tree':20s} {'synapse':>10s} {'dense':>9s} {'ratio':>7s}"
     print(header)
+    this = next(iter(trees))
     for backend in backends:
-        first = {name: [] for name in trees}
-        for _ in range(args.rounds):  # the trees alternate, round by round
-            for name, tree in trees.items():
-                first[name].append(_run(tree, backend, "first", args))
-        for name, runs in first.items():
-            rows.append(_summary(backend, "first order", name, runs))
-        this = next(iter(trees))
-        gp = [_run(REPO, backend, "penalty", args) for _ in range(args.rounds)]
-        rows.append(_summary(backend, "gradient penalty", this, gp))
+        for what, label in (("first", "first order"), ("penalty", "gradient penalty")):
+            runs = {name: [] for name in trees}
+            for _ in range(args.rounds):  # the trees alternate, round by round
+                for name, tree in trees.items():
+                    runs[name].append(_run(tree, backend, what, args))
+            # (this tree's row last: readers of the JSON take the last per step)
+            rows.extend(
+                _summary(backend, label, name, runs[name])
+                for name in [*list(trees)[1:], this]
+            )
         memory = {
             layer: _run(REPO, backend, f"memory-{layer}", args)
             for layer in ("synapse", "dense")
@@ -354,7 +355,7 @@ def _measure(trees: dict, backends: list[str], args) -> list[dict]:
                 "errors": [m["error"] for m in memory.values() if "error" in m],
             }
         )
-        for row in rows[-(len(trees) + 2) :]:
+        for row in rows[-(2 * len(trees) + 1) :]:
             _print(row)
     return rows
 

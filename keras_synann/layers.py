@@ -105,9 +105,10 @@ class Synapse(keras.layers.Layer):
               kernels lower to the keras.ops computation when exported
               (`jax.export`, jax2tf, `model.export`).
             - tensorflow: "cpu" (float32, CPU only, a C compiler) in eager
-              calls and training steps (graphs a gradient tape records),
-              "ops" in every other graph: predict, evaluate,
-              `jit_compile=True`, `model.export` (SavedModel, ONNX).
+              calls, training steps (graphs a gradient tape records) and
+              Keras's predict and evaluate steps; "ops" in every other
+              graph: `jit_compile=True`, `model.export` (SavedModel, ONNX),
+              graphs that converters read.
             Without a C compiler "auto" warns once and runs several times
             slower on a CPU. An explicit choice that does not apply raises
             ValueError with the reason; see `keras_synann.ops.log_inhibition`.

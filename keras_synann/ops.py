@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Ways to compute `log_inhibition` (see its docstring).
-IMPLEMENTATIONS = ("auto", *kernels.IMPLEMENTATIONS)
+IMPLEMENTATIONS = ("auto", *kernels.NAMES)
 
 
 def synapse(x, y, alpha=1.0, beta=0.5):
@@ -103,9 +103,10 @@ def log_inhibition(
                     torch.onnx);
                 jax: "pallas" (float32, a single GPU), "cpu" (float32, a
                     single CPU device), "ops";
-                tensorflow: "cpu" in eager calls and in graphs that a
-                    gradient tape records (training steps), "ops" in every
-                    other graph (predict, evaluate, exports, XLA).
+                tensorflow: "cpu" in eager calls, in graphs that a
+                    gradient tape records (training steps) and in Keras's
+                    predict and evaluate steps; "ops" in every other graph
+                    (exports, converters, XLA).
             Under jax the fused kernels export as "ops" (`jax.export`,
             jax2tf, `model.export`), so every exported or traced model
             computes the same numbers. All implementations give the same

@@ -39,14 +39,14 @@ from keras_synann.testing import (
 
 BACKEND = keras.backend.backend()
 #: Implementations under this backend; the GPU kernels in their interpreters.
-NAMES = [n for n, impl in kernels.IMPLEMENTATIONS.items() if BACKEND in impl.backends]
+NAMES = kernels.priority(BACKEND)
 
 
 def _require(implementation):
     """Skips where `implementation` cannot run on this machine (with the
     reasons); KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 makes the C loops required."""
     x, kernel = (ops.convert_to_tensor(a, "float32") for a in derivative_inputs()[:2])
-    reasons = kernels.IMPLEMENTATIONS[implementation].not_supported_reasons(x, kernel)
+    reasons = kernels.not_supported_reasons(implementation, x, kernel)
     if (
         implementation == "cpu"
         and os.environ.get("KERAS_SYNANN_REQUIRE_CPU_KERNEL") == "1"

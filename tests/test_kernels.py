@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import keras
@@ -24,7 +25,8 @@ from keras import ops
 import keras_synann
 from keras_synann import kernels
 from keras_synann import ops as synann_ops
-from keras_synann.kernels import cpu_build
+from keras_synann.kernels import cpu_build, reference, rules
+from keras_synann.kernels.base import Implementation
 from keras_synann.testing import value_and_grad
 
 BACKEND = keras.backend.backend()
@@ -47,9 +49,9 @@ def _require(implementation, x, kernel):
     """Skips unless `implementation` applies to x and kernel here. With
     KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 a missing compiler raises instead."""
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-    reason = kernels.IMPLEMENTATIONS[implementation].why_not(x, kernel)
-    if reason is not None:
-        pytest.skip(f"implementation={implementation!r}: {reason}")
+    reasons = kernels.not_supported_reasons(implementation, x, kernel)
+    if reasons:
+        pytest.skip(f"implementation={implementation!r}: {'; '.join(reasons)}")
 
 
 def _run(script, tmp_path, **env):
@@ -57,22 +59,19 @@ def _run(script, tmp_path, **env):
     returns its stdout. `env` entries set (or, as None, remove) variables."""
     full = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": BACKEND}
     full.pop("KERAS_SYNANN_REQUIRE_CPU_KERNEL", None)
-    for key, value in env.items():
-        if value is None:
-            full.pop(key, None)
-        else:
-            full[key] = value
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=full,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    full.update(env)
+    command = [sys.executable, "-c", textwrap.dedent(script)]
+    try:
+        return subprocess.check_output(
+            command,
+            cwd=tmp_path,
+            env={k: v for k, v in full.items() if v is not None},
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.CalledProcessError as e:
+        pytest.fail(e.stderr[-3000:])
 
 
 # --- the package's shape ------------------------------------------------------
@@ -382,6 +381,72 @@ def test_auto_with_several_jax_devices_keeps_the_reference(tmp_path):
     ]
 
 
+# --- the registry ----------------------------------------------------------------
+
+
+def test_the_registry_is_one_table_of_kernels():
+    for backend in ("jax", "tensorflow", "torch"):
+        names = kernels.priority(backend)
+        assert names[-1] == "ops" and len(set(names)) == len(names), names
+    assert set(kernels.NAMES) == {row.name for row in kernels.REGISTRY}
+    assert synann_ops.IMPLEMENTATIONS == ("auto", *kernels.NAMES)
+    for name in kernels.priority():
+        kernel, error = kernels.find(name).load()
+        if kernel is None:
+            assert error.endswith("is not installed"), error
+        else:
+            assert isinstance(kernel, rules.Kernel), name
+
+
+def test_an_implementation_is_a_kernel_module_and_one_row(monkeypatch):
+    """What adding an implementation takes: a module whose KERNEL gives
+    forward, adjoint and contract, and a row declaring what it supports.
+    This probe counts its calls and computes with the reference."""
+    calls = []
+
+    def counted(name, operation):
+        def call(*args):
+            calls.append(name)
+            return operation(*args)
+
+        return call
+
+    module = types.ModuleType("keras_synann.kernels._probe")
+    module.KERNEL = rules.Kernel(
+        *(counted(n, getattr(reference, n)) for n in ("forward", "adjoint", "contract"))
+    )
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    row = Implementation("probe", BACKEND, "_probe", "the probe", dtypes=("float32",))
+    monkeypatch.setattr(kernels, "REGISTRY", (row, *kernels.REGISTRY))
+    monkeypatch.setattr(kernels, "_AUTO", {})
+    x, kernel = _tensors(4, 9)
+    assert kernels.resolve("auto", x, kernel) is row
+
+    def loss(implementation):
+        def fn(x, kernel):
+            s = kernels.log_inhibition(x, kernel, 4, implementation)
+            return ops.sum(s * s)
+
+        return fn
+
+    ours = value_and_grad(loss("auto"))(x, kernel)
+    assert {"forward", "adjoint"} <= set(calls), calls
+    theirs = value_and_grad(loss("ops"))(x, kernel)
+    for a, b in zip((ours[0], *ours[1]), (theirs[0], *theirs[1]), strict=True):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b), rtol=1e-6, atol=1e-7
+        )
+    # The row's data alone refuses: "auto" passes it over, an explicit request
+    # says why.
+    context = _jax_x64() if BACKEND == "jax" else contextlib.nullcontext()
+    with context:
+        x64, kernel64 = _float64(*_data(4, 9))
+        assert kernels.resolve("auto", x64, kernel64) is not row
+        assert kernels.not_supported_reasons("probe", x64, kernel64) == [
+            "the probe compute in float32 (received x float64, kernel float64)"
+        ]
+
+
 def test_an_implementation_of_another_backend_says_so():
     x, kernel = _tensors()
     other = {"jax": "triton", "tensorflow": "pallas", "torch": "pallas"}[BACKEND]
@@ -395,6 +460,18 @@ def test_an_implementation_of_another_backend_says_so():
 
 
 # --- under each tracer ---------------------------------------------------------
+
+
+def _choices(runs, picked, check) -> dict[str, str]:
+    """{run: what "auto" picked in it}: `picked` is the list a probe in the
+    function appends "auto"'s choice to; check(name, output) checks each run."""
+    choices = {}
+    for name, run in runs.items():
+        picked.clear()
+        out = run()
+        choices[name] = picked[0]
+        check(name, out)
+    return choices
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch tracers")
@@ -427,18 +504,18 @@ def test_torch_tracers_take_the_reference():
             x * 0.5, kernel
         ),
     }
-    choices = {}
-    for name, run in runs.items():
-        picked.clear()
-        out = ops.convert_to_numpy(run())
-        choices[name] = picked[0]
-        if name != "eager":
-            # Run on other inputs: a constant baked into the graph would show.
-            expected = ops.convert_to_numpy(
-                synann_ops.log_inhibition(x * 0.5, kernel, implementation="ops")
-            )
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    assert choices == {
+    # Traced functions run on other inputs: a constant baked into a graph would show.
+    halved = ops.convert_to_numpy(
+        synann_ops.log_inhibition(x * 0.5, kernel, implementation="ops")
+    )
+
+    def check(name, out):
+        want = expected if name == "eager" else halved
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(out), want, rtol=1e-5, atol=1e-6
+        )
+
+    assert _choices(runs, picked, check) == {
         "eager": "cpu",
         "torch.jit.trace": "ops",
         "torch.compile": "ops",
@@ -501,18 +578,14 @@ def test_tensorflow_takes_the_c_loops_in_eager_calls_and_training_graphs_only(
             Module(), str(tmp_path / "saved")
         ),
     }
-    choices = {}
-    for name, run in runs.items():
-        picked.clear()
-        out = run()
-        choices[name] = picked[0]
-        if out is not None:
+
+    def check(name, out):
+        if out is not None:  # (saving returns nothing)
             out = out.numpy()
-            if out.ndim == 0:
-                np.testing.assert_allclose(out, expected.sum(), rtol=1e-5)
-            else:
-                np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    assert choices == {
+            want = expected.sum() if out.ndim == 0 else expected
+            np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+    assert _choices(runs, picked, check) == {
         "eager": "cpu",
         "tf.function": "ops",
         "tf.function, tape": "cpu",

@@ -2,194 +2,219 @@
 
     s[b, i] = sum_j log(max(1 - W[j, i] x[b, j], FACTOR_FLOOR))   (one log per chunk)
 
-The implementations live per backend, the way Keras lays out its backends:
+`REGISTRY` is the one table of implementations: a row per implementation
+and backend, each backend's rows in "auto"'s order, each declaring what it
+supports (`base.Implementation`). A row's module gives its `base.Kernel`
+(forward, adjoint, contract); the backend's autodiff wrapping makes it
+differentiable to every order (`jax.primitives`, `torch.functions`,
+`tensorflow.gradients`, all from `rules`). "auto" takes the first row of
+its backend with no reason not to apply, cached per backend, shapes, dtypes
+and context (`devices.Context`: device and tracer); an explicit request
+that does not apply raises one ValueError with the reasons and the way out.
+Where a row names a plain form for the tracing context (a tracer that
+records plain operations only), that form is traced instead of the kernel.
 
-    name     jax                 torch               tensorflow
-    ops      jax/reference.py    torch/reference.py  tensorflow/reference.py
-    cpu      jax/cpu.py          torch/cpu.py        tensorflow/cpu.py
-    torch                        torch/eager.py
-    triton                       torch/triton.py
-    pallas   jax/pallas.py
-
-Each backend package lists its modules and "auto"'s `PRIORITY`; each module
-says why it does not apply (`not_supported_reasons(x, kernel, auto)`, a list,
-no side effects) and computes s, differentiable to every order through its
-backend's rules (jax primitives, torch autograd Functions, tensorflow custom
-gradients, all from `rules`). "auto" takes the first of its backend's
-`PRIORITY` with no reason; the choice is cached per backend, shapes, dtypes
-and context (device, tracer or graph). An explicit request that does not
-apply raises one ValueError with the reasons and the way out. Imports point
-one way: `keras_synann.ops` imports this package, never the reverse, and
-each backend package is imported on first use.
+Adding an implementation: its module (a `KERNEL`) and one row. Modules are
+imported on first use with importlib, which torch's compiler cannot follow:
+under torch only the reference (no module) may run while it traces, which
+every other torch row's `refuses` ensures. Imports point one way:
+`keras_synann.ops` imports this package, never the reverse.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
-from types import ModuleType
 
 import keras
 
-from keras_synann.kernels import cpu_build, devices
+from keras_synann.kernels import cpu_build, devices, reference
 from keras_synann.kernels._numerics import (
     DEFAULT_CHUNK_SIZE,
     FACTOR_FLOOR,
     PRODUCT_FLOOR,
 )
+from keras_synann.kernels.base import EVERY_TRACER, Implementation
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FACTOR_FLOOR",
-    "IMPLEMENTATIONS",
+    "NAMES",
     "PRODUCT_FLOOR",
+    "REGISTRY",
     "Implementation",
+    "find",
     "log_inhibition",
+    "not_supported_reasons",
     "priority",
     "resolve",
 ]
 
-#: The backends each implementation runs on.
-_HOMES = {
-    "ops": ("jax", "torch", "tensorflow"),
-    "cpu": ("jax", "torch", "tensorflow"),
-    "torch": ("torch",),
-    "triton": ("torch",),
-    "pallas": ("jax",),
-}
+_LOOPS = "the C loops"
+_FLOAT32 = ("float32",)
+_CPU = ("cpu",)
+_NO_CALLBACK = "{context} cannot hold the C loops' call back into Python"
 
 
-def _backend_package(backend: str) -> ModuleType:
-    # (import statements, not importlib: torch's compiler follows them)
-    if backend == "torch":
-        from keras_synann.kernels import torch as package
-    elif backend == "jax":
-        from keras_synann.kernels import jax as package
-    else:
-        from keras_synann.kernels import tensorflow as package
-    return package
+def _unrolled(x, kernel, chunk: int):
+    return reference.forward(x, kernel, chunk, unroll=True)
 
 
-#: (backend, name) -> why its module cannot be imported (a failed import is
-#: not retried).
-_MISSING: dict[tuple[str, str], str] = {}
+#: Every implementation, one row per backend it runs on; a backend's rows in
+#: "auto"'s order of preference.
+REGISTRY = (
+    Implementation("pallas", "jax", "jax.pallas", "the Pallas kernels", dtypes=_FLOAT32),
+    Implementation("cpu", "jax", "jax.cpu", _LOOPS, dtypes=_FLOAT32, devices=_CPU),
+    Implementation("ops", "jax"),
+    Implementation(
+        "cpu", "tensorflow", "tensorflow.cpu", _LOOPS, dtypes=_FLOAT32, devices=_CPU,
+        refuses={
+            devices.TF_XLA: _NO_CALLBACK,
+            devices.TF_SAVING: _NO_CALLBACK,
+            devices.TF_FORWARD: "{context} cannot differentiate the C loops (in "
+            "graphs, forward mode sees a custom gradient's inner ops)",
+        },
+        auto_avoids={
+            devices.TF_INFERENCE: "'auto' leaves {context} portable (converters "
+            "such as tf2onnx read such graphs); it takes the C loops in eager "
+            "calls, training steps and Keras's predict and evaluate steps",
+        },
+    ),
+    Implementation(
+        "ops", "tensorflow", "tensorflow.reference",
+        plain={
+            devices.TF_INFERENCE: reference.forward,
+            devices.TF_SAVING: reference.forward,
+            devices.TF_KERAS_STEP: reference.forward,
+            devices.TF_FORWARD: _unrolled,
+        },
+    ),
+    Implementation(
+        "triton", "torch", "torch.triton", "the Triton kernels", dtypes=_FLOAT32,
+        refuses={EVERY_TRACER: "{context} cannot record a Triton launch"},
+    ),
+    Implementation(
+        "cpu", "torch", "torch.cpu", _LOOPS, dtypes=_FLOAT32, devices=_CPU,
+        refuses={
+            EVERY_TRACER: "{context} would record the C loops' result as a "
+            "constant (they run outside torch)"
+        },
+    ),
+    Implementation(
+        "torch", "torch", "torch.eager",
+        refuses={
+            EVERY_TRACER: "{context} cannot record it (it reads the ranges of x "
+            "and the kernel into Python to size its passes)"
+        },
+    ),
+    Implementation("ops", "torch", plain={devices.TORCH_JIT_TRACE: reference.forward}),
+)  # fmt: skip
+
+#: Every implementation's name, the reference first ("auto" is not one: it
+#: picks one of these).
+NAMES = ("ops", *sorted({row.name for row in REGISTRY} - {"ops"}))
 
 
-def _load(backend: str, name: str) -> tuple[ModuleType | None, str | None]:
-    """(module, None), or (None, why it cannot be imported)."""
-    missing = _MISSING.get((backend, name))
-    if missing is not None:
-        return None, missing
-    try:
-        return _backend_package(backend).load(name), None
-    except ImportError as e:
-        reason = f"{e.name or 'a package it needs'} is not installed"
-        _MISSING[(backend, name)] = reason
-        return None, reason
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """One way to compute `log_inhibition`: its name and the backends it runs on."""
-
-    name: str
-    backends: tuple[str, ...]
-
-    def module(self) -> ModuleType:
-        """Its module for the running backend (call `not_supported_reasons` first)."""
-        module, error = _load(devices.backend(), self.name)
-        if module is None:
-            raise ImportError(error)
-        return module
-
-    def not_supported_reasons(self, x, kernel, auto: bool = False) -> list[str]:
-        """Why it does not apply to these tensors here, in words (empty: it does)."""
-        current = devices.backend()
-        if current not in self.backends:
-            homes = " or ".join(self.backends)
-            return [f"it needs the {homes} backend (Keras runs {current})"]
-        module, error = _load(current, self.name)
-        if module is None:
-            return [error]
-        return module.not_supported_reasons(x, kernel, auto)
-
-    def why_not(self, x, kernel, auto: bool = False) -> str | None:
-        """The reasons joined into one sentence, or None where it applies."""
-        reasons = self.not_supported_reasons(x, kernel, auto)
-        return "; ".join(reasons) if reasons else None
-
-    def log_inhibition(self, x, kernel, chunk: int):
-        """s (batch, n_out) for x (batch, n_in), kernel (n_in, n_out), chunk <= n_in."""
-        return self.module().log_inhibition(x, kernel, chunk)
-
-
-#: Every implementation by name ("auto" is not one: it picks one of these).
-IMPLEMENTATIONS = {name: Implementation(name, homes) for name, homes in _HOMES.items()}
+def find(name: str, backend: str | None = None) -> Implementation | None:
+    """The row of `name` under `backend` (default: Keras's); None if it has none."""
+    backend = backend or devices.backend()
+    for row in REGISTRY:
+        if (row.name, row.backend) == (name, backend):
+            return row
+    return None
 
 
 def priority(backend: str | None = None) -> tuple[str, ...]:
     """What "auto" tries, in order, under `backend` (default: Keras's)."""
-    return _backend_package(backend or devices.backend()).PRIORITY
+    backend = backend or devices.backend()
+    return tuple(row.name for row in REGISTRY if row.backend == backend)
 
 
-def _key(backend: str, x, kernel) -> tuple:
-    return (
-        backend,
-        tuple(x.shape),
-        tuple(kernel.shape),
-        keras.backend.standardize_dtype(x.dtype),
-        keras.backend.standardize_dtype(kernel.dtype),
-        _backend_package(backend).context(x, kernel),
-    )
+def not_supported_reasons(name: str, x, kernel, auto: bool = False) -> list[str]:
+    """Why implementation `name` does not apply to these tensors here, in words
+    (empty: it does)."""
+    return _reasons(name, x, kernel, devices.context(x, kernel), auto)
+
+
+def _reasons(name, x, kernel, context, auto=False) -> list[str]:
+    row = find(name)
+    if row is None:
+        homes = " or ".join(r.backend for r in REGISTRY if r.name == name)
+        return [f"it needs the {homes} backend (Keras runs {devices.backend()})"]
+    return row.not_supported_reasons(x, kernel, context, auto)
 
 
 _AUTO: dict[tuple, Implementation] = {}
 
 
-def resolve(implementation: str, x, kernel) -> Implementation:
-    """The implementation that computes these tensors ("auto" resolved).
+def resolve(implementation: str, x, kernel, context=None) -> Implementation:
+    """The row that computes these tensors ("auto" resolved), in `context`
+    (default: theirs, `devices.context`).
 
     Raises:
         ValueError: `implementation` is explicit and does not apply, with the
             reasons and the way out.
     """
-    backend = devices.backend()
+    context = context or devices.context(x, kernel)
     if implementation == "auto":
-        if _backend_package(backend).compiling():
-            # (torch's compiler traces this function: no cache in its graph)
-            return _choose(backend, x, kernel)
-        key = _key(backend, x, kernel)
+        if not context.cacheable:
+            return _choose(x, kernel, context)
+        key = (
+            devices.backend(),
+            tuple(x.shape),
+            tuple(kernel.shape),
+            keras.backend.standardize_dtype(x.dtype),
+            keras.backend.standardize_dtype(kernel.dtype),
+            context,
+        )
         choice = _AUTO.get(key)
         if choice is None:
-            choice = _choose(backend, x, kernel)
-            _AUTO[key] = choice
+            choice = _AUTO[key] = _choose(x, kernel, context)
         return choice
-    impl = IMPLEMENTATIONS[implementation]
-    reasons = impl.not_supported_reasons(x, kernel)
+    reasons = _reasons(implementation, x, kernel, context)
     if reasons:
         raise ValueError(
             f"implementation={implementation!r} does not apply: "
             f"{'; '.join(reasons)}. Use implementation='auto' or 'ops'."
         )
-    return impl
+    return find(implementation)
 
 
-def _choose(backend: str, x, kernel) -> Implementation:
-    for name in priority(backend):
-        impl = IMPLEMENTATIONS[name]
-        reasons = impl.not_supported_reasons(x, kernel, auto=True)
+def _choose(x, kernel, context) -> Implementation:
+    for name in priority():
+        reasons = _reasons(name, x, kernel, context, auto=True)
         if not reasons:
-            return impl
-        if name == "cpu" and cpu_build.NO_COMPILER in reasons:
+            return find(name)
+        if any(cpu_build.NO_COMPILER in reason for reason in reasons):
             _warn_no_compiler()
     raise AssertionError("the keras.ops implementation applies everywhere")
 
 
 def log_inhibition(x, kernel, chunk_size: int, implementation: str):
     """`log_inhibition` of `keras_synann.ops` for tensors of the backend."""
-    chunk = min(chunk_size, int(kernel.shape[0]))
-    return resolve(implementation, x, kernel).log_inhibition(x, kernel, chunk)
+    context = devices.context(x, kernel)
+    row = resolve(implementation, x, kernel, context)
+    n_in = int(kernel.shape[0])
+    plain = row.plain.get(context.tracer)
+    if plain is not None:
+        return plain(x, kernel, min(chunk_size, n_in))
+    own = row.kernel()
+    chunk = min(own.chunk or chunk_size, n_in)
+    return _differentiable(row.backend)(own, x, kernel, chunk)
+
+
+def _differentiable(backend: str):
+    """The backend's autodiff wrapping, f(kernel, x, W, chunk) -> s.
+
+    (import statements, not importlib: torch's compiler follows them)
+    """
+    if backend == "jax":
+        from keras_synann.kernels.jax import primitives as wrapping
+    elif backend == "torch":
+        from keras_synann.kernels.torch import functions as wrapping
+    else:
+        from keras_synann.kernels.tensorflow import gradients as wrapping
+    return wrapping.log_inhibition
 
 
 @functools.cache

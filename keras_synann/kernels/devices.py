@@ -1,14 +1,16 @@
 """Where a computation runs and what records it: every device and tracer check
 the kernels make, one function per question.
 
-The implementations ask these to say why they do not apply (a GPU-only
-kernel on a CPU, compiled C loops under a tracer that would bake their
-result into a graph as a constant); the keras.ops reference asks them which
-of its forms a tracer can hold. Backend modules are imported inside the
-functions, so importing this module costs nothing.
+`context(x, kernel)` answers both for the running backend; the registry
+decides with it which implementation applies (a GPU-only kernel on a CPU,
+compiled C loops under a tracer that would bake their result into a graph
+as a constant) and which form of it a tracer records. Backend modules are
+imported inside the functions, so importing this module costs nothing.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 
@@ -32,17 +34,65 @@ def on_cpu(x) -> bool:
     return True
 
 
-def is_float32(*tensors) -> bool:
-    """Whether every tensor is float32."""
-    return all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in tensors)
-
-
 def dtypes(*tensors) -> str:
     """The tensors' dtypes in words, for messages: "x float64, kernel float32"."""
     names = ("x", "kernel", "upstream")
     return ", ".join(
         f"{name} {keras.backend.standardize_dtype(t.dtype)}"
         for name, t in zip(names, tensors, strict=False)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What "auto"'s choice depends on besides shapes and dtypes.
+
+    Attributes:
+        device: the kind of device the computation runs on ("cpu", "cuda",
+            "gpu", "tpu"; "" where it is not one kind).
+        where: the same in words, for reasons ("jax has 2 cpu device(s)").
+        tracer: what records the computation (a TF_* or TORCH_* string, or a
+            torch tracer in words); None where nothing does (eager).
+        cacheable: whether the choice may be cached (not while torch's
+            compiler traces the dispatch).
+    """
+
+    device: str
+    where: str
+    tracer: str | None = None
+    cacheable: bool = True
+
+
+#: What a kernel that runs on one kind of device needs, per backend, in words.
+NEEDS = {
+    ("jax", "cpu"): "jax on a single CPU device",
+    ("torch", "cpu"): "CPU tensors",
+    ("tensorflow", "cpu"): "tensorflow on the CPU",
+}
+
+
+def context(x, kernel) -> Context:
+    """Where `x` and `kernel` are computed under the running backend, and what
+    records the computation."""
+    name = backend()
+    if name == "jax":
+        count, platform = jax_devices()
+        device = platform if count == 1 else ""
+        return Context(device, f"jax has {count} {platform} device(s)")
+    if name == "torch":
+        tracer = torch_tracer(x, kernel)
+        same = x.device.type == kernel.device.type
+        return Context(
+            x.device.type if same else "",
+            f"received tensors on {x.device}",
+            tracer,
+            cacheable=tracer != TORCH_COMPILE,
+        )
+    on_cpu = tensorflow_on_cpu()
+    return Context(
+        "cpu" if on_cpu else "",
+        "it sees the CPU only" if on_cpu else "it sees a GPU or TPU",
+        tensorflow_context(x, kernel),
     )
 
 
@@ -69,8 +119,7 @@ def tensorflow_on_cpu() -> bool:
     )
 
 
-#: What `tensorflow_context` answers.
-TF_EAGER = "eager"
+#: What `tensorflow_context` answers (None: eager execution).
 TF_XLA = "an XLA-compiled graph (jit_compile=True, or a TPU)"
 TF_SAVING = "a SavedModel being written"
 TF_TRAINING = "a graph that a gradient tape records"
@@ -79,10 +128,11 @@ TF_KERAS_STEP = "a Keras predict or evaluate step (a graph no gradient tape reco
 TF_FORWARD = "a graph that a forward accumulator (forward-mode autodiff) records"
 
 
-def tensorflow_context(*tensors) -> str:
-    """What tensorflow is building when `tensors` are computed (a TF_* constant).
+def tensorflow_context(*tensors) -> str | None:
+    """What tensorflow is building when `tensors` are computed (a TF_* constant),
+    or None when it executes eagerly.
 
-    Eager execution; a graph that XLA compiles; a graph written into a
+    A graph that XLA compiles; a graph written into a
     SavedModel; a graph a forward accumulator records (in graphs,
     `tf.custom_gradient` gives forward mode the JVP of its inner ops, not of
     its gradient function, so only plain ops are right there); a graph a
@@ -97,7 +147,7 @@ def tensorflow_context(*tensors) -> str:
     import tensorflow as tf
 
     if tf.executing_eagerly():
-        return TF_EAGER
+        return None
     try:
         from tensorflow.python.framework import ops as tf_ops
         from tensorflow.python.ops import control_flow_util
@@ -154,6 +204,11 @@ def _in_keras_step(graph) -> bool:
 # --- torch -------------------------------------------------------------------
 
 
+#: What `torch_tracer` answers under torch.jit.trace and torch's compiler.
+TORCH_JIT_TRACE = "torch.jit.trace"
+TORCH_COMPILE = "torch.compile / torch.export"
+
+
 def torch_tracer(*tensors) -> str | None:
     """The torch tracer recording these tensors, in words, or None when eager.
 
@@ -166,11 +221,11 @@ def torch_tracer(*tensors) -> str | None:
     import torch
 
     if torch.jit.is_tracing():
-        return "torch.jit.trace"
+        return TORCH_JIT_TRACE
     if torch.jit.is_scripting():
         return "torch.jit.script"
     if torch.compiler.is_compiling():
-        return "torch.compile / torch.export"
+        return TORCH_COMPILE
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -182,8 +237,3 @@ def torch_tracer(*tensors) -> str | None:
         if mode_key is not None and torch._C._get_dispatch_mode(mode_key) is not None:
             return f"a torch {key.lower()} tracing mode (torch.export, make_fx)"
     return None
-
-
-def torch_is_cuda(*tensors) -> bool:
-    """Whether every tensor is on a CUDA device."""
-    return all(t.is_cuda for t in tensors)

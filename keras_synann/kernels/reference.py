@@ -4,15 +4,15 @@
                                            product_floor))
 
 `forward` multiplies the factors of a chunk of input units and takes one
-log per chunk; `backward` (the adjoint) is the closed form
+log per chunk; `adjoint` is the closed form
 
     ds_i/dW[j, i] = -x_j / f,   ds_i/dx_j = -W[j, i] / f,   f = 1 - W[j, i] x_j
 
-(0 where f was floored); `tangent` is the forward-mode derivative and
-`contract` the family all higher derivatives are made of (`kernels.rules`).
-Each runs chunk by chunk, so no (batch, n_in, n_out) tensor ever exists.
-These are plain functions of tensors, with no autodiff of their own: each
-backend makes them differentiable (`kernels.jax`, `kernels.torch`,
+(0 where f was floored); `contract` is the family every other derivative is
+made of (`kernels.rules`). Each runs chunk by chunk, so no (batch, n_in,
+n_out) tensor ever exists. These are plain functions of tensors, with no
+autodiff of their own (`KERNEL`, the "ops" implementation's): each backend
+makes them differentiable (`kernels.jax`, `kernels.torch`,
 `kernels.tensorflow`), and a tracer that must read a plain graph (for
 another runtime) traces `forward` alone.
 
@@ -31,6 +31,7 @@ from keras import ops
 
 from keras_synann.kernels import devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.rules import Kernel
 
 #: On a CPU the backward materialises q for at most this many input units at a
 #: time (with the whole batch), so that less of it spills out of L2 while two
@@ -84,7 +85,7 @@ def forward(x, kernel, chunk: int, unroll: bool = False):
     return _over_chunks(step, zeros, xc, wc)
 
 
-def backward(x, kernel, upstream, chunk: int):
+def adjoint(x, kernel, upstream, chunk: int):
     """(d x, d W) of sum(upstream * s), chunk by chunk, in closed form.
 
         q = upstream / f  (0 where f is floored),
@@ -159,7 +160,7 @@ def contract(slot: str, power: int, a, b, c, x, kernel, chunk: int):
 
     Every derivative of `log_inhibition` beyond the fused first-order pair is
     a sum of these (`kernels.rules`), since dR_p = p R_{p+1} (x dW + W dx).
-    Chunk by chunk over j, like `backward`: no (batch, n_in, n_out) tensor.
+    Chunk by chunk over j, like `adjoint`: no (batch, n_in, n_out) tensor.
     """
     n_in, n_out = kernel.shape
     batch = ops.shape(x)[0]
@@ -182,45 +183,21 @@ def contract(slot: str, power: int, a, b, c, x, kernel, chunk: int):
         init = ops.zeros((batch, n_out), dtype=dtype)
         return _over_chunks_of(step_c, init, (xc, wc, ac, bc))
 
-    if slot == "a":
+    # "a" and "b": one (chunk, m) block of the result per chunk of j.
+    spec, given, m = {
+        "a": ("jbi,ji,bi->jb", bc, batch),
+        "b": ("jbi,jb,bi->ji", ac, n_out),
+    }[slot]
 
-        def step_a(k, out, inputs):
-            xk, wk, bk = inputs
-            part = ops.einsum("jbi,ji,bi->jb", factors_r(xk, wk), bk, c)
-            return ops.slice_update(out, (k, 0, 0), part[None])
-
-        init = ops.zeros((num_chunks, chunk, batch), dtype=dtype)
-        out = _over_chunks_of(step_a, init, (xc, wc, bc))
-        return ops.transpose(ops.reshape(out, (num_chunks * chunk, batch))[:n_in])
-
-    def step_b(k, out, inputs):
-        xk, wk, ak = inputs
-        part = ops.einsum("jbi,jb,bi->ji", factors_r(xk, wk), ak, c)
+    def step(k, out, inputs):
+        xk, wk, gk = inputs
+        part = ops.einsum(spec, factors_r(xk, wk), gk, c)
         return ops.slice_update(out, (k, 0, 0), part[None])
 
-    init = ops.zeros((num_chunks, chunk, n_out), dtype=dtype)
-    out = _over_chunks_of(step_b, init, (xc, wc, ac))
-    return ops.reshape(out, (num_chunks * chunk, n_out))[:n_in]
-
-
-def tangent(x, kernel, tx, tkernel, chunk: int):
-    """The forward-mode derivative of `forward`: (batch, n_out)
-
-        ds[b, i] = -sum_j (x[b, j] dW[j, i] + dx[b, j] W[j, i]) / f[b, j, i]
-
-    (0 where f is floored): the transpose of `backward`, in one pass.
-    """
-    xc, wc = _chunks(x, kernel, chunk)
-    txc, twc = _rows(ops.transpose(tx), chunk), _rows(tkernel, chunk)
-
-    def step(k, total, inputs):
-        xk, wk, txk, twk = inputs
-        numerator = ops.expand_dims(xk, -1) * ops.expand_dims(twk, 1)
-        numerator = numerator + ops.expand_dims(txk, -1) * ops.expand_dims(wk, 1)
-        return total - ops.sum(numerator * _reciprocal_power(_factors(xk, wk), 1), 0)
-
-    init = ops.zeros((ops.shape(x)[0], kernel.shape[1]), dtype=x.dtype)
-    return _over_chunks_of(step, init, (xc, wc, txc, twc))
+    init = ops.zeros((num_chunks, chunk, m), dtype=dtype)
+    out = _over_chunks_of(step, init, (xc, wc, given))
+    out = ops.reshape(out, (num_chunks * chunk, m))[:n_in]
+    return ops.transpose(out) if slot == "a" else out
 
 
 def _over_chunks_of(step, init, stacked):
@@ -253,3 +230,7 @@ def _over_chunks(step, init, xc, wc):
     return _over_chunks_of(
         lambda k, carry, inputs: step(k, carry, *inputs), init, (xc, wc)
     )
+
+
+#: The reference as a kernel: every backend, device and tracer.
+KERNEL = Kernel(forward, adjoint, contract)

@@ -8,29 +8,87 @@ the partial derivatives of the trilinear forms
     T_p(A, B, C) = sum_{b, j, i} A[b, j] B[j, i] C[b, i] R_p[b, j, i],   R_p = 1 / f ** p
 
 (R_p = 0 where f is floored: a floored factor is a constant), closed under
-differentiation because dR_p = p R_{p+1} (x dW + W dx). Three operations
-carry the first order, each with a fused kernel where one exists:
+differentiation because dR_p = p R_{p+1} (x dW + W dx). A `Kernel` gives the
+first two operations fused; the third is derived here, once:
 
     forward(x, W)          = s
     adjoint(x, W, u)       = (dx, dW) of sum(u * s): (-T_1'_A(., W, u), -T_1'_B(x, ., u))
     tangent(x, W, tx, tW)  = ds = -(T_1'_C(x, tW, .) + T_1'_C(tx, W, .))
 
-`adjoint` and `tangent` are each other's transposes. The functions here give
-the JVP and VJP of `adjoint`, `tangent` and `contract` in terms of those same
-operations, so any backend that wraps the four as differentiable operations
-(jax primitives, torch autograd Functions, tensorflow custom gradients) gets
-every order, forward and reverse, with no (batch, n_in, n_out) tensor.
+`adjoint` and `tangent` are each other's transposes. Every second derivative
+is one formula (`Algebra.second`),
 
-An `Algebra` holds one backend's four operations bound to (x, W); `None`
-stands for a zero tangent or cotangent throughout (its terms are skipped).
+    d2s[t, s] = -(tW sx + sW tx) R_1 - (x tW + W tx) (x sW + W sx) R_2,
+
+and the rules here give the JVP and VJP of `adjoint`, `tangent` and
+`contract` with it and with dR_p, in terms of the same operations. So any
+backend that wraps them as differentiable operations (jax primitives, torch
+autograd Functions, tensorflow custom gradients) gets every order, forward
+and reverse, with no (batch, n_in, n_out) tensor.
+
+An `Algebra` holds one backend's operations bound to (x, W); `None` stands
+for a zero tangent or cotangent throughout (its terms are skipped).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 #: The slots of T_p: "a" (batch, n_in), "b" (n_in, n_out), "c" (batch, n_out).
 SLOTS = ("a", "b", "c")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One implementation's operations on plain tensors of its backend:
+
+        forward(x, W, chunk) -> s                          (batch, n_out)
+        adjoint(x, W, u, chunk) -> (dx, dW)                the vjp of sum(u * s)
+        contract(slot, power, a, b, c, x, W, chunk) -> t   T_p's gradient in `slot`
+
+    (the operand of `slot` None), with its own checks.
+
+    Attributes:
+        forward, adjoint, contract: the three operations.
+        chunk: the factors per log the kernel always takes (the fused GPU
+            kernels' tile), which the reference they export as takes too;
+            None: the caller's `chunk_size`.
+        build: the variant of the C loops it calls (`cpu_build`); why they
+            cannot be built or loaded is a reason not to apply.
+        reasons: `reasons(x, W, auto) -> list[str]`, any reason of its own.
+    """
+
+    forward: Callable
+    adjoint: Callable
+    contract: Callable
+    chunk: int | None = None
+    build: str | None = None
+    reasons: Callable[..., list[str]] | None = None
+
+
+def contract_shape(slot: str, x_shape, kernel_shape) -> tuple:
+    """The shape of T_p's gradient in `slot` for x and W of these shapes."""
+    batch, (n_in, n_out) = x_shape[0], kernel_shape
+    return {"a": (batch, n_in), "b": (n_in, n_out), "c": (batch, n_out)}[slot]
+
+
+def operand_slots(slot: str) -> tuple[str, str]:
+    """The slots given to a contraction that leaves out `slot`, in order."""
+    return tuple(s for s in SLOTS if s != slot)
+
+
+def tangent(contract: Callable, x, kernel, tx, tw):
+    """ds = -(T_1'_C(x, tW) + T_1'_C(tx, W)): the jvp of s along (tx, tW).
+
+    `contract(slot, power, a, b)` computes the contraction; a None tangent is
+    a zero (its term is skipped; None if both are).
+    """
+    return _neg(_add(_mul_c(contract, x, tw), _mul_c(contract, tx, kernel)))
+
+
+def _mul_c(contract, a, b):
+    return None if a is None or b is None else contract("c", 1, a, b)
 
 
 def _add(*terms):
@@ -60,6 +118,10 @@ def _scale(p: int, t):
     return None if t is None else (t if p == 1 else p * t)
 
 
+#: Stands in `Algebra.second`'s terms for the direction whose gradient is taken.
+_HOLE = object()
+
+
 class Algebra:
     """One backend's differentiable operations, bound to x and W.
 
@@ -68,7 +130,9 @@ class Algebra:
         contract: contract(slot, power, a, b, c) with the operand of `slot`
             None; differentiable by this backend's autodiff.
         adjoint: adjoint(u) -> (dx, dW).
-        tangent: tangent(tx, tW) -> ds (both given).
+        tangent: tangent(tx, tW) -> ds with both given, where the backend has
+            an operation of its own for it (jax, whose tangent transposes to
+            the fused adjoint); by default derived from `contract`.
     """
 
     def __init__(
@@ -77,7 +141,7 @@ class Algebra:
         kernel,
         contract: Callable,
         adjoint: Callable,
-        tangent: Callable,
+        tangent: Callable | None = None,
     ):
         self.x, self.w = x, kernel
         self._contract, self._adjoint, self._tangent = contract, adjoint, tangent
@@ -85,9 +149,8 @@ class Algebra:
     # -- the operations, with None for zeros ----------------------------------
 
     def contract(self, slot: str, power: int, a=None, b=None, c=None):
-        operands = {"a": a, "b": b, "c": c}
-        del operands[slot]
-        if any(v is None for v in operands.values()):
+        given = {"a": a, "b": b, "c": c}
+        if any(given[s] is None for s in operand_slots(slot)):
             return None
         return self._contract(slot, power, a, b, c)
 
@@ -97,96 +160,68 @@ class Algebra:
         return self._adjoint(u)
 
     def tangent(self, tx, tw):
-        if tx is None and tw is None:
-            return None
-        if tx is None:
-            return -self.contract("c", 1, self.x, tw)
-        if tw is None:
-            return -self.contract("c", 1, tx, self.w)
+        if self._tangent is None or tx is None or tw is None:
+            return tangent(self.contract, self.x, self.w, tx, tw)
         return self._tangent(tx, tw)
+
+    def second(self, slot: str, t, c=None, s=(None, None)) -> list:
+        """The terms of the second derivative along t = (tx, tW) (module):
+
+            d2s[t, s] = -(tW sx + sW tx) R_1 - (x tW + W tx) (x sW + W sx) R_2
+
+        slot "c": d2s[t, s] itself, (batch, n_out), for the given s; "a" or
+        "b": the gradient of sum(c * d2s[t, s]) in sx or in sW. Each term
+        negated, in a fixed order (their sum is the derivative).
+        """
+        tx, tw = t
+        x, w = self.x, self.w
+        sx, sw = {"a": (_HOLE, None), "b": (None, _HOLE), "c": s}[slot]
+        terms = (
+            (1, (sx,), (tw,)),
+            (1, (tx,), (sw,)),
+            (2, (x, x), (tw, sw)),
+            (2, (x, sx), (w, tw)),
+            (2, (x, tx), (w, sw)),
+            (2, (tx, sx), (w, w)),
+        )
+        out = []
+        for power, a, b in terms:
+            if slot == "c":
+                out.append(_neg(self.contract("c", power, _mul(*a), _mul(*b))))
+                continue
+            held, other = (a, b) if slot == "a" else (b, a)
+            if not any(f is _HOLE for f in held):
+                continue
+            given = {"a" if slot == "b" else "b": _mul(*other), "c": c}
+            term = self.contract(slot, power, **given)
+            rest = [f for f in held if f is not _HOLE]
+            out.append(_neg(_mul(*rest, term) if rest else term))
+        return out
 
     # -- rules -----------------------------------------------------------------
 
     def adjoint_jvp(self, u, tx, tw, tu):
         """d(dx, dW) of adjoint(x, W, u) along (tx, tW, tu)."""
-        x, w = self.x, self.w
         d_dx, d_dw = self.adjoint(tu)
-        d_dx = _add(
-            d_dx,
-            _neg(self.contract("a", 1, None, tw, u)),
-            _neg(_mul(x, self.contract("a", 2, None, _mul(w, tw), u))),
-            _neg(_mul(tx, self.contract("a", 2, None, w * w, u))),
+        t = (tx, tw)
+        return (
+            _add(d_dx, *self.second("a", t, u)),
+            _add(d_dw, *self.second("b", t, u)),
         )
-        d_dw = _add(
-            d_dw,
-            _neg(self.contract("b", 1, tx, None, u)),
-            _neg(_mul(tw, self.contract("b", 2, x * x, None, u))),
-            _neg(_mul(w, self.contract("b", 2, _mul(x, tx), None, u))),
-        )
-        return d_dx, d_dw
 
     def adjoint_vjp(self, u, g_dx, g_dw, want=(True, True, True)):
         """(x_bar, W_bar, u_bar) for cotangents (g_dx, g_dW) of adjoint(x, W, u);
         None for those `want` leaves out."""
-        x, w = self.x, self.w
-        u_bar = self.tangent(g_dx, g_dw) if want[2] else None
-        x_bar = (
-            None
-            if not want[0]
-            else _add(
-                _neg(self.contract("a", 1, None, g_dw, u)),
-                _neg(_mul(g_dx, self.contract("a", 2, None, w * w, u))),
-                _neg(_mul(x, self.contract("a", 2, None, _mul(g_dw, w), u))),
-            )
+        t = (g_dx, g_dw)
+        return (
+            _add(*self.second("a", t, u)) if want[0] else None,
+            _add(*self.second("b", t, u)) if want[1] else None,
+            self.tangent(g_dx, g_dw) if want[2] else None,
         )
-        w_bar = (
-            None
-            if not want[1]
-            else _add(
-                _neg(self.contract("b", 1, g_dx, None, u)),
-                _neg(_mul(w, self.contract("b", 2, _mul(g_dx, x), None, u))),
-                _neg(_mul(g_dw, self.contract("b", 2, x * x, None, u))),
-            )
-        )
-        return x_bar, w_bar, u_bar
 
     def tangent_jvp(self, tx, tw, sx, sw, stx, stw):
         """d tangent(x, W, tx, tW) along (sx, sW) for (x, W) and (stx, stW)."""
-        x, w = self.x, self.w
-        return _add(
-            self.tangent(stx, stw),
-            _neg(self.contract("c", 1, sx, tw)),
-            _neg(self.contract("c", 1, tx, sw)),
-            _neg(self.contract("c", 2, x * x, _mul(tw, sw))),
-            _neg(self.contract("c", 2, _mul(x, sx), _mul(tw, w))),
-            _neg(self.contract("c", 2, _mul(tx, x), _mul(w, sw))),
-            _neg(self.contract("c", 2, _mul(tx, sx), w * w)),
-        )
-
-    def tangent_vjp(self, tx, tw, ct, want=(True, True, True, True)):
-        """(x_bar, W_bar, tx_bar, tW_bar) for a cotangent ct of tangent's output;
-        None for those `want` leaves out."""
-        x, w = self.x, self.w
-        tx_bar, tw_bar = self.adjoint(ct) if want[2] or want[3] else (None, None)
-        x_bar = (
-            None
-            if not want[0]
-            else _add(
-                _neg(self.contract("a", 1, None, tw, ct)),
-                _neg(_mul(x, self.contract("a", 2, None, _mul(tw, w), ct))),
-                _neg(_mul(tx, self.contract("a", 2, None, w * w, ct))),
-            )
-        )
-        w_bar = (
-            None
-            if not want[1]
-            else _add(
-                _neg(self.contract("b", 1, tx, None, ct)),
-                _neg(_mul(tw, self.contract("b", 2, x * x, None, ct))),
-                _neg(_mul(w, self.contract("b", 2, _mul(tx, x), None, ct))),
-            )
-        )
-        return x_bar, w_bar, tx_bar, tw_bar
+        return _add(self.tangent(stx, stw), *self.second("c", (tx, tw), s=(sx, sw)))
 
     def contract_jvp(self, slot, power, operands, tangents, tx, tw):
         """d contract(slot, power, **operands) along the operands' tangents

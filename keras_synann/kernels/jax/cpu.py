@@ -1,11 +1,10 @@
-"""The C loops under jax ("cpu"): primitives (`primitives.define`) whose CPU
-lowering is an XLA FFI call of the handlers in cpu_ffi.c (forward, adjoint
-and the contractions of the higher derivatives).
+"""The C loops under jax ("cpu"): XLA FFI calls of the handlers in cpu_ffi.c
+(forward, adjoint and the contractions of the higher derivatives).
 
 `jax.jit` on a CPU runs the loops inside the compiled program (no callback
-into Python); a module lowered for export, or for another platform, holds
-the keras.ops reference instead. The library is built with POSIX threads
-("xla_ffi" variant) against jaxlib's FFI header.
+into Python); a module lowered for export holds the keras.ops reference
+instead (`primitives`). The library is built with POSIX threads ("xla_ffi"
+variant) against jaxlib's FFI header.
 """
 
 from __future__ import annotations
@@ -15,94 +14,75 @@ import functools
 import jax
 import numpy as np
 
-from keras_synann.kernels import cpu_build, devices
+from keras_synann.kernels import cpu_build, rules
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
-from keras_synann.kernels.jax import primitives
+from keras_synann.kernels.rules import Kernel
 
 VARIANT = "xla_ffi"
-_FORWARD, _BACKWARD = "keras_synann_forward", "keras_synann_backward"
-_CONTRACT = "keras_synann_contract"
-
-
-def unavailable() -> str | None:
-    """Why the loops cannot run here (None: built, loaded, registered with XLA)."""
-    reason = cpu_build.unavailable(VARIANT)
-    if reason is None:
-        _register()
-    return reason
+_TARGETS = {
+    "keras_synann_forward": "synann_ffi_forward",
+    "keras_synann_backward": "synann_ffi_backward",
+    "keras_synann_contract": "synann_ffi_contract",
+}
 
 
 @functools.cache
-def _register() -> None:
+def _register() -> str | None:
+    """Registers the loops' handlers with XLA; None, or why they are not."""
     lib = cpu_build.load(VARIANT)
-    for target, symbol in (
-        (_FORWARD, "synann_ffi_forward"),
-        (_BACKWARD, "synann_ffi_backward"),
-        (_CONTRACT, "synann_ffi_contract"),
-    ):
+    for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(
-            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
         )
+    return None
 
 
-def _ffi_forward(x, kernel, *, chunk, threads):
+def _reasons(x, kernel, auto: bool) -> list[str]:
+    """The handlers, registered with XLA before the loops are taken."""
+    del x, kernel, auto
+    reason = _register()
+    return [] if reason is None else [reason]
+
+
+def _call(target: str, outs, *args, **attributes):
+    _register()
+    call = jax.ffi.ffi_call(target, outs)
+    return call(
+        *args,
+        floor=np.float32(FACTOR_FLOOR),
+        threads=np.int32(cpu_build.threads()),
+        **attributes,
+    )
+
+
+def forward(x, kernel, chunk: int):
+    """s (batch, n_out) by the loops."""
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), x.dtype)
-    return jax.ffi.ffi_call(_FORWARD, out)(
-        x, kernel, chunk=np.int64(chunk), floor=np.float32(FACTOR_FLOOR),
-        product_floor=np.float32(PRODUCT_FLOOR), threads=np.int32(threads),
+    return _call(
+        "keras_synann_forward", out, x, kernel,
+        chunk=np.int64(chunk), product_floor=np.float32(PRODUCT_FLOOR),
     )  # fmt: skip
 
 
-def _ffi_backward(x, kernel, u, *, chunk, threads):
-    del chunk  # the backward's loops have no chunks
+def adjoint(x, kernel, u, chunk: int):
+    """(dx, dW) of sum(u * s) by the loops' one backward pass (no chunks)."""
+    del chunk
     outs = (
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
     )
-    return jax.ffi.ffi_call(_BACKWARD, outs)(
-        x, kernel, u, floor=np.float32(FACTOR_FLOOR), threads=np.int32(threads)
-    )
+    return _call("keras_synann_backward", outs, x, kernel, u)
 
 
-def _ffi_contract(p, q, x, kernel, *, slot, power, chunk, threads):
+def contract(slot, power, a, b, c, x, kernel, chunk: int):
+    """`reference.contract` by the loops."""
     del chunk
-    shape = {
-        "a": (x.shape[0], kernel.shape[0]),
-        "b": kernel.shape,
-        "c": (x.shape[0], kernel.shape[1]),
-    }[slot]
-    out = jax.ShapeDtypeStruct(shape, x.dtype)
-    return jax.ffi.ffi_call(_CONTRACT, out)(
-        p, q, x, kernel, slot=np.int32("abc".index(slot)), power=np.int32(power),
-        floor=np.float32(FACTOR_FLOOR), threads=np.int32(threads),
+    shape = rules.contract_shape(slot, x.shape, kernel.shape)
+    p, q = (t for t in (a, b, c) if t is not None)
+    return _call(
+        "keras_synann_contract", jax.ShapeDtypeStruct(shape, x.dtype), p, q, x, kernel,
+        slot=np.int32(rules.SLOTS.index(slot)), power=np.int32(power),
     )  # fmt: skip
 
 
-_log_inhibition = primitives.define(
-    "keras_synann_cpu", {"cpu": (_ffi_forward, _ffi_backward, _ffi_contract)}
-)
-
-
-def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
-    """Why the loops do not apply here (empty: they do)."""
-    del auto
-    reasons = []
-    if not devices.is_float32(x, kernel):
-        reasons.append(
-            f"the C loops compute in float32 (received {devices.dtypes(x, kernel)})"
-        )
-    count, platform = devices.jax_devices()
-    if (count, platform) != (1, "cpu"):
-        reasons.append(
-            "the C loops need jax on a single CPU device "
-            f"(jax has {count} {platform} device(s))"
-        )
-    reason = unavailable()
-    if reason is not None:
-        reasons.append(reason)
-    return reasons
-
-
-def log_inhibition(x, kernel, chunk: int):
-    """s for float32 arrays x (batch, n_in) and kernel (n_in, n_out)."""
-    return _log_inhibition(x, kernel, chunk=int(chunk), threads=cpu_build.threads())
+KERNEL = Kernel(forward, adjoint, contract, build=VARIANT, reasons=_reasons)

@@ -1,9 +1,9 @@
-"""The fused kernels' jax primitives for jax2onnx: each becomes the reference.
+"""The jax primitives of `log_inhibition` for jax2onnx: each becomes the reference.
 
 Keras exports a jax model to ONNX with jax2onnx, which converts a jaxpr
-primitive by primitive and knows only the primitives it has a plugin for. A
-kernel's primitive (`primitives.define`) would stop the conversion, so
-each one gets a plugin here that lowers it as the jaxpr of the keras.ops
+primitive by primitive and knows only the primitives it has a plugin for.
+The four primitives of `primitives` would stop the conversion, so each
+one gets a plugin here that lowers it as the jaxpr of the keras.ops
 reference (`kernels.reference`), inlined where the primitive stood: the ONNX
 graph holds the reference's standard operators, just as `jax.export` holds
 the reference's StableHLO.

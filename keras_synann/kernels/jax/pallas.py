@@ -15,8 +15,9 @@ padded upstream gradient 0), so the kernels need no masks. float32 only. On
 a CPU the kernels run in Pallas's interpreter (slow; for tests); TPUs use the
 keras.ops path. The keras.ops path is the reference the tests compare with.
 
-The kernels are the GPU lowering of two jax primitives (`jax_primitives`):
-a module lowered for export, or for a platform without them, holds the
+The kernels are the forward and adjoint of a `base.Kernel` (its contract is
+the reference's), lowered per platform with `lax.platform_dependent`
+(Pallas's interpreter on a CPU); a module lowered for export holds the
 keras.ops reference instead (with `config.chunk` factors per log, the same
 numbers), since XLA gives Triton calls no compatibility guarantee.
 """
@@ -29,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from keras_synann.kernels import devices
+from keras_synann.kernels import devices, reference
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
-from keras_synann.kernels.jax import primitives
+from keras_synann.kernels.rules import Kernel
 from keras_synann.kernels.tiles import TileConfig
 
 #: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
@@ -120,16 +121,28 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, **kw):
+def _tile(rows: int, cols: int):
+    """A BlockSpec handing program (r, c, ...) its (rows, cols) tile."""
+    return pl.BlockSpec((rows, cols), lambda r, c, *_: (r, c))
+
+
+def _call(kernel, config, out_shape, grid, in_specs, out_spec, interpret, **kw):
+    """`kernel` as a pallas_call with the tiling of `config` (block, chunk, floor)."""
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton
 
         params["compiler_params"] = pl_triton.CompilerParams(
-            num_warps=num_warps, num_stages=1
+            num_warps=config.num_warps, num_stages=1
         )
     return pl.pallas_call(
-        functools.partial(kernel, **kw),
+        functools.partial(
+            kernel,
+            block=(config.block_rows, config.block_cols),
+            chunk=config.chunk,
+            floor=FACTOR_FLOOR,
+            **kw,
+        ),
         out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
         grid=grid,
         in_specs=in_specs,
@@ -139,67 +152,37 @@ def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, **k
     )
 
 
-def _forward(x, kernel, *, config: TileConfig, interpret: bool, chunk: int):
-    del chunk  # the reference's (config.chunk here)
+def _forward(x, kernel, config: TileConfig, interpret: bool):
     rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
-    block, num_warps = (rows, cols), config.num_warps
-    floor, product_floor = FACTOR_FLOOR, PRODUCT_FLOOR
     batch, n_in = x.shape
     n_out = kernel.shape[1]
-    b_pad, n_pad, o_pad = (
-        _round_up(batch, rows),
-        _round_up(n_in, chunk),
-        _round_up(n_out, cols),
-    )
+    b_pad, n_pad = _round_up(batch, rows), _round_up(n_in, chunk)
+    o_pad = _round_up(n_out, cols)
     xt = _pad_to(x.T, n_pad, b_pad)
     w = _pad_to(kernel, n_pad, o_pad)
     s = _call(
-        _forward_kernel,
-        (b_pad, o_pad),
-        (b_pad // rows, o_pad // cols),
-        [_whole(xt.shape), _whole(w.shape)],
-        pl.BlockSpec((rows, cols), lambda b, i: (b, i)),
-        interpret,
-        num_warps,
-        floor=floor,
-        product_floor=product_floor,
-        block=block,
-        chunk=chunk,
-    )(xt, w)
+        _forward_kernel, config, (b_pad, o_pad), (b_pad // rows, o_pad // cols),
+        [_whole(xt.shape), _whole(w.shape)], _tile(rows, cols), interpret,
+        product_floor=PRODUCT_FLOOR,
+    )(xt, w)  # fmt: skip
     return s[:batch, :n_out]
 
 
-def _backward(x, kernel, g, *, config: TileConfig, interpret: bool, chunk: int):
-    del chunk  # the reference's (config.chunk here)
+def _backward(x, kernel, g, config: TileConfig, interpret: bool):
     rows, cols, chunk = config.block_rows, config.block_cols, config.chunk
-    block, num_warps, floor = (rows, cols), config.num_warps, FACTOR_FLOOR
     batch, n_in = x.shape
     n_out = kernel.shape[1]
     # d x: tiles of (batch, n_in), looping over the output units.
-    b_pad, j_pad, o_pad = (
-        _round_up(batch, rows),
-        _round_up(n_in, cols),
-        _round_up(n_out, chunk),
-    )
+    b_pad, j_pad = _round_up(batch, rows), _round_up(n_in, cols)
+    o_pad = _round_up(n_out, chunk)
     xp = _pad_to(x, b_pad, j_pad)
     wt = _pad_to(kernel.T, o_pad, j_pad)
     gt = _pad_to(g.T, o_pad, b_pad)
     dx = _call(
-        _grad_x_kernel,
-        (b_pad, j_pad),
-        (b_pad // rows, j_pad // cols),
-        [
-            pl.BlockSpec((rows, cols), lambda b, j: (b, j)),
-            _whole(wt.shape),
-            _whole(gt.shape),
-        ],
-        pl.BlockSpec((rows, cols), lambda b, j: (b, j)),
+        _grad_x_kernel, config, (b_pad, j_pad), (b_pad // rows, j_pad // cols),
+        [_tile(rows, cols), _whole(wt.shape), _whole(gt.shape)], _tile(rows, cols),
         interpret,
-        num_warps,
-        floor=floor,
-        block=block,
-        chunk=chunk,
-    )(xp, wt, gt)[:batch, :n_in]
+    )(xp, wt, gt)[:batch, :n_in]  # fmt: skip
     # d W: tiles of (n_in, n_out), one partial sum per slice of the batch.
     parts = -(-batch // GRAD_W_ROWS)
     slice_rows = _round_up(-(-batch // parts), chunk)
@@ -208,72 +191,68 @@ def _backward(x, kernel, g, *, config: TileConfig, interpret: bool, chunk: int):
     gw = _pad_to(g, parts * slice_rows, ow_pad)
     w = _pad_to(kernel, jw_pad, ow_pad)
     dw = _call(
-        _grad_w_kernel,
-        (parts, jw_pad, ow_pad),
+        _grad_w_kernel, config, (parts, jw_pad, ow_pad),
         (jw_pad // rows, ow_pad // cols, parts),
-        [
-            _whole(xw.shape),
-            pl.BlockSpec((rows, cols), lambda j, i, p: (j, i)),
-            _whole(gw.shape),
-        ],
-        pl.BlockSpec((1, rows, cols), lambda j, i, p: (p, j, i)),
-        interpret,
-        num_warps,
-        floor=floor,
-        block=block,
-        chunk=chunk,
+        [_whole(xw.shape), _tile(rows, cols), _whole(gw.shape)],
+        pl.BlockSpec((1, rows, cols), lambda j, i, p: (p, j, i)), interpret,
         slice_rows=slice_rows,
-    )(xw, w, gw)
+    )(xw, w, gw)  # fmt: skip
     return dx, jnp.sum(dw, axis=0)[:n_in, :n_out]
 
 
-def _on(interpret: bool):
-    return (
-        functools.partial(_forward, interpret=interpret),
-        functools.partial(_backward, interpret=interpret),
+def _on_platform(fn, config: TileConfig):
+    """fn compiled for the GPU, in Pallas's interpreter on a CPU."""
+
+    def per_platform(*args):
+        return jax.lax.platform_dependent(
+            *args,
+            cpu=functools.partial(fn, config=config, interpret=True),
+            default=functools.partial(fn, config=config, interpret=False),
+        )
+
+    return per_platform
+
+
+def _reasons(x, kernel, auto: bool) -> list[str]:
+    """Explicit requests may run in Pallas's interpreter on a CPU (for tests);
+    "auto" takes the kernels on a single GPU only (XLA can partition the
+    keras.ops path across several devices, not a Pallas call)."""
+    del x, kernel
+    count, platform = devices.jax_devices()
+    if platform == "tpu":
+        return ["the Pallas kernels target GPUs (Pallas's Triton lowering), not TPUs"]
+    if auto and (count, platform) != (1, "gpu"):
+        return [
+            "'auto' takes the Pallas kernels on a single GPU "
+            f"(jax has {count} {platform} device(s))"
+        ]
+    return []
+
+
+@functools.cache
+def kernel_for(config: TileConfig) -> Kernel:
+    """The kernels with one tiling: `config.chunk` factors per log (and so does
+    the reference they export as), whatever the caller's `chunk_size`."""
+    forward = _on_platform(_forward, config)
+    backward = _on_platform(_backward, config)
+    return Kernel(
+        lambda x, kernel, chunk: forward(x, kernel),
+        lambda x, kernel, u, chunk: backward(x, kernel, u),
+        reference.contract,
+        chunk=config.chunk,
+        reasons=_reasons,
     )
 
 
-_log_inhibition = primitives.define(
-    "keras_synann_pallas",
-    {"cuda": _on(False), "rocm": _on(False), "cpu": _on(True)},
-)
-
-
-def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
-    """Why the Pallas kernels do not apply (empty: they do).
-
-    Explicit requests may run in Pallas's interpreter on a CPU (for tests);
-    "auto" takes them on a single GPU only (XLA can partition the keras.ops
-    path across several devices, not a Pallas call).
-    """
-    reasons = []
-    if not devices.is_float32(x, kernel):
-        reasons.append(
-            "the Pallas kernels compute in float32 "
-            f"(received {devices.dtypes(x, kernel)})"
-        )
-    count, platform = devices.jax_devices()
-    if platform == "tpu":
-        reasons.append(
-            "the Pallas kernels target GPUs (Pallas's Triton lowering), not TPUs"
-        )
-    elif auto and (count, platform) != (1, "gpu"):
-        reasons.append(
-            "'auto' takes the Pallas kernels on a single GPU "
-            f"(jax has {count} {platform} device(s))"
-        )
-    return reasons
+KERNEL = kernel_for(CONFIG)
 
 
 def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):
-    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 jax arrays.
+    """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))` for float32 jax arrays,
+    differentiable to every order (`chunk` does not apply: see `kernel_for`)."""
+    from keras_synann.kernels.jax import primitives
 
-    `chunk` is the keras.ops path's and does not apply: the kernels multiply
-    `config.chunk` factors per log (see `TileConfig`), and so does the
-    reference they export as.
-    """
     del chunk
-    return _log_inhibition(
-        x, kernel, config=config, chunk=min(config.chunk, int(kernel.shape[0]))
+    return primitives.log_inhibition(
+        kernel_for(config), x, kernel, min(config.chunk, int(kernel.shape[0]))
     )

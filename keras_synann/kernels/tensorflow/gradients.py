@@ -1,39 +1,37 @@
 """`log_inhibition` with tensorflow custom gradients, differentiable to every order.
 
-    s = log_inhibition(x, W)          one implementation's forward
-    (dx, dW) = adjoint(x, W, u)       its backward, the vjp of sum(u * s)
-    ds = tangent(x, W, tx, tW)        the jvp (keras.ops reference)
-    contract(slot, power, ...)        the family every higher derivative is
-                                      made of (`kernels.rules`)
+    s = log_inhibition(kernel, x, W)         a kernel's forward
+    (dx, dW) = adjoint(kernel, x, W, u)      its adjoint, the vjp of sum(u * s)
+    contract(kernel, slot, power, ...)       its contractions, which every
+                                             other derivative is made of
+                                             (`kernels.rules`)
 
-Each is a `tf.custom_gradient` whose gradient function is written with these
-same functions, so an outer `GradientTape` records it (gradient penalties,
-Hessian-vector products, `batch_jacobian`) and `tf.autodiff.ForwardAccumulator`,
-which differentiates the gradient function to get a JVP, works too. Inside
-each function its inputs pass through `stop_gradient`: the tape records
-only the custom gradient, never the chunk loops.
-
-An implementation is any object with `forward(x, W, chunk) -> s` and
-`adjoint(x, W, u, chunk) -> (dx, dW)` on tensors, and optionally `contract`
-and `tangent` (else those of `kernels.reference` run).
+each taking the implementation's `base.Kernel` and the chunk. Each is a
+`tf.custom_gradient` whose gradient function is written with these same
+functions, so an outer `GradientTape` records it (gradient penalties,
+Hessian-vector products, `batch_jacobian`) and
+`tf.autodiff.ForwardAccumulator`, which differentiates the gradient
+function to get a JVP, works too. Inside each function its inputs pass
+through `stop_gradient`: the tape records only the custom gradient, never
+the kernel's own operations.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_synann.kernels import reference, rules
+from keras_synann.kernels import rules
+from keras_synann.kernels.rules import Kernel
 
 
-def _algebra(x, kernel, impl, chunk) -> rules.Algebra:
+def _algebra(kernel: Kernel, x, w, chunk) -> rules.Algebra:
     return rules.Algebra(
         x,
-        kernel,
+        w,
         contract=lambda slot, power, a=None, b=None, c=None: contract(
-            slot, power, a, b, c, x, kernel, impl, chunk
+            kernel, slot, power, a, b, c, x, w, chunk
         ),
-        adjoint=lambda u: adjoint(x, kernel, u, impl, chunk),
-        tangent=lambda tx, tw: tangent(x, kernel, tx, tw, impl, chunk),
+        adjoint=lambda u: adjoint(kernel, x, w, u, chunk),
     )
 
 
@@ -56,81 +54,59 @@ def _zeros_for(bars, likes):
     ]
 
 
-def log_inhibition(x, kernel, impl, chunk: int):
-    """s for tensors x (batch, n_in) and kernel (n_in, n_out) through `impl`."""
+def log_inhibition(kernel: Kernel, x, w, chunk: int):
+    """s for tensors x (batch, n_in) and w (n_in, n_out) through `kernel`."""
 
     @tf.custom_gradient
-    def s(x, kernel):
-        out = impl.forward(*_plain(x, kernel), chunk)
+    def s(x, w):
+        out = kernel.forward(*_plain(x, w), chunk)
 
         def grad(u, variables=None):
             _no_variables(variables)
-            return adjoint(x, kernel, u, impl, chunk)
+            return adjoint(kernel, x, w, u, chunk)
 
         return out, grad
 
-    return s(x, kernel)
+    return s(x, w)
 
 
-def adjoint(x, kernel, u, impl, chunk: int):
-    """(dx, dW) = impl.adjoint(x, W, u), itself differentiable."""
+def adjoint(kernel: Kernel, x, w, u, chunk: int):
+    """(dx, dW) = kernel.adjoint(x, W, u), itself differentiable."""
 
     @tf.custom_gradient
-    def pair(x, kernel, u):
-        d_x, d_w = impl.adjoint(*_plain(x, kernel, u), chunk)
+    def pair(x, w, u):
+        d_x, d_w = kernel.adjoint(*_plain(x, w, u), chunk)
 
         def grad(g_dx, g_dw, variables=None):
             _no_variables(variables)
-            bars = _algebra(x, kernel, impl, chunk).adjoint_vjp(u, g_dx, g_dw)
-            return _zeros_for(bars, (x, kernel, u))
+            bars = _algebra(kernel, x, w, chunk).adjoint_vjp(u, g_dx, g_dw)
+            return _zeros_for(bars, (x, w, u))
 
         return (d_x, d_w), grad
 
-    return pair(x, kernel, u)
+    return pair(x, w, u)
 
 
-def tangent(x, kernel, tx, tw, impl, chunk: int):
-    """ds = -sum_j (x dW + dx W) / f, differentiable."""
-
-    @tf.custom_gradient
-    def ds(x, kernel, tx, tw):
-        tangent_fn = getattr(impl, "tangent", reference.tangent)
-        out = tangent_fn(*_plain(x, kernel, tx, tw), chunk)
-
-        def grad(ct, variables=None):
-            _no_variables(variables)
-            bars = _algebra(x, kernel, impl, chunk).tangent_vjp(tx, tw, ct)
-            return _zeros_for(bars, (x, kernel, tx, tw))
-
-        return out, grad
-
-    return ds(x, kernel, tx, tw)
-
-
-def contract(slot, power, a, b, c, x, kernel, impl, chunk: int):
-    """`reference.contract` (or the implementation's own), differentiable."""
-    names = tuple(s for s in rules.SLOTS if s != slot)
+def contract(kernel: Kernel, slot, power, a, b, c, x, w, chunk: int):
+    """kernel.contract(slot, power, a, b, c, x, W), differentiable."""
+    names = rules.operand_slots(slot)
     given = {"a": a, "b": b, "c": c}
-    filled = [given[n] for n in names]
 
     @tf.custom_gradient
-    def out(p, q, x, kernel):
+    def out(p, q, x, w):
         operands = dict(zip(names, _plain(p, q), strict=True))
-        contract_fn = getattr(impl, "contract", reference.contract)
-        value = contract_fn(
+        value = kernel.contract(
             slot, power, operands.get("a"), operands.get("b"), operands.get("c"),
-            *_plain(x, kernel), chunk,
+            *_plain(x, w), chunk,
         )  # fmt: skip
 
         def grad(ct, variables=None):
             _no_variables(variables)
-            alg = _algebra(x, kernel, impl, chunk)
-            ops_ = dict(zip(names, (p, q), strict=True))
-            bars, x_bar, w_bar = alg.contract_vjp(slot, power, ops_, ct)
-            return _zeros_for(
-                [bars[names[0]], bars[names[1]], x_bar, w_bar], (p, q, x, kernel)
-            )
+            alg = _algebra(kernel, x, w, chunk)
+            filled = dict(zip(names, (p, q), strict=True))
+            bars, x_bar, w_bar = alg.contract_vjp(slot, power, filled, ct)
+            return _zeros_for([bars[n] for n in names] + [x_bar, w_bar], (p, q, x, w))
 
         return value, grad
 
-    return out(*filled, x, kernel)
+    return out(*(given[n] for n in names), x, w)

@@ -1,19 +1,14 @@
-"""The keras.ops reference under tensorflow ("ops"): every device and graph.
-
-The chunked forward and the closed-form adjoint of `kernels.reference`,
-made differentiable to every order by `gradients`. Where no gradient tape
-records the graph (inference graphs, which tf2onnx and TFLite convert, and
-SavedModels), the plain forward is built instead: no custom gradient, no
-nested compiled function. So it is in graphs that a forward accumulator
-records, where `tf.custom_gradient` would hand forward mode the derivative
-of its inner ops: there every derivative is tensorflow's autodiff of the
-chunked ops, unrolled (right, but reverse mode through them keeps every
-chunk's factors: batch x n_in x n_out values).
+"""The keras.ops reference under tensorflow ("ops"), its forward and adjoint
+compiled with XLA.
 
 Keras leaves a tensorflow train step uncompiled on CPU-only machines and
 under tf.distribute, where the chunk loops would run op by op, so the
-forward and adjoint are compiled with XLA on their own (inlined where the
-whole step is compiled).
+forward and adjoint are compiled with XLA on their own, per layer shape and
+any batch (inlined where the whole step is compiled); the contractions of
+the higher derivatives are the reference's. Where no tape records the graph
+(inference graphs, SavedModels, Keras's predict and evaluate steps) or a
+forward accumulator does, the registry (`kernels.REGISTRY`) has the plain
+chunked ops traced instead.
 """
 
 from __future__ import annotations
@@ -22,13 +17,8 @@ import functools
 
 import tensorflow as tf
 
-from keras_synann.kernels import devices, reference
-
-
-def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
-    """None: keras.ops runs everywhere."""
-    del x, kernel, auto
-    return []
+from keras_synann.kernels import reference
+from keras_synann.kernels.rules import Kernel
 
 
 @functools.cache
@@ -43,34 +33,21 @@ def _compiled(n_in: int, n_out: int, chunk: int, dtype: str):
         jit_compile=True,
     )
     adjoint = tf.function(
-        functools.partial(reference.backward, chunk=chunk),
+        functools.partial(reference.adjoint, chunk=chunk),
         input_signature=[x, w, g],
         jit_compile=True,
     )
     return forward, adjoint
 
 
-class _Compiled:
-    """`reference`'s forward and adjoint, through `_compiled`."""
-
-    @staticmethod
-    def forward(x, kernel, chunk):
-        n_in, n_out = kernel.shape
-        return _compiled(n_in, n_out, chunk, x.dtype.name)[0](x, kernel)
-
-    @staticmethod
-    def adjoint(x, kernel, u, chunk):
-        n_in, n_out = kernel.shape
-        return _compiled(n_in, n_out, chunk, x.dtype.name)[1](x, kernel, u)
+def forward(x, kernel, chunk: int):
+    n_in, n_out = kernel.shape
+    return _compiled(n_in, n_out, chunk, x.dtype.name)[0](x, kernel)
 
 
-def log_inhibition(x, kernel, chunk: int):
-    """s, differentiable to every order (portable where no tape records it)."""
-    context = devices.tensorflow_context(x, kernel)
-    if context == devices.TF_FORWARD:
-        return reference.forward(x, kernel, chunk, unroll=True)
-    if context in (devices.TF_INFERENCE, devices.TF_SAVING, devices.TF_KERAS_STEP):
-        return reference.forward(x, kernel, chunk)
-    from keras_synann.kernels.tensorflow import gradients
+def adjoint(x, kernel, u, chunk: int):
+    n_in, n_out = kernel.shape
+    return _compiled(n_in, n_out, chunk, x.dtype.name)[1](x, kernel, u)
 
-    return gradients.log_inhibition(x, kernel, _Compiled, chunk)
+
+KERNEL = Kernel(forward, adjoint, reference.contract)

@@ -14,8 +14,9 @@ fragmentation that many same-sized short-lived tensors cause under glibc.
 Tests check it against the keras.ops path. "auto" takes it under torch
 where neither the Triton kernels nor the C loops apply (float64, or no C
 compiler). It reads the ranges of x and W into Python (`.item()`) to size
-its passes, so a tracer cannot record it: `why_not` says so, and "auto" then
-takes the keras.ops path.
+its passes, so a tracer cannot record it (its row in `kernels.REGISTRY`
+refuses them), and "auto" then takes the keras.ops path. Its contractions
+(higher derivatives) are the reference's.
 """
 
 from __future__ import annotations
@@ -24,27 +25,9 @@ import math
 
 import torch
 
-from keras_synann.kernels import devices
+from keras_synann.kernels import reference
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
-
-
-def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
-    """Why the eager torch kernel does not apply (empty: it does)."""
-    del auto
-    tracer = devices.torch_tracer(x, kernel)
-    if tracer is not None:
-        return [
-            f"{tracer} cannot record it (it reads the ranges of x and the "
-            "kernel into Python to size its passes)"
-        ]
-    return []
-
-
-def log_inhibition(x, kernel, chunk: int):
-    """s, differentiable to every order (`functions`)."""
-    from keras_synann.kernels.torch import eager, functions
-
-    return functions.log_inhibition(x, kernel, eager, chunk)
+from keras_synann.kernels.rules import Kernel
 
 
 def _factors(neg_xt, kernel, start, stop, out):
@@ -153,3 +136,6 @@ def adjoint(x, kernel, upstream, chunk: int):
         # d_x[b, j] = -sum_i q[j, b, i] W[j, i]
         torch.sum(q.mul_(kernel[start:stop, None, :]), dim=-1, out=d_xt[start:stop])
     return d_xt.t().neg_(), d_w.neg_()
+
+
+KERNEL = Kernel(forward, adjoint, reference.contract)

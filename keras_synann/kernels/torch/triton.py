@@ -13,20 +13,22 @@ reduced axis, so no (batch, n_in, n_out) tensor and no chunk buffer exists:
 float32 only. The keras.ops path is the reference: tests run these kernels in
 Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against it. Like the
 C loops, a launch is invisible to torch's tracers; "auto" takes the keras.ops
-path under them.
+path under them. The contractions of the higher derivatives are the
+reference's.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from keras_synann.kernels import devices
+from keras_synann.kernels import reference
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
+from keras_synann.kernels.rules import Kernel
 from keras_synann.kernels.tiles import TileConfig
 
 #: The default tiling (measured on an H100: benchmarks/results/gpu/README.md).
@@ -37,16 +39,24 @@ GRAD_W_ROWS = 256
 
 
 @triton.jit
+def _block(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_R, BLOCK_C) block of an (n_rows, n_cols) array
+    (grid axes 0 and 1): its row and column indices and their masks."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, c, r < n_rows, c < n_cols
+
+
+@triton.jit
 def _forward(
     xt_ptr, w_ptr, s_ptr, batch, n_pad, n_out, floor, product_floor,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # xt is x transposed, (n_pad, batch), so each j's column loads
-    # contiguously; xt and w are zero-padded to n_pad = a multiple of CHUNK
-    # input units (a padded factor is exactly 1).
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    in_b, in_i = rb < batch, ri < n_out
+    """s[b, i] = sum over chunks of log(prod_j max(1 - W[j, i] x[b, j], floor))
+    for one (batch, n_out) block. xt is x transposed, (n_pad, batch), so each
+    j's column loads contiguously; xt and w are zero-padded to n_pad, a
+    multiple of CHUNK input units (a padded factor is exactly 1)."""
+    rb, ri, in_b, in_i = _block(batch, n_out, BLOCK_B, BLOCK_I)
     total = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
     for start in range(0, n_pad, CHUNK):
         product = tl.full((BLOCK_B, BLOCK_I), 1.0, dtype=tl.float32)
@@ -65,16 +75,20 @@ def _forward(
 
 
 @triton.jit
+def _quotient(g, factor, floor):
+    """g / factor, 0 where the factor is floored (it passes no gradient)."""
+    return tl.where(factor > floor, g / factor, 0.0)
+
+
+@triton.jit
 def _grad_x(
     x_ptr, wt_ptr, gt_ptr, dx_ptr, batch, n_in, n_pad, floor,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # gt and wt are the upstream gradient and W transposed, (n_pad, batch) and
-    # (n_pad, n_in), zero-padded to n_pad = a multiple of CHUNK output units
-    # (padded units have g = 0: no contribution).
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    in_b, in_j = rb < batch, rj < n_in
+    """dx[b, j] = -sum_i g[b, i] W[j, i] / f[b, j, i] for one (batch, n_in)
+    block. gt and wt are g and W transposed, (n_pad, batch) and (n_pad, n_in),
+    zero-padded to n_pad, a multiple of CHUNK output units (g = 0 there)."""
+    rb, rj, in_b, in_j = _block(batch, n_in, BLOCK_B, BLOCK_J)
     x = tl.load(
         x_ptr + rb[:, None] * n_in + rj[None, :],
         mask=in_b[:, None] & in_j[None, :],
@@ -86,8 +100,7 @@ def _grad_x(
             i = start + k
             gi = tl.load(gt_ptr + i * batch + rb, mask=in_b, other=0.0)
             wi = tl.load(wt_ptr + i * n_in + rj, mask=in_j, other=0.0)
-            factor = 1.0 - x * wi[None, :]
-            q = tl.where(factor > floor, gi[:, None] / factor, 0.0)
+            q = _quotient(gi[:, None], 1.0 - x * wi[None, :], floor)
             acc += q * wi[None, :]
     tl.store(
         dx_ptr + rb[:, None] * n_in + rj[None, :],
@@ -101,14 +114,12 @@ def _grad_w(
     x_ptr, w_ptr, g_ptr, dw_ptr, n_in, n_out, floor, rows,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # Program (j, i, slice) sums batch rows [slice * rows, (slice + 1) * rows)
-    # into dw[slice]; the caller adds the slices. x and g are zero-padded to
-    # a whole number of slices, `rows` a multiple of CHUNK (g = 0: no
-    # contribution).
-    rj = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    """dW[j, i] = -sum_b g[b, i] x[b, j] / f[b, j, i] for one (n_in, n_out)
+    block, over batch rows [slice * rows, (slice + 1) * rows) of program
+    (j, i, slice), into dw[slice] (the caller adds the slices). x and g are
+    zero-padded to whole slices, `rows` a multiple of CHUNK (g = 0 there)."""
+    rj, ri, in_j, in_i = _block(n_in, n_out, BLOCK_J, BLOCK_I)
     part = tl.program_id(2)
-    in_j, in_i = rj < n_in, ri < n_out
     w = tl.load(
         w_ptr + rj[:, None] * n_out + ri[None, :],
         mask=in_j[:, None] & in_i[None, :],
@@ -120,8 +131,7 @@ def _grad_w(
             b = start + k
             xb = tl.load(x_ptr + b * n_in + rj, mask=in_j, other=0.0)
             gb = tl.load(g_ptr + b * n_out + ri, mask=in_i, other=0.0)
-            factor = 1.0 - xb[:, None] * w
-            q = tl.where(factor > floor, gb[None, :] / factor, 0.0)
+            q = _quotient(gb[None, :], 1.0 - xb[:, None] * w, floor)
             acc += q * xb[:, None]
     tl.store(
         dw_ptr + part * n_in * n_out + rj[:, None] * n_out + ri[None, :],
@@ -143,28 +153,16 @@ def _padded(t, rows: int):
     return out
 
 
-def not_supported_reasons(x, kernel, auto: bool = False) -> list[str]:
-    """Why the Triton kernels do not apply (empty: they do).
-
-    Explicit requests may run in Triton's interpreter on CPU tensors
-    (TRITON_INTERPRET=1, for tests); "auto" takes compiled kernels only.
-    """
-    reasons = []
-    if not devices.is_float32(x, kernel):
-        reasons.append(
-            "the Triton kernels compute in float32 "
-            f"(received {devices.dtypes(x, kernel)})"
-        )
+def _reasons(x, kernel, auto: bool) -> list[str]:
+    """Explicit requests may run in Triton's interpreter on CPU tensors
+    (TRITON_INTERPRET=1, for tests); "auto" takes compiled kernels only."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not devices.torch_is_cuda(x, kernel) and (auto or not interpreted):
-        reasons.append(
-            "the Triton kernels need CUDA tensors (or Triton's interpreter: "
-            f"TRITON_INTERPRET=1 before import; received tensors on {x.device})"
-        )
-    tracer = devices.torch_tracer(x, kernel)
-    if tracer is not None:
-        reasons.append(f"{tracer} cannot record a Triton launch")
-    return reasons
+    if (x.is_cuda and kernel.is_cuda) or (interpreted and not auto):
+        return []
+    return [
+        "the Triton kernels need CUDA tensors (or Triton's interpreter: "
+        f"TRITON_INTERPRET=1 before import; received tensors on {x.device})"
+    ]
 
 
 def forward(x, kernel, chunk: int, config: TileConfig = CONFIG):
@@ -211,22 +209,25 @@ def adjoint(x, kernel, upstream, chunk: int, config: TileConfig = CONFIG):
     return dx, dw.sum(0) if parts > 1 else dw[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiled:
-    """The kernels with one tiling, as an implementation for `functions`."""
+@functools.cache
+def kernel_for(config: TileConfig) -> Kernel:
+    """The kernels with one tiling: `config.chunk` factors per log, whatever
+    the caller's `chunk_size`; the contractions are the reference's."""
+    return Kernel(
+        functools.partial(forward, config=config),
+        functools.partial(adjoint, config=config),
+        reference.contract,
+        chunk=config.chunk,
+        reasons=_reasons,
+    )
 
-    config: TileConfig = CONFIG
 
-    def forward(self, x, kernel, chunk: int):
-        return forward(x, kernel, chunk, self.config)
-
-    def adjoint(self, x, kernel, upstream, chunk: int):
-        return adjoint(x, kernel, upstream, chunk, self.config)
+KERNEL = kernel_for(CONFIG)
 
 
 def log_inhibition(x, kernel, chunk: int, config: TileConfig = CONFIG):
     """`s = sum_j log(max(1 - W[j, i] x[b, j], floor))`, differentiable to every
-    order (`functions`), for float32 torch tensors."""
+    order (`functions`), for float32 torch tensors (`chunk` does not apply)."""
     from keras_synann.kernels.torch import functions
 
-    return functions.log_inhibition(x, kernel, Tiled(config), chunk)
+    return functions.log_inhibition(kernel_for(config), x, kernel, chunk)
