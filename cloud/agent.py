@@ -404,7 +404,8 @@ class Run:
             )
         code = self.supervise()
         _write(self.files["exit"], f"{code}\n")
-        self.record.update(state="ended", exit=code, ended=_iso(time.time()))
+        now = time.time()
+        self.record.update(state="ended", exit=code, ended=_iso(now), ended_at=now)
         self.write_record()
         give_up = time.time() + FINAL_COPY_S
         while not self.copy() and time.time() < give_up:

@@ -464,7 +464,7 @@ def print_plan(sub: Submission) -> None:
         )
         for line in follow_commands(sub):
             print(f"#   {line}")
-        print("# before training starts, a failed step ends in:")
+        print("# a step that fails before training runs ends in:")
         print(shlex.join(delete.argv))
     elif sub.keep:
         print("# --keep: the TPU is left running (and billing) until its deadline;")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cloud import plan, steps
 from cloud.health import Lost
-from cloud.runner import Interrupted, Runner, say
+from cloud.runner import Interrupted, Runner, hms, say
 from cloud.steps import Context, Progress, StepFailed
 
 
@@ -39,6 +39,12 @@ def run_submission(sub: plan.Submission, runner: Runner) -> int:
                 break
             except Lost as lost:
                 ctx.progress.gone = ctx.progress.gone or lost.gone
+                if lost.gone and sub.deadline and plan.now() >= sub.deadline:
+                    raise StepFailed(
+                        f"{sub.target.name} reached its deadline, "
+                        f"{plan.utc(sub.deadline)} (--max-run-duration "
+                        f"{hms(sub.max_run_s)}): {lost}"
+                    ) from None
                 if attempt == sub.attempts:
                     raise StepFailed(_lost_for_good(ctx, lost)) from None
                 _replace_lost_slice(ctx, lost)

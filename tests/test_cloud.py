@@ -21,6 +21,8 @@ from cloud import checks, gcloud, pack, remote
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.any_backend  # no Keras backend involved
+
 FAKE_GCLOUD = """\
 #!{python}
 import json, os, signal, sys, time
@@ -424,6 +426,37 @@ def test_interrupt_while_deleting_a_lost_slice_creates_no_other(tmp_path, source
     assert steps_of(fake()).count("create") == 1
     assert steps_of(fake())[-1] == "delete"
     assert "cleanup in progress" in result.stderr
+
+
+def test_a_slice_past_its_deadline_is_not_replaced(
+    tmp_path, source, fake, monkeypatch, capsys
+):
+    """A slice gone at its deadline (its own watchdog deleted it) ended by
+    --max-run-duration: a failure, not a lost slice to replace."""
+    from cloud import plan, submit
+    from cloud.runner import Runner
+
+    monkeypatch.setenv("FAKE_GCLOUD_PREEMPT_AT", "run")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the fake gcloud imports cloud
+    sub = _submission(tmp_path, source, *RETRY, "--max-run-duration", "1h")
+    clock = iter([1.8e9] + [1.8e9 + 3601] * 100)  # create, then past the deadline
+    monkeypatch.setattr(plan, "now", lambda: next(clock))
+    Path(sub.local_dir).mkdir(parents=True)
+    assert submit.run_submission(sub, Runner()) == 1
+    assert steps_of(fake()).count("create") == 1
+    assert steps_of(fake())[-1] == "delete"
+    err = capsys.readouterr().err
+    assert "synann-test reached its deadline, 2027-01-15 09:00:00 UTC" in err, err
+
+
+def test_limits_use_a_clock_that_counts_suspend():
+    """Time limits read CLOCK_BOOTTIME (time.monotonic stops while the machine
+    is suspended); the suspend itself is not reproduced here."""
+    from cloud import runner
+
+    assert time.CLOCK_BOOTTIME  # Linux
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert before <= runner.clock() <= time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def test_worker_count_comes_from_the_created_tpu(tmp_path, source, fake):

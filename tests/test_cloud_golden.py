@@ -18,6 +18,8 @@ CREATED = 1_800_000_000
 GOLDEN = Path(__file__).parent / "golden" / "cloud"
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.any_backend  # no Keras backend involved
+
 CASES = {
     "single_host": [
         "--name=synann-v5e",

@@ -6,8 +6,8 @@ slice's agent (cloud/agent.py) deleting its own slice.
 One rehearsal cloud (`python -m cloud.rehearsal serve`, a process of its
 own) serves the tests of this module; faults are injected per slice name.
 Each worker is a local process; they run the exact shell text a TPU worker
-gets; only the package install is stubbed. Training is a stand-in
-(FAKE_MNIST, seconds), but for the two-host rehearsal of the README's
+gets; only the package install is stubbed. Training is the rehearsal's
+stand-in (cloud/rehearsal/standin.py, seconds), but for the two-host rehearsal of the README's
 command, which trains for real as one jax cluster and checks the versions
 against constraints.txt (marker `pinned`). Without gcloud, OpenSSH's sshd or
 curl they are skipped, with one line saying what to install.
@@ -33,7 +33,7 @@ import pytest
 
 from cloud import rehearsal
 from cloud.limits import REHEARSAL_LIMITS as LIMITS
-from cloud.rehearsal import workers
+from cloud.rehearsal import standin, workers
 
 REPO = Path(__file__).resolve().parent.parent
 MISSING = rehearsal.missing()
@@ -44,82 +44,11 @@ pytestmark = [
     pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
 ]
 
-FAKE_MNIST = """\
-# Stands in for training/mnist.py: epochs of --sleep seconds; process 0
-# writes each epoch's checkpoint into --checkpoint-dir/EPOCH/ (complete once
-# `done` exists); --resume continues after the last complete one; process 0
-# writes history.csv and metrics.json; every process its status file.
-# --hang: ignore SIGTERM and never end (a hung training).
-import argparse, json, os, sys, time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.checkpoints import completed_epochs
-
-p = argparse.ArgumentParser()
-p.add_argument("--epochs", type=int, default=4)
-p.add_argument("--sleep", type=float, default=1.0)
-p.add_argument("--checkpoint-dir")
-p.add_argument("--resume", action="store_true")
-p.add_argument("--output-dir")
-p.add_argument("--status-file")
-p.add_argument("--hang", action="store_true", help="ignore SIGTERM, never end")
-a = p.parse_args()
-if a.hang:
-    import signal
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(10**6)
-process = int(os.environ["KERAS_DISTRIBUTION_PROCESS_ID"])
-ckpt = Path(a.checkpoint_dir) if a.checkpoint_dir else None
-first = max(completed_epochs(ckpt), default=0) + 1 if a.resume else 1
-print(f"process {process}: epochs {first}..{a.epochs}, args {sys.argv[1:]}", flush=True)
-for epoch in range(first, a.epochs + 1):
-    time.sleep(a.sleep)
-    if process == 0 and ckpt:
-        (ckpt / str(epoch)).mkdir(parents=True, exist_ok=True)
-        (ckpt / str(epoch) / "done").touch()
-    print(f"epoch {epoch}", flush=True)
-code, _, on = os.environ.get("FAKE_EXIT", "0@-").partition("@")
-if str(process) == on:
-    sys.exit(int(code))
-if process == 0:
-    out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = "".join(f"{e}\\n" for e in (completed_epochs(ckpt) if ckpt else []))
-    (out / "history.csv").write_text("epoch\\n" + rows)
-    (out / "metrics.json").write_text(json.dumps({"epochs": a.epochs}))
-status = Path(a.status_file.replace("{process}", str(process)))
-status.write_text(json.dumps({"status": "ok", "exit": 0, "message": "done"}) + "\\n")
-"""
-FAKE_CHECKPOINTS = """\
-from pathlib import Path
-
-
-def completed_epochs(directory):
-    return sorted(int(p.parent.name) for p in Path(directory).glob("*/done"))
-"""
-FAKE_ENVIRONMENT = """\
-def pin_mismatches(path):
-    return []
-"""
-
 
 @pytest.fixture(scope="module")
 def fake_source(tmp_path_factory):
-    """A tree like the repository's whose training is FAKE_MNIST."""
-    src = tmp_path_factory.mktemp("fake")
-    (src / "training").mkdir(parents=True)
-    (src / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
-    (src / "constraints.txt").write_text("")
-    files = {
-        "__init__.py": "",
-        "mnist.py": FAKE_MNIST,
-        "checkpoints.py": FAKE_CHECKPOINTS,
-        "environment.py": FAKE_ENVIRONMENT,
-    }
-    for name, text in files.items():
-        (src / "training" / name).write_text(text)
-    return src
+    """A tree whose training is the rehearsal's stand-in (seconds)."""
+    return standin.write(tmp_path_factory.mktemp("fake"))
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +170,49 @@ def agent_log(directory: Path, name: str, worker: int, what: str) -> str:
 # -- detached runs and deadlines ---------------------------------------------------------
 
 
+def test_the_deadline_deletes_what_no_one_else_does(tmp_path, cloud, fake_source):
+    """Three runs at once, each ended by its --max-run-duration: a detached
+    run whose training hangs (it ignores SIGTERM), a detached run whose
+    worker 0 died (its agent with it), and an attached run whose client got
+    SIGKILL while training ran. A worker's watchdog deletes each at its
+    deadline, none before."""
+    rehearsal.inject(cloud, "rd", "kill-worker-0")
+    limit = ["--max-run-duration", "2m"]
+    runs = {
+        "rh": submit(
+            tmp_path, cloud, "rh", fake_source, "--detach", *limit, "--output-dir",
+            "gs://bucket/rh", "--", "--hang", popen=True,
+        ),
+        "rd": submit(
+            tmp_path, cloud, "rd", fake_source, "--detach", *limit, "--output-dir",
+            "gs://bucket/rd", "--", "--epochs", "3", popen=True, accelerator="v4-16",
+        ),
+        "rk": submit(
+            tmp_path, cloud, "rk", fake_source, *limit, "--output-dir", "out-rk",
+            "--", "--epochs", "300", popen=True,
+        ),
+    }  # fmt: skip
+    training_started(cloud, "rk")
+    for pid in [runs["rk"].pid, *workers.descendants(runs["rk"].pid)]:
+        os.kill(pid, signal.SIGKILL)  # the client's machine dies: all of it
+    for name in ("rh", "rd"):
+        out, _ = runs[name].communicate(timeout=240)
+        assert runs[name].returncode == 0, out[-4000:]
+    runs["rk"].wait(timeout=30)
+    for name in runs:
+        create = next(
+            r for r in requests(cloud)
+            if r["method"] == "POST" and r["query"].get("queuedResourceId") == name
+        )  # fmt: skip
+        labels = create["body"]["tpu"]["nodeSpec"][0]["node"]["labels"]
+        deadline = int(labels["deadline"])
+        delete = wait_for_delete(cloud, name, deadline - time.time() + 30)
+        assert 0 <= delete["time"] - deadline < 10, (name, delete["time"] - deadline)
+        w = int(delete["from"].removeprefix("worker-"))
+        assert w == 1 or name != "rd"  # worker 0 of rd is dead
+        assert "passed: deleting" in agent_log(cloud, name, w, "watchdog")
+
+
 def test_a_detached_run_ends_itself_and_leaves_its_results(
     tmp_path, cloud, fake_source
 ):
@@ -297,48 +269,6 @@ def test_a_detached_run_ends_itself_and_leaves_its_results(
     assert f"done: results in {uri}/output" in waited.stderr
 
 
-def test_the_deadline_deletes_what_no_one_else_does(tmp_path, cloud, fake_source):
-    """Three runs at once, each ended by its --max-run-duration: a detached
-    run whose training hangs (it ignores SIGTERM), a detached run whose
-    worker 0 died (its agent with it), and an attached run whose client got
-    SIGKILL while training ran. A worker's watchdog deletes each at its
-    deadline, none before."""
-    rehearsal.inject(cloud, "rd", "kill-worker-0")
-    limit = ["--max-run-duration", "2m"]
-    runs = {
-        "rh": submit(
-            tmp_path, cloud, "rh", fake_source, "--detach", *limit, "--output-dir",
-            "gs://bucket/rh", "--", "--hang", popen=True,
-        ),
-        "rd": submit(
-            tmp_path, cloud, "rd", fake_source, "--detach", *limit, "--output-dir",
-            "gs://bucket/rd", "--", "--epochs", "3", popen=True, accelerator="v4-16",
-        ),
-        "rk": submit(
-            tmp_path, cloud, "rk", fake_source, *limit, "--output-dir", "out-rk",
-            "--", "--epochs", "300", popen=True,
-        ),
-    }  # fmt: skip
-    training_started(cloud, "rk")
-    os.killpg(runs["rk"].pid, signal.SIGKILL)
-    for name in ("rh", "rd"):
-        out, _ = runs[name].communicate(timeout=240)
-        assert runs[name].returncode == 0, out[-4000:]
-    runs["rk"].wait(timeout=30)
-    for name in runs:
-        create = next(
-            r for r in requests(cloud)
-            if r["method"] == "POST" and r["query"].get("queuedResourceId") == name
-        )  # fmt: skip
-        labels = create["body"]["tpu"]["nodeSpec"][0]["node"]["labels"]
-        deadline = int(labels["deadline"])
-        delete = wait_for_delete(cloud, name, deadline - time.time() + 30)
-        assert 0 <= delete["time"] - deadline < 10, (name, delete["time"] - deadline)
-        w = int(delete["from"].removeprefix("worker-"))
-        assert w == 1 or name != "rd"  # worker 0 of rd is dead
-        assert "passed: deleting" in agent_log(cloud, name, w, "watchdog")
-
-
 def test_sighup_to_an_attached_client_deletes(tmp_path, cloud, fake_source):
     """The terminal the client runs in closes: SIGHUP is handled as SIGTERM
     (exit 129), the client copies the logs and deletes the slice."""
@@ -362,7 +292,7 @@ def test_maintenance_is_retried_on_a_new_slice(tmp_path, cloud, fake_source):
     ckpt = tmp_path / "ckpt"
     result = submit(
         tmp_path, cloud, "rm", fake_source, "--retries", "1", "--checkpoint-dir",
-        str(ckpt), "--output-dir", "out", "--", "--epochs", "4", "--sleep", "1.5",
+        str(ckpt), "--output-dir", "out", "--", "--epochs", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "TPU VM rm is under maintenance (state REPAIRING" in result.stderr
@@ -471,12 +401,12 @@ def test_preempt_sigterm_is_retried_and_resumes(tmp_path, fake_source):
     result = rehearse(
         tmp_path, fake_source, "--provisioning", "spot", "--retries", "1",
         "--checkpoint-dir", "ckpt", "--rehearse-preempt-after-epoch", "1",
-        "--", "--epochs", "4",
+        "--", "--epochs", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     assert "attempt 2 of 2 succeeded" in result.stderr
-    assert (out / "output" / "history.csv").read_text() == "epoch\n1\n2\n3\n4\n"
+    assert (out / "output" / "history.csv").read_text() == "epoch\n1\n2\n3\n"
     log = (out / "logs" / "worker-0.log").read_text()  # attempt 2's: it resumed
     assert f"'--checkpoint-dir', '{ckpt}', '--resume'" in log
     assert "epoch 1\n" not in log
@@ -493,8 +423,8 @@ def test_key_race_makes_one_key_before_parallel_steps(tmp_path, fake_source):
     slice fails the run, and is not retried."""
     result = rehearse(
         tmp_path, fake_source, "--rehearse-fault", "key-race", "--accelerator-type",
-        "v4-16", "--retries", "1", "--checkpoint-dir", "ckpt", "--env",
-        "FAKE_EXIT=3@1", "--", "--epochs", "1",
+        "v4-16", "--retries", "1", "--checkpoint-dir", "ckpt", "--", "--epochs", "1",
+        "--exit", "3@1",
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-4000:]
     # gcloud made the key once: in worker 0's copy, before the parallel ones.
@@ -532,15 +462,16 @@ def test_hang_worker_ends_within_the_bound(tmp_path, cloud, fake_source):
     rehearsal.inject(cloud, "rw", "hang-worker")
     start = time.monotonic()
     result = submit(
-        tmp_path, cloud, "rw", fake_source, "--run-timeout", "10s",
+        tmp_path, cloud, "rw", fake_source, "--run-timeout", "5s",
         "--output-dir", "out", "--", "--epochs", "2", accelerator="v4-16",
     )  # fmt: skip
     elapsed = time.monotonic() - start
     assert result.returncode == 1, result.stderr[-4000:]
-    assert "step run did not end within 0:00:30" in result.stderr
+    limit = 5 + LIMITS.run_margin_s
+    assert f"step run did not end within 0:00:{limit:02d}" in result.stderr
     assert "deleted rw" in result.stderr
     # create..preflight (< 60 s here), run 10 + 20, logs, delete.
-    bound = 60 + 10 + LIMITS.run_margin_s + LIMITS.logs_s + LIMITS.describe_s
+    bound = 60 + limit + LIMITS.logs_s + LIMITS.describe_s
     assert elapsed < bound + LIMITS.delete_s, elapsed
 
 
@@ -684,6 +615,32 @@ def test_internal_ip_connects_to_the_internal_address(stage):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[2].endswith(".1.10")
+
+
+def test_flex_start_runs_out_at_its_run_duration(stage):
+    """gcloud's alpha track sends a flex-start request (v2alpha1:
+    provisioningModel FLEX_START, runDuration.maxRunDuration); the rehearsal's
+    API then suspends the queued resource and deletes its VMs at that
+    duration, as the TPU API documents it."""
+    stage_dir = Path(stage["CLOUDSDK_CONFIG"]).parent
+    argv = ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create", "fx",
+            "--node-id=fx", f"--zone={ZONE}", "--accelerator-type=v5litepod-8",
+            "--runtime-version=v2-alpha-tpuv5-lite", "--provisioning-model=flex-start",
+            "--max-run-duration=4s", "--quiet"]  # fmt: skip
+    subprocess.run(argv, env=stage, check=True, capture_output=True, timeout=120)
+    create = next(
+        r for r in requests(stage_dir) if r["query"].get("queuedResourceId") == "fx"
+    )
+    assert create["path"].startswith("/v2alpha1/")
+    assert create["body"]["provisioningModel"] == "FLEX_START"
+    assert create["body"]["runDuration"] == {"maxRunDuration": "4s"}
+    wait_until(lambda: _state(stage, "fx") == "ACTIVE", 60, "ACTIVE")
+    active = time.time()
+    wait_until(lambda: _state(stage, "fx") == "SUSPENDED", 30, "SUSPENDED")
+    assert time.time() - active >= 3
+    gone = gcloud(stage, "describe", "fx", "--format=value(state)", check=False)
+    assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr
+    gcloud(stage, "queued-resources", "delete", "fx", "--force")
 
 
 def test_a_preempted_node_refuses_ssh(stage):

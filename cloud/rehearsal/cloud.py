@@ -2,13 +2,15 @@
 Resource Manager's permission check, the Compute Engine call gcloud's ssh
 makes, and the rehearsal's own fault endpoint), a metadata server and an
 sshd per worker of each READY slice, gcloud's configuration and an
-ssh-agent, and the faults. `python -m cloud.rehearsal serve` runs one until
+ssh-agent, and the faults. Besides requests.jsonl, events.jsonl records
+what happened to each slice and when (READY, a fault, gone). `python -m cloud.rehearsal serve` runs one until
 SIGTERM; `close()` ends everything it started.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -126,7 +128,7 @@ class Cloud:
         self.home = self.root / "gcloud-home"
         self.reserved: socket.socket | None = None
         self.ssh_port = 0
-        self.events: list[str] = []
+        self.events = self.root / "events.jsonl"
 
     # -- start and stop ----------------------------------------------------------------
     def start(self) -> Cloud:
@@ -309,9 +311,20 @@ class Cloud:
         w.start(w.dir / "connections.log")
         (w.dir / "name").write_text(s.name)
         w.write_keys(s.metadata.get("ssh-keys", ""))
-        self.events.append(f"slice {s.number} ({s.name}) READY")
+        self._event(s, "READY")
         if s.metadata.get("startup-script"):
             w.run_startup_scripts(s.metadata["startup-script"])
+
+    def _event(self, s, what: str) -> None:
+        """events.jsonl: what happened to which slice, when (the faults too)."""
+        entry = {
+            "time": time.time(),
+            "slice": s.name,
+            "number": s.number,
+            "event": what,
+        }
+        with self.journal.lock, self.events.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def _worker_env(self, s, worker: int) -> dict[str, str]:
         servers = self.metadata.get(s.number, [])
@@ -321,7 +334,7 @@ class Cloud:
     def _gone(self, s) -> None:
         restarting = s.node_state == "REPAIRING"
         self._stop_machines(s.number, remove=not restarting)
-        self.events.append(f"slice {s.number} ({s.name}) {s.node_state}")
+        self._event(s, s.node_state)
 
     def _stop_machines(self, number: int, remove: bool) -> None:
         w = self.machines.get(number)
@@ -383,7 +396,7 @@ class Cloud:
                 self.spent.add((s.name, fault))
             elif fault in ONCE:
                 self.spent.add(("*", fault))
-            self.events.append(f"slice {s.number} ({s.name}): {fault}")
+            self._event(s, fault)
 
     def _epoch_done(self, w: machines.Workers) -> bool:
         """Whether the checkpoint of epoch K is complete (no --checkpoint-dir:
@@ -430,7 +443,19 @@ def _gcloud_python() -> dict[str, str]:
 
 def _keygen(path: Path, kind: str = "rsa") -> None:
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path), "-C", "rehearsal"],
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            kind,
+            *(["-b", "2048"] if kind == "rsa" else []),
+            "-N",
+            "",
+            "-f",
+            str(path),
+            "-C",
+            "rehearsal",
+        ],  # fmt: skip
         check=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
