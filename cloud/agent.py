@@ -1,41 +1,28 @@
-"""The slice's own supervisor: runs on every TPU VM of a slice, so that the
-slice keeps its results and ends itself without the client.
+"""The slice's own supervisor, on every TPU VM of a slice: the slice keeps its
+results and ends itself without the client. Python 3.8+, standard library
+only (the watchdog runs on the image's python3 before anything is installed).
 
-Python 3.8 or newer, standard library only (a TPU VM's system python3 runs
-the watchdog before anything is installed). Three commands:
+    agent.py watchdog      (the startup script, at every boot) delete the
+                           slice at its deadline
+    agent.py preflight [--output URI]   the metadata, the token, the right
+                           to delete the slice, an empty writable URI
+    agent.py run --worker N --log-dir DIR [--output-dir DIR] [--output URI]
+                 [--delete-after S] [--stop-grace S] -- COMMAND ...
+        run training; its log and exit status in DIR/worker-N.{log,exit};
+        copy DIR (worker 0: and the outputs) to URI every --copy-every and
+        at the end; SIGTERM training --stop-grace before the deadline,
+        SIGKILL at it; worker 0 deletes the slice --delete-after seconds
+        after training ended (-1: never).
 
-    python3 agent.py watchdog [--log FILE]
-        started by the slice's startup script at every boot: at the slice's
-        deadline, delete the slice.
-    python3 agent.py preflight [--output URI]
-        before training: the metadata this agent needs, the VM's token, the
-        service account's permission to delete its slice, and (with URI) a
-        write to the output directory.
-    python3 agent.py run --worker N --log-dir DIR [--output-dir DIR]
-                         [--output URI] [--delete-after S] -- COMMAND ...
-        run training (COMMAND), its output to DIR/worker-N.log and its exit
-        status to DIR/worker-N.exit; copy the logs (and, on worker 0, the
-        training outputs) to URI every COPY_EVERY_S seconds and at the end;
-        stop training STOP-GRACE seconds before the deadline (it saves a
-        checkpoint, the agent copies, then SIGKILL at the deadline); worker 0 deletes the
-        slice DELETE-AFTER seconds after training ended (-1: never).
-
-What the agent reads from the metadata server (`GCE_METADATA_ROOT`, the
-variable gcloud and google-auth read, else metadata.google.internal):
-
-    instance/attributes/synann-resource   what to delete: projects/P/locations/
-                                          Z/queuedResources/Q or .../nodes/N
-    instance/attributes/synann-deadline   Unix time (wall clock) the slice ends
-    instance/attributes/agent-worker-number, instance/preempted
-    instance/service-accounts/default/token
-
-The deadline is a wall-clock time, so a reboot (which reruns the startup
-script) or a suspended VM does not move it; waits re-read the clock at least
-every WAKE_S seconds. Deleting is idempotent: gcloud (`delete --async`), or
-where gcloud is missing or fails, the TPU API over HTTPS with the VM's token;
-NOT_FOUND counts as done. Endpoints: gcloud's override variables
-(CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU, _STORAGE, _CLOUDRESOURCEMANAGER) where
-set, else Google's. Copies go through the Cloud Storage JSON API.
+From the metadata server (GCE_METADATA_ROOT, as gcloud and google-auth read
+it, else metadata.google.internal): instance/attributes/synann-resource
+(locations/Z/queuedResources/Q or .../nodes/N), synann-deadline (Unix time),
+agent-worker-number, instance/preempted, and the service account's token.
+The deadline is wall-clock time: a reboot or a suspended VM does not move it
+(waits re-read the clock every WAKE_S). Deletes are idempotent: gcloud
+(`delete --async`), else the TPU API over HTTPS with the token; NOT_FOUND is
+done. Endpoints: gcloud's CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU, _STORAGE and
+_CLOUDRESOURCEMANAGER where set; copies use the Cloud Storage JSON API.
 """
 
 from __future__ import annotations
@@ -253,6 +240,18 @@ class Copier:
         status, _ = http("POST", url, data, token=auth or token(), headers=head)
         return status
 
+    def list(self, auth=None) -> list:
+        """Up to two object names under the prefix (so: whether it is empty)."""
+        prefix = self.prefix + "/" if self.prefix else ""
+        query = urllib.parse.urlencode({"prefix": prefix, "maxResults": 2})
+        url = endpoint("storage") + f"storage/v1/b/{self.bucket}/o?{query}"
+        status, body = http("GET", url, token=auth or token())
+        try:
+            items = json.loads(body).get("items", []) if status == 200 else []
+        except ValueError:
+            items = []
+        return [item.get("name", "") for item in items]
+
     def remove(self, relative: str, auth=None) -> int:
         name = urllib.parse.quote(self.name(relative), safe="")
         url = endpoint("storage") + f"storage/v1/b/{self.bucket}/o/{name}"
@@ -342,6 +341,12 @@ def cmd_preflight(args) -> int:
         )
     if args.output:
         copier, probe = Copier(args.output), f".synann-probe-{os.getpid()}"
+        found = copier.list(auth) if args.new else []
+        if found:
+            return _refuse(
+                f"{args.output} already holds {found[0]} (another run's?); give "
+                "a new --output-dir so old results cannot pass for new ones"
+            )
         status = copier.put(probe, b"probe", auth)
         if status != 200:
             return _refuse(
@@ -467,6 +472,7 @@ def main(argv=None) -> int:
     sub.add_parser("watchdog").set_defaults(func=cmd_watchdog)
     p = sub.add_parser("preflight")
     p.add_argument("--output", default="", help="gs:// URI to test a write to")
+    p.add_argument("--new", action="store_true", help="--output must be empty")
     p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("run")
     p.add_argument("--worker", type=int, required=True)

@@ -134,7 +134,7 @@ def submission_from_args(args, train_args: list[str], target) -> Submission:
     out = Path(local)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {local} is a file; give a directory")
-    for old in ("output/", "logs/", "source.tar.gz"):
+    for old in ("output/", "logs/", "source.tar.gz") if not remote_output else ():
         if (out / old.rstrip("/")).exists():
             raise ValueError(
                 f"{local} already holds {old} from an earlier run; choose a new "

@@ -322,7 +322,11 @@ def install_step(sub: Submission, attempt: int) -> Step:
 
 def preflight_step(sub: Submission, attempt: int) -> Step:
     check = remote.preflight_command(
-        sub.backend, sub.checkpoint_dir, sub.service_account, sub.remote_output
+        sub.backend,
+        sub.checkpoint_dir,
+        sub.service_account,
+        sub.remote_output,
+        new_output=attempt == 1,  # a new slice's attempt adds to the same
     )
     writes = [sub.remote_output, sub.checkpoint_dir]
     return Step(

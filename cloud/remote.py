@@ -163,11 +163,12 @@ def preflight_command(
     checkpoint_dir: str | None = None,
     account: str | None = None,
     output: str | None = None,
+    new_output: bool = True,
 ) -> str:
     """Check this worker before any worker starts training: it knows its
     index, its venv imports the backend, its versions are the pinned ones,
     the slice's agent finds its deadline and may delete the slice (and write
-    the gs:// `output`, worker 0), and (worker 0, with `checkpoint_dir`) it
+    the gs:// `output`, worker 0, which must be empty when `new_output`), and (worker 0, with `checkpoint_dir`) it
     can write the checkpoint directory as the TPU's service account
     `account`. Prints one line, `preflight: worker N ok` or `preflight:
     worker N failed: WHY`, and exits non-zero on failure: a worker that
@@ -176,7 +177,8 @@ def preflight_command(
     check = f"{VENV_PYTHON} -c {q(_PREFLIGHT_PY)} {q(pins_file(backend))} {q(backend)}"
     agent = f"{VENV_PYTHON} {AGENT} preflight"
     if output:
-        agent = f'{{ if [ "$w" = 0 ]; then {agent} --output {q(output)}; else {agent}; fi; }}'
+        new = " --new" if new_output else ""
+        agent = f'{{ if [ "$w" = 0 ]; then {agent} --output {q(output)}{new}; else {agent}; fi; }}'
     check += f" && {agent}"
     if checkpoint_dir:
         who = account or "(the project's Compute Engine default)"

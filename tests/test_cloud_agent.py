@@ -66,6 +66,7 @@ def cloud(tmp_path, monkeypatch):
     monkeypatch.setenv("GCE_METADATA_ROOT", metadata.address)
     monkeypatch.setenv("CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU", base)
     monkeypatch.setenv("CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE", base)
+    monkeypatch.setenv("CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDRESOURCEMANAGER", base)
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no gcloud
     yield api, journal, tmp_path
     metadata.close()
@@ -118,6 +119,20 @@ def test_the_https_delete_is_idempotent(cloud):
     deletes = [e for e in journal.entries if e["method"] == "DELETE"]
     assert [d["query"] for d in deletes] == [{"force": "true"}] * 2
     assert {d["agent"] for d in deletes} == {"keras-synann-agent"}
+
+
+def test_preflight_wants_a_new_output_directory(cloud, capsys):
+    _, journal, _ = cloud
+    uri = "gs://bucket/run/2"
+    assert agent.main(["preflight", "--output", uri, "--new"]) == 0  # empty: fine
+    assert agent.Copier(uri).put("logs/worker-0.log", b"an earlier run") == 200
+    assert agent.main(["preflight", "--output", uri, "--new"]) == 1
+    assert "gs://bucket/run/2 already holds run/2/logs/worker-0.log" in (
+        capsys.readouterr().err
+    )
+    assert agent.main(["preflight", "--output", uri]) == 0  # a retry adds to it
+    asked = [e for e in journal.entries if e["path"].endswith(":testIamPermissions")]
+    assert asked and asked[0]["body"] == {"permissions": ["tpu.queuedResources.delete"]}
 
 
 def test_the_storage_stand_in_reports_crc32c():

@@ -142,6 +142,10 @@ class Cloud:
                 + ", ".join(FAULTS)
             )
         self.root.mkdir(parents=True, exist_ok=True)
+        # A cloud starts empty: what an earlier one here left goes.
+        left = [*self.root.glob("slice-*"), self.storage.root, self.root / "env.sh"]
+        for old in [*left, self.journal.path, self.events]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
         (self.home / ".ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / "cloudsdk").mkdir(exist_ok=True)
         (self.root / "token").write_text(CLIENT_TOKEN + "\n")
@@ -162,6 +166,7 @@ class Cloud:
         return self
 
     def close(self) -> None:
+        (self.root / "env.sh").unlink(missing_ok=True)  # nothing answers there now
         self.stopping.set()
         if self.thread:
             self.thread.join(timeout=10)
