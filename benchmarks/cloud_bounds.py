@@ -28,7 +28,7 @@ from pathlib import Path
 
 from benchmarks import _machine
 from cloud import rehearsal
-from cloud.rehearsal import standin, workers
+from cloud.rehearsal import records, standin, workers
 
 ROOT = Path(__file__).resolve().parents[1]
 ZONE = "us-central2-b"
@@ -52,56 +52,24 @@ class Run:
             start_new_session=True,
         )
 
-    def entries(self, path: str) -> list[dict]:
-        lines = (self.cloud / path).read_text().splitlines()
-        return [json.loads(line) for line in lines]
-
     def delete(self, timeout: float = 400) -> dict:
-        give_up = time.time() + timeout
-        while time.time() < give_up:
-            for r in self.entries("requests.jsonl"):
-                end = r["path"].split("/")[-2:]
-                if r["method"] == "DELETE" and end[-1] == self.name and "o" not in end:
-                    return r
-            time.sleep(0.2)
-        raise RuntimeError(f"no DELETE of {self.name}")
+        return records.first_delete(self.cloud, self.name, timeout)
 
     def deadline(self) -> int:
-        for r in self.entries("requests.jsonl"):
-            if (
-                r["method"] == "POST"
-                and r["query"].get("queuedResourceId") == self.name
-            ):
-                return int(
-                    r["body"]["tpu"]["nodeSpec"][0]["node"]["labels"]["deadline"]
-                )
-        raise RuntimeError(f"no create of {self.name}")
+        node = records.creation(self.cloud, self.name)["body"]["tpu"]["nodeSpec"][0]
+        return int(node["node"]["labels"]["deadline"])
 
     def event(self, what: str) -> float:
-        give_up = time.time() + 300
-        while time.time() < give_up:
-            for e in self.entries("events.jsonl"):
-                if e["slice"] == self.name and e["event"] == what:
-                    return e["time"]
-            time.sleep(0.2)
-        raise RuntimeError(f"no event {what} of {self.name}")
+        def seen():
+            found = [
+                e for e in records.events(self.cloud, self.name) if e["event"] == what
+            ]
+            return found[0]["time"] if found else None
+
+        return records.wait_until(seen, 300, f"{what} on {self.name}")
 
     def training_started(self) -> float:
-        def started():
-            for name_file in self.cloud.glob("slice-*/name"):
-                if name_file.read_text() == self.name:
-                    log = name_file.parent / "worker-0/synann_run/logs/worker-0.log"
-                    if log.is_file():
-                        return log.stat().st_mtime
-            return None
-
-        give_up = time.time() + 300
-        while time.time() < give_up:
-            found = started()
-            if found:
-                return found
-            time.sleep(0.2)
-        raise RuntimeError(f"training of {self.name} did not start")
+        return records.training_started(self.cloud, self.name, 300)
 
     def ended(self, uri_dir: str) -> float:
         """When worker 0's training ended (its agent's record)."""

@@ -22,16 +22,19 @@ class Limits:
     training ended (the other workers' last copies land first); training
     gets SIGTERM `stop_grace_s` before the slice's deadline."""
 
+    # The steps, in order.
     copy_s: int = 1800
     install_s: int = 1800
     preflight_s: int = 300
     run_margin_s: int = 600
     logs_s: int = 300
+    # Copying back, reading the slice's state, deleting it.
     copy_back_s: int = 900
     probe_s: int = 300
     describe_s: int = 120
     delete_s: int = 900
     preempt_poll_s: int = 300
+    # On the slice (cloud/agent.py).
     copy_every_s: int = 60
     end_grace_s: int = 120
     stop_grace_s: int = 120

@@ -33,7 +33,9 @@ import pytest
 
 from cloud import rehearsal
 from cloud.limits import REHEARSAL_LIMITS as LIMITS
-from cloud.rehearsal import standin, workers
+from cloud.rehearsal import records, standin, workers
+from cloud.rehearsal.records import deletes as slice_deletes
+from cloud.rehearsal.records import requests, training_started, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 MISSING = rehearsal.missing()
@@ -92,61 +94,15 @@ def submit(cwd, cloud, name, source, *args, popen=False, accelerator="v5litepod-
     return tool(cwd, *argv, popen=popen)
 
 
-def requests(directory: Path) -> list[dict]:
-    path = directory / "requests.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def slice_deletes(directory: Path, name: str) -> list[dict]:
-    """The DELETEs of the queued resource or node `name`."""
-    return [
-        r
-        for r in requests(directory)
-        if r["method"] == "DELETE"
-        and r["path"].split("/")[-2:] in (["queuedResources", name], ["nodes", name])
-    ]
-
-
 def wait_for_delete(directory: Path, name: str, timeout: float) -> dict:
-    give_up = time.time() + timeout
-    while time.time() < give_up:
-        found = slice_deletes(directory, name)
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no DELETE of {name} within {timeout:.0f}s")
+    return records.first_delete(directory, name, timeout)
 
 
 def slice_dir(directory: Path, name: str) -> Path:
     """SLICE: the machines' files of the latest slice called `name`."""
-    found = [p.parent for p in directory.glob("slice-*/name") if p.read_text() == name]
+    found = records.slice_dirs(directory, name)
     assert found, f"no slice {name} became READY"
-    return max(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def wait_until(check, timeout: float, what: str):
-    give_up = time.time() + timeout
-    while time.time() < give_up:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
-
-
-def training_started(directory: Path, name: str, worker: int = 0) -> float:
-    """When worker `worker`'s training of the slice `name` started (its log)."""
-
-    def started():
-        found = [
-            p.parent for p in directory.glob("slice-*/name") if p.read_text() == name
-        ]
-        logs = [
-            d / f"worker-{worker}/synann_run/logs/worker-{worker}.log" for d in found
-        ]
-        return next((p.stat().st_mtime for p in logs if p.is_file()), None)
-
-    return wait_until(started, 240, f"training on {name}")
+    return found[-1]
 
 
 def assert_nothing_left(directory: Path) -> None:
@@ -241,10 +197,7 @@ def a_detached_run_ends_itself(tmp_path, cloud, fake_source) -> None:
     record = json.loads((results / "logs" / "worker-0.json").read_text())
     assert record["state"] == "ended" and record["exit"] == 0
     assert delete["agent"] == "keras-synann-agent"  # no gcloud: the HTTPS API
-    create = next(
-        r for r in requests(cloud)
-        if r["method"] == "POST" and r["query"].get("queuedResourceId") == "ra"
-    )  # fmt: skip
+    create = records.creation(cloud, "ra")
     node = create["body"]["tpu"]["nodeSpec"][0]["node"]
     assert node["networkConfig"] == {
         "network": "my-vpc",
@@ -286,10 +239,7 @@ def sighup_to_an_attached_client_deletes(tmp_path, cloud, fake_source) -> None:
 def the_deadline_deleted(cloud, names: list[str]) -> None:
     """A worker's watchdog deleted each slice at its deadline, none before."""
     for name in names:
-        create = next(
-            r for r in requests(cloud)
-            if r["method"] == "POST" and r["query"].get("queuedResourceId") == name
-        )  # fmt: skip
+        create = records.creation(cloud, name)
         labels = create["body"]["tpu"]["nodeSpec"][0]["node"]["labels"]
         deadline = int(labels["deadline"])
         delete = wait_for_delete(cloud, name, deadline - time.time() + 30)
@@ -466,7 +416,7 @@ def test_no_capacity_stops_at_once_with_the_api_message(tmp_path, cloud, fake_so
     )
     assert "attempt 2" not in result.stderr
     creates = [r for r in requests(cloud) if r["query"].get("queuedResourceId") == "rn"]
-    assert len(creates) == 1
+    assert len(creates) == 1  # not retried
     assert [d["from"] for d in slice_deletes(cloud, "rn")] == ["client"]
 
 
@@ -643,9 +593,7 @@ def test_flex_start_runs_out_at_its_run_duration(stage):
             "--runtime-version=v2-alpha-tpuv5-lite", "--provisioning-model=flex-start",
             "--max-run-duration=4s", "--quiet"]  # fmt: skip
     subprocess.run(argv, env=stage, check=True, capture_output=True, timeout=120)
-    create = next(
-        r for r in requests(stage_dir) if r["query"].get("queuedResourceId") == "fx"
-    )
+    create = records.creation(stage_dir, "fx")
     assert create["path"].startswith("/v2alpha1/")
     assert create["body"]["provisioningModel"] == "FLEX_START"
     assert create["body"]["runDuration"] == {"maxRunDuration": "4s"}
