@@ -15,7 +15,8 @@ with the fields of the real API. A queued resource is ACCEPTED, then
 WAITING_FOR_RESOURCES, PROVISIONING and ACTIVE (its node READY) as the
 `Clock` says; it goes FAILED when its validUntil time passes before it was
 ACTIVE, and SUSPENDED (its VMs deleted) when a flex-start request's
-maxRunDuration has run out. A delete makes it DELETING, then gone. Nodes
+maxRunDuration has run out. A delete makes it DELETING, then gone; its
+operation is done once it is gone (gcloud waits for that, unless --async). Nodes
 carry `health`, `upcomingMaintenance` and `symptoms` (a maintenance event:
 REPAIRING, UNHEALTHY_MAINTENANCE). The machines start and stop through
 `Hooks`, outside the API's lock.
@@ -182,6 +183,7 @@ class TpuApi:
         self.slices: dict[str, Slice] = {}
         self.lock = threading.RLock()
         self.operations: dict[str, dict] = {}
+        self.deleting: dict[str, Slice] = {}  # a delete's operation: its slice
         self.created = 0
         self.no_capacity: set[str] = set()  # names (or "*") never given capacity
 
@@ -279,9 +281,11 @@ class TpuApi:
         with self.lock:
             if kind == "operations" and request.method == "GET" and rest:
                 name = f"{where}/operations/{rest[0]}"
-                return json_answer(
-                    self.operations.get(name, {"name": name, "done": True})
-                )
+                op = self.operations.get(name, {"name": name, "done": True})
+                deleting = self.deleting.get(name)
+                if deleting is not None and self.slices.get(deleting.name) is deleting:
+                    return json_answer({**op, "done": False})
+                return json_answer(op)
             if kind == "queuedResources":
                 answer = self._queued(request, version, where, rest)
             elif kind == "nodes":
@@ -291,7 +295,8 @@ class TpuApi:
         self.tick()  # a delete or create may already move on
         return json_answer(answer)
 
-    def _operation(self, version: str, where: str, response: dict | None) -> dict:
+    def _operation(self, version, where, response, deleting=None) -> dict:
+        """A long-running operation; a delete's is done once the slice is gone."""
         name = f"{where}/operations/operation-{len(self.operations) + 1}"
         op = {
             "name": name,
@@ -307,6 +312,9 @@ class TpuApi:
                 **response,
             }
         self.operations[name] = op
+        if deleting is not None:
+            self.deleting[name] = deleting
+            return {**op, "done": False}
         return op
 
     def _slice(self, name: str) -> Slice:
@@ -365,7 +373,7 @@ class TpuApi:
                     "the queued resource still has a node; delete with --force",
                 )
             self._move(s, "DELETING", "DELETING" if s.exists else None, time.time())
-            return self._operation(version, where, None)
+            return self._operation(version, where, None, deleting=s)
         raise Answer(405, "UNIMPLEMENTED", f"{method} on a queued resource")
 
     def _nodes(self, request, version, where, rest) -> dict:
@@ -398,7 +406,7 @@ class TpuApi:
                     "this node belongs to a queued resource; delete that",
                 )
             self._move(s, None, "DELETING", time.time())
-            return self._operation(version, where, None)
+            return self._operation(version, where, None, deleting=s)
         raise Answer(405, "UNIMPLEMENTED", f"{method} {verb or 'node'}")
 
     def _guest(self, s: Slice, worker: int) -> dict:
