@@ -54,50 +54,101 @@ class Target:
         return flags + (["--internal-ip"] if self.internal_ip else [])
 
 
-def _provisioning(provisioning: str) -> list[str]:
+#: The labels every resource the tool creates carries (`sweep` finds them):
+#: TOOL_LABEL=TOOL, and DEADLINE_LABEL=the Unix time it deletes itself at.
+TOOL_LABEL, TOOL, DEADLINE_LABEL = "tool", "keras-synann", "deadline"
+
+
+@dataclass(frozen=True)
+class Create:
+    """What `create` asks for besides the name: the TPU, its capacity and
+    network, the labels and metadata it carries, and gcloud flags passed
+    through as given (`extra`)."""
+
+    accelerator_type: str
+    runtime_version: str
+    provisioning: str = "on-demand"  # on-demand, spot, reserved, flex-start
+    valid_for_s: int | None = None  # how long a queued request may wait
+    max_run_s: int | None = None  # flex-start: Google deletes the VMs then
+    service_account: str | None = None
+    network: str | None = None
+    subnetwork: str | None = None
+    internal_ips: bool = False
+    tags: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+    metadata_files: tuple[tuple[str, str], ...] = ()
+    extra: tuple[str, ...] = ()
+
+    def common(self) -> list[str]:
+        """Flags that queued resources and TPU VMs share."""
+        argv = [f"--accelerator-type={self.accelerator_type}"]
+        if self.service_account:
+            argv.append(f"--service-account={self.service_account}")
+        if self.network:
+            argv.append(f"--network={self.network}")
+        if self.subnetwork:
+            argv.append(f"--subnetwork={self.subnetwork}")
+        if self.internal_ips:
+            argv.append("--internal-ips")
+        if self.tags:
+            argv.append("--tags=" + ",".join(self.tags))
+        for flag, pairs in (
+            ("--labels", self.labels),
+            ("--metadata", self.metadata),
+            ("--metadata-from-file", self.metadata_files),
+        ):
+            if pairs:
+                argv.append(flag + "=" + ",".join(f"{k}={v}" for k, v in pairs))
+        return argv
+
+
+def _provisioning(spec: Create) -> list[str]:
+    if spec.provisioning == "flex-start":
+        return [
+            "--provisioning-model=flex-start",
+            f"--max-run-duration={spec.max_run_s}s",
+        ]
     return {"on-demand": [], "spot": ["--spot"], "reserved": ["--reserved"]}[
-        provisioning
+        spec.provisioning
     ]
 
 
-def create(
-    t: Target,
-    accelerator_type: str,
-    runtime_version: str,
-    provisioning: str = "on-demand",
-    valid_for_s: int | None = None,
-    service_account: str | None = None,
-) -> list[str]:
+def create(t: Target, spec: Create) -> list[str]:
     """Create a queued resource (one node named like it) or a plain TPU VM.
 
-    A queued resource request expires after `valid_for_s`; a TPU VM is created
+    A queued resource request expires after `spec.valid_for_s`; flex-start is
+    a queued resource of gcloud's alpha track (v2alpha1). A TPU VM is created
     with --async and the caller waits with `describe`.
     """
     if t.queued:
-        argv = [GCLOUD, *QR, "create", t.name, f"--node-id={t.name}", *t.where()]
-        argv += [
-            f"--accelerator-type={accelerator_type}",
-            f"--runtime-version={runtime_version}",
-            *_provisioning(provisioning),
-        ]
-        if service_account:
-            argv.append(f"--service-account={service_account}")
-        if valid_for_s:
-            argv.append(f"--valid-until-duration={valid_for_s}s")
-        return argv + ["--quiet"]
-    return [
-        GCLOUD,
-        *VM,
-        "create",
-        t.name,
-        *t.where(),
-        f"--accelerator-type={accelerator_type}",
-        f"--version={runtime_version}",
-        *_provisioning(provisioning),
-        *([f"--service-account={service_account}"] if service_account else []),
-        "--async",
-        "--quiet",
-    ]
+        alpha = ["alpha"] if spec.provisioning == "flex-start" else []
+        argv = [GCLOUD, *alpha, *QR, "create", t.name, f"--node-id={t.name}"]
+        argv += [*t.where(), f"--runtime-version={spec.runtime_version}"]
+        argv += [*spec.common(), *_provisioning(spec)]
+        if spec.valid_for_s:
+            argv.append(f"--valid-until-duration={spec.valid_for_s}s")
+        return argv + [*spec.extra, "--quiet"]
+    argv = [GCLOUD, *VM, "create", t.name, *t.where()]
+    argv += [f"--version={spec.runtime_version}", *spec.common(), *_provisioning(spec)]
+    return argv + [*spec.extra, "--async", "--quiet"]
+
+
+def resource_path(t: Target, project: str) -> str:
+    """The API path of what `delete` deletes (the slice's agent deletes it)."""
+    kind = "queuedResources" if t.queued else "nodes"
+    return f"projects/{project}/locations/{t.zone}/{kind}/{t.name}"
+
+
+def list_resources(zone: str, project: str | None, queued: bool) -> list[str]:
+    """Every queued resource (or TPU VM) of the zone, as JSON."""
+    argv = [GCLOUD, *(QR if queued else VM), "list", f"--zone={zone}"]
+    return argv + ([f"--project={project}"] if project else []) + ["--format=json"]
+
+
+def storage_cat(uri: str) -> list[str]:
+    """Print a Cloud Storage object (wildcards allowed)."""
+    return [GCLOUD, "storage", "cat", uri]
 
 
 def describe(t: Target, fmt: str | None = None) -> list[str]:
@@ -169,3 +220,8 @@ def delete(t: Target) -> list[str]:
     if t.queued:
         return [GCLOUD, *QR, "delete", t.name, *t.where(), "--force", "--quiet"]
     return [GCLOUD, *VM, "delete", t.name, *t.where(), "--quiet"]
+
+
+def delete_named(name: str, zone: str, project: str | None, queued: bool) -> list[str]:
+    """`delete` for a resource found by `sweep`."""
+    return delete(Target(name, zone, project, queued))

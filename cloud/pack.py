@@ -79,11 +79,16 @@ def select_files(root: Path, skip_paths=(), patterns=()) -> list[Path]:
     return chosen
 
 
-def write_tarball(root: Path, files: list[Path], dest: Path) -> int:
-    """Write a gzip tarball of `files` (relative to `root`); returns its size."""
+def write_tarball(
+    root: Path, files: list[Path], dest: Path, extra: dict | None = None
+) -> int:
+    """Write a gzip tarball of `files` (relative to `root`) and of `extra`
+    ({name in the tarball: local file}); returns its size."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(dest, "w:gz") as tar:
         for rel in files:
             tar.add(Path(root) / rel, arcname=rel.as_posix(), recursive=False)
+        for name, path in (extra or {}).items():
+            tar.add(path, arcname=name, recursive=False)
     return dest.stat().st_size

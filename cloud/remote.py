@@ -12,7 +12,13 @@ On a worker (paths relative to the home directory):
     synann_run/installed   written when the install succeeded
     synann_run/run/        the lock of the run step: id (the run's), pid (its group)
     synann_run/output/     training/mnist.py --output-dir (copied back from worker 0)
-    synann_run/logs/       worker-N.log and worker-N.exit (copied back from every worker)
+    synann_run/logs/       worker-N.log, .exit, .json (the agent's record), status-N.json
+                           (training's status file), agent-N.log; copied back from
+                           every worker
+    synann_run/src/.synann/agent.py   the slice's supervisor (cloud/agent.py)
+
+and, written by the startup script as root at every boot:
+$TMPDIR/synann/agent.py (TMPDIR unset: /tmp) and watchdog.log beside it.
 
 Every command is safe to run twice, also while the first still runs: gcloud
 repeats an ssh command whose connection failed (exit 255), up to 10 times.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 
 from cloud.gcloud import REMOTE_DIR, REMOTE_TARBALL
 
@@ -58,15 +65,18 @@ TF_TPU_ENV = (
     "'import libtpu; print(libtpu.get_library_path())')\""
 )
 
-# The worker's index in the slice: $SYNANN_WORKER_ID if set (the local
-# rehearsal sets it), else from the TPU VM metadata server, else from the
-# hostname (TPU VM hostnames end in -w-N), else 0.
+#: The metadata server, as gcloud and google-auth find it (GCE_METADATA_ROOT).
+METADATA = "http://${GCE_METADATA_ROOT:-metadata.google.internal}/computeMetadata/v1"
+# The worker's index in the slice: from the TPU VM metadata server, else from
+# the hostname (TPU VM hostnames end in -w-N), else 0.
 _WORKER_ID = (
-    "w=\"${SYNANN_WORKER_ID:-$(curl -sf --max-time 5 -H 'Metadata-Flavor: Google' "
-    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
-    "agent-worker-number || hostname | sed -n 's/.*-w-\\([0-9][0-9]*\\)$/\\1/p')}\"; "
+    "w=\"$(curl -sf --max-time 5 -H 'Metadata-Flavor: Google' "
+    f"{METADATA}/instance/attributes/agent-worker-number || hostname | "
+    "sed -n 's/.*-w-\\([0-9][0-9]*\\)$/\\1/p')\"; "
     'w="${w:-0}"'
 )
+#: The slice's supervisor in the copied tree (pack adds cloud/agent.py there).
+AGENT = ".synann/agent.py"
 
 
 def q(value: object) -> str:
@@ -149,16 +159,27 @@ _PROBE_PY = (
 
 
 def preflight_command(
-    backend: str, checkpoint_dir: str | None = None, account: str | None = None
+    backend: str,
+    checkpoint_dir: str | None = None,
+    account: str | None = None,
+    output: str | None = None,
+    new_output: bool = True,
 ) -> str:
     """Check this worker before any worker starts training: it knows its
     index, its venv imports the backend, its versions are the pinned ones,
-    and (worker 0, with `checkpoint_dir`) it can write the checkpoint
-    directory as the TPU's service account `account`. Prints one line,
-    `preflight: worker N ok` or `preflight: worker N failed: WHY`, and exits
-    non-zero on failure: a worker that cannot train must stop the submission
-    before the others start and wait for it to join them."""
+    the slice's agent finds its deadline and may delete the slice (and write
+    the gs:// `output`, worker 0, which must be empty when `new_output`), and (worker 0, with `checkpoint_dir`) it
+    can write the checkpoint directory as the TPU's service account
+    `account`. Prints one line, `preflight: worker N ok` or `preflight:
+    worker N failed: WHY`, and exits non-zero on failure: a worker that
+    cannot train must stop the submission before the others start and wait
+    for it to join them."""
     check = f"{VENV_PYTHON} -c {q(_PREFLIGHT_PY)} {q(pins_file(backend))} {q(backend)}"
+    agent = f"{VENV_PYTHON} {AGENT} preflight"
+    if output:
+        new = " --new" if new_output else ""
+        agent = f'{{ if [ "$w" = 0 ]; then {agent} --output {q(output)}{new}; else {agent}; fi; }}'
+    check += f" && {agent}"
     if checkpoint_dir:
         who = account or "(the project's Compute Engine default)"
         probe = f"{VENV_PYTHON} -c {q(_PROBE_PY)} {q(checkpoint_dir)} {q(who)}"
@@ -193,24 +214,34 @@ def _training(backend, train_args, timeout_s, env) -> list[str]:
         # --foreground: stay in the run's process group, which stop_command ends.
         train += ["timeout", "--foreground", "--signal=TERM", str(int(timeout_s))]
     train += [VENV_PYTHON, "training/mnist.py", *(q(a) for a in train_args)]
-    return train + ["--output-dir", "../output"]
+    return train + ["--output-dir", "../output", "--status-file", STATUS_FILE]
 
 
-#: Started by the run step in a session of its own (setsid): writes its
-#: process id (= its process group) to run/pid, trains with output to the
-#: log, then writes the exit status. A SIGTERM that reaches this shell (a
-#: spot VM's preemption notice goes to every process) is recorded in
-#: logs/worker-N.sigterm with what the metadata server says of
-#: instance/preempted, unless stop_command sent it (run/stopped).
-_LAUNCH = (
-    "echo $$ > ../run/pid.new && mv ../run/pid.new ../run/pid; "
-    'log=$1; status=$2; shift 2; sig="${status%.exit}.sigterm"; '
-    "trap 'if [ ! -f ../run/stopped ]; then p=$(curl -sf --max-time 2 -H "
-    '"Metadata-Flavor: Google" http://metadata.google.internal/computeMetadata/'
-    'v1/instance/preempted 2>/dev/null); echo "SIGTERM preempted=${p:-unknown}" '
-    '> "$sig"; fi\' TERM; '
-    '"$@" > "$log" 2>&1 < /dev/null; echo $? > "$status"'
-)
+#: training/mnist.py --status-file on every worker ({process}: its index).
+STATUS_FILE = "../logs/status-{process}.json"
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How the slice's agent supervises a run: `output`, the gs:// URI its
+    copies go to ("" : none); worker 0 deletes the slice `delete_after_s`
+    seconds after training ended (None: never, --keep); a copy every
+    `copy_every_s` seconds; training gets SIGTERM `stop_grace_s` before the
+    slice's deadline (it saves), SIGKILL at the deadline."""
+
+    output: str = ""
+    delete_after_s: float | None = None
+    copy_every_s: float = 60.0
+    stop_grace_s: float = 120.0
+
+    def words(self) -> list[str]:
+        delete = -1 if self.delete_after_s is None else self.delete_after_s
+        return [
+            f"--output {q(self.output)}",
+            f"--delete-after {delete:g}",
+            f"--copy-every {self.copy_every_s:g}",
+            f"--stop-grace {self.stop_grace_s:g}",
+        ]
 
 
 def run_command(
@@ -219,33 +250,60 @@ def run_command(
     timeout_s: int | None = None,
     env: dict[str, str] | None = None,
     run_id: str = "run",
+    supervision: Supervision = Supervision(),
+    follow: bool = True,
 ) -> str:
-    """Start training on this worker, or follow the one already started.
+    """Start training on this worker under the slice's agent, or follow the
+    one already started.
 
     The first run for `run_id` takes the lock ~/synann_run/run/ and starts
-    training in its own session, so a dropped ssh connection does not end
-    it; its output goes to ~/synann_run/logs/worker-N.log, its exit status
-    (124 on timeout) to logs/worker-N.exit. A second run with the same id
-    (gcloud repeats an ssh command whose connection failed) starts nothing
-    and follows the first; one with another id refuses. Worker 0 streams the
-    log to stdout (gcloud shows it); every worker exits with the training's
-    status. `env` adds environment variables (names must be identifiers).
-    The script checks the installed versions against the pins file before
-    training (SYNANN_PINS).
+    the agent (cloud/agent.py) in a session of its own, so a dropped ssh
+    connection does not end it; the agent runs training with its output in
+    ~/synann_run/logs/worker-N.log and its exit status (124 on timeout) in
+    logs/worker-N.exit, copies them as `supervision` says, and records a
+    SIGTERM nobody asked for (logs/worker-N.sigterm). A second run with the
+    same id (gcloud repeats an ssh command whose connection failed) starts
+    nothing and follows the first; one with another id refuses. With
+    `follow`, worker 0 streams the log to stdout (gcloud shows it) and every
+    worker exits with the training's status; without, every worker exits 0
+    once its training started (detached runs). `env` adds environment
+    variables (names must be identifiers). The script checks the installed
+    versions against the pins file before training (SYNANN_PINS).
     """
     if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id):
         raise ValueError(f"run id {run_id!r} is not valid; use letters, digits, . _ -")
     train = _training(backend, train_args, timeout_s, env)
     rid = q(run_id)
+    agent = [
+        f"setsid {VENV_PYTHON} {AGENT} run",
+        '--worker "$w" --log-dir ../logs --output-dir ../output',
+        *supervision.words(),
+        "--pid-file ../run/pid --stopped-file ../run/stopped --",
+    ]
     launch = (
-        f'setsid sh -c {q(_LAUNCH)} sh "$log" "$status" {" ".join(train)} '
-        "< /dev/null > /dev/null 2>&1 &"
+        f"{' '.join(agent)} {' '.join(train)} "
+        '< /dev/null >> "../logs/agent-$w.log" 2>&1 &'
     )
+    if follow:
+        # Until training's exit status is written (the agent lives on after
+        # it: copies, and worker 0's delete), or the agent is gone.
+        wait = [
+            'if [ "$w" = 0 ]; then tail -n +1 -F -s 0.5 "$log" 2>/dev/null & t=$!; '
+            "else t=; fi",
+            'while [ ! -f "$status" ] && kill -0 "$pid" 2>/dev/null; do sleep 1; done',
+            'if [ -n "$t" ]; then sleep 1; kill "$t" 2>/dev/null; fi',
+            'if [ ! -f "$status" ]; then echo "worker $w: training ended without an '
+            'exit status" >&2; exit 1; fi',
+            'exit "$(cat "$status")"',
+        ]
+    else:
+        wait = [f'echo "worker $w: training {run_id} runs (process group $pid)"']
     return "; ".join(
         [
             f"cd {REMOTE_DIR}/src || exit 1",
             _WORKER_ID,
             'log="../logs/worker-$w.log"; status="../logs/worker-$w.exit"',
+            "mkdir -p ../logs",
             f"if mkdir ../run 2>/dev/null; then echo {rid} > ../run/id; {launch} "
             f'else echo "worker $w: run {run_id} was started already; following it" '
             ">&2; fi",
@@ -257,11 +315,36 @@ def run_command(
             'pid="$(cat ../run/pid 2>/dev/null)"',
             'if [ -z "$pid" ]; then echo "worker $w: training did not start" >&2; '
             "exit 1; fi",
-            'if [ "$w" = 0 ]; then tail -n +1 -F -s 0.5 --pid="$pid" "$log" '
-            '2>/dev/null; else while kill -0 "$pid" 2>/dev/null; do sleep 1; done; fi',
-            'if [ ! -f "$status" ]; then echo "worker $w: training ended without an '
-            'exit status" >&2; exit 1; fi',
-            'exit "$(cat "$status")"',
+            *wait,
+        ]
+    )
+
+
+def startup_script(agent_source: str) -> str:
+    """The slice's startup script (metadata `startup-script`), run as root at
+    every boot of every worker: writes the agent to $TMPDIR/synann (TMPDIR
+    unset: /tmp) and starts its watchdog in a session of its own, unless
+    one runs; the watchdog deletes the slice at its deadline."""
+    if "SYNANN_AGENT_EOF" in agent_source:
+        raise ValueError("the agent's source cannot contain its own end marker")
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            "# keras-synann: at the deadline in the metadata (synann-deadline),",
+            "# this worker deletes its slice (cloud/agent.py watchdog).",
+            'dir="${TMPDIR:-/tmp}/synann"',
+            'mkdir -p "$dir" || exit 1',
+            "cat > \"$dir/agent.py.new\" <<'SYNANN_AGENT_EOF'",
+            agent_source.rstrip("\n"),
+            "SYNANN_AGENT_EOF",
+            'mv "$dir/agent.py.new" "$dir/agent.py" || exit 1',
+            'if [ -s "$dir/watchdog.pid" ] && kill -0 "$(cat "$dir/watchdog.pid")" '
+            '2>/dev/null; then echo "synann: watchdog runs"; exit 0; fi',
+            'setsid python3 "$dir/agent.py" --log "$dir/watchdog.log" watchdog '
+            "< /dev/null > /dev/null 2>&1 &",
+            'echo $! > "$dir/watchdog.pid"',
+            'echo "synann: watchdog started (process $!)"',
+            "",
         ]
     )
 

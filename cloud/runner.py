@@ -1,6 +1,7 @@
 """Run gcloud argv lists (never through a shell) and turn signals into exceptions.
 
-SIGINT and SIGTERM stop the running command and raise `Interrupted`, so the
+SIGINT, SIGTERM and SIGHUP (the terminal or the ssh connection the tool runs
+in closed) stop the running command and raise `Interrupted`, so the
 caller's cleanup runs. Every command runs in a session of its own (out of reach
 of a terminal's Ctrl-C, which this process forwards), so stopping one, on a
 signal or when its time limit passes, stops what it started too (gcloud's ssh
@@ -17,6 +18,21 @@ import signal
 import subprocess
 import sys
 import time
+
+#: The longest wait between two readings of the clock.
+WAKE_S = 30.0
+
+
+def clock() -> float:
+    """Seconds on a clock that counts suspend (CLOCK_BOOTTIME; the wall clock
+    where there is none)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.time()
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Interrupted(Exception):
@@ -70,7 +86,7 @@ class Runner:
 
     @contextlib.contextmanager
     def handle_signals(self):
-        """Install the SIGINT/SIGTERM handlers for the duration of the block."""
+        """Install the SIGINT/SIGTERM/SIGHUP handlers for the block."""
         old = {s: signal.signal(s, self._on_signal) for s in _SIGNALS}
         try:
             yield self
@@ -161,23 +177,23 @@ class Runner:
             child = self._start(argv, capture)
             if child is None:
                 return 127, "", ""
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = None if timeout is None else clock() + timeout
+            next_watch = clock() + watch_s
             while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                step = (
-                    left
-                    if watch is None
-                    else watch_s
-                    if left is None
-                    else min(watch_s, left)
-                )
+                now = clock()
+                wakes = [now + WAKE_S]
+                wakes += [] if deadline is None else [deadline]
+                wakes += [] if watch is None else [next_watch]
                 try:
-                    wait = None if step is None else max(0.0, step)
+                    wait = max(0.0, min(wakes) - now)
                     out, err = child.communicate(timeout=wait)
                     return child.returncode, out or "", err or ""
                 except subprocess.TimeoutExpired:
-                    if deadline is not None and time.monotonic() >= deadline:
+                    if deadline is not None and clock() >= deadline:
                         raise
+                if watch is None or clock() < next_watch:
+                    continue
+                next_watch = clock() + watch_s
                 if watch is not None and watch():
                     _signal_group(child, signal.SIGTERM)
                     try:
@@ -208,19 +224,27 @@ class Runner:
                 for argv in group:
                     self._echo(argv)
                     children.append(self._start(argv, capture=False))
-                deadline = time.monotonic() + timeout
+                deadline = clock() + timeout
                 for child in children:
                     if child is None:
                         codes.append(127)
                         continue
-                    try:
-                        left = max(0.0, deadline - time.monotonic())
-                        codes.append(child.wait(timeout=left))
-                    except subprocess.TimeoutExpired:
-                        codes.append(124)
+                    codes.append(_wait(child, deadline))
             finally:
                 self._reap()
         return codes
+
+
+def _wait(child: subprocess.Popen, deadline: float) -> int:
+    """The child's exit code, or 124 once `deadline` (clock()) passed."""
+    while True:
+        left = deadline - clock()
+        if left <= 0:
+            return child.poll() if child.poll() is not None else 124
+        try:
+            return child.wait(timeout=min(left, WAKE_S))
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:
@@ -229,6 +253,6 @@ def _signal_group(child: subprocess.Popen, signum: int) -> None:
         os.killpg(child.pid, signum)
 
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Runner.run's exit code for a command its `watch` stopped.
 WATCH_STOPPED = 125

@@ -1,208 +1,133 @@
-"""Train on a Cloud TPU slice with one command, and always clean up.
+"""Train on a Cloud TPU slice with one command; the slice bounds its own cost.
 
     python -m cloud.tpu submit --name NAME --zone ZONE --accelerator-type TYPE \\
         [options] -- [training/mnist.py arguments]
 
-`submit --rehearse` runs the same plan on this machine first, through the real
-gcloud, ssh and scp, against a loopback TPU API and one sshd per worker
-(cloud/rehearsal/). Also: status, logs and delete
-for a TPU kept with --keep. Run from the repo root; `python cloud/tpu.py ...`
-works too. Guide: docs/cloud-tpu.md.
+`submit --detach` returns once training runs; the slice's agent copies the
+results to --output-dir gs://... and deletes the slice. `wait NAME`
+re-attaches; `status`, `logs`, `delete`; `sweep` deletes the tool's
+resources whose deadline passed. `submit --rehearse` runs the same plan on
+this machine first, through the real gcloud, ssh and scp, against a
+rehearsal cloud it starts; `--rehearse-cloud D` uses one started with
+`python -m cloud.rehearsal serve --dir D` (cloud/rehearsal/). Run from the
+repository root. Guide: docs/cloud-tpu.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: python cloud/tpu.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cloud import checks, gcloud, rehearsal, remote  # noqa: E402
-from cloud.plan import (  # noqa: E402
-    DEFAULT_RUN_TIMEOUT,
-    REHEARSAL_KEEPALIVE,
-    REHEARSAL_LIMITS,
-    Limits,
-    Submission,
-    print_plan,
-)
-from cloud.runner import Interrupted, Runner  # noqa: E402
-from cloud.submit import run_submission  # noqa: E402
-from training import cli  # noqa: E402  (standard library only)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
+from cloud import checks, follow, gcloud, options, rehearsal, remote
+from cloud.limits import REHEARSAL_KEEPALIVE
+from cloud.plan import print_plan
+from cloud.runner import Interrupted, Runner
+from cloud.submit import run_submission
+from training import cli  # standard library only
 
 # -- submit ------------------------------------------------------------------------
 
 
-def submission_from_args(args, train_args: list[str]) -> Submission:
-    """Check every input (no gcloud involved); raises ValueError."""
-    target = _target(args)
-    acc = checks.accelerator(args.accelerator_type)
-    runtime = checks.runtime_version(
-        args.runtime_version or checks.default_runtime(acc), acc
-    )
-    if args.provisioning not in checks.PROVISIONING:
-        raise ValueError(
-            f"provisioning {args.provisioning!r} is not valid; use "
-            + ", ".join(checks.PROVISIONING)
-        )
-    default_dir = f"runs/{target.name}"
-    output_dir = checks.local_path(args.output_dir or default_dir, "--output-dir")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {output_dir} is a file; give a directory")
-    for old in ("output", "logs"):
-        if (out / old).exists():
-            raise ValueError(
-                f"--output-dir {output_dir} already holds {old}/ from an earlier run; "
-                "choose a new directory so old results cannot pass for new ones"
-            )
-    source = Path(args.source or REPO_ROOT)
-    if not (source / "training" / "mnist.py").is_file():
-        raise ValueError(
-            f"--source {source} has no training/mnist.py; give the repository root"
-        )
-    backend = checks.backend(args.backend)
-    if backend == "tensorflow":
-        checks.tensorflow_slice(acc)
-    always = [*remote.TPU_INSTALL[backend][1], "training"]
-    extras = checks.extras(args.extra, source / "pyproject.toml", backend, always)
-    retries = checks.count(args.retries, "--retries")
-    checkpoint_dir = None
-    if args.checkpoint_dir is not None:
-        checkpoint_dir = checks.checkpoint_dir(args.checkpoint_dir, args.rehearse)
-    if checkpoint_dir:
-        needed = checks.checkpoint_extra(
-            checkpoint_dir, backend, source / "pyproject.toml"
-        )
-        extras += [needed] if needed not in extras else []
-    if retries and not checkpoint_dir:
-        raise ValueError(
-            f"--retries {retries} needs --checkpoint-dir (gs://BUCKET/PATH): a new "
-            "slice resumes from the checkpoints there; without them there is "
-            "nothing to resume from"
-        )
-    preempt = args.rehearse_preempt_after_epoch
-    if preempt is not None:
-        preempt = checks.count(preempt, "--rehearse-preempt-after-epoch", 1)
-        if not args.rehearse or not checkpoint_dir:
-            raise ValueError(
-                "--rehearse-preempt-after-epoch needs --rehearse and "
-                "--checkpoint-dir (it preempts once that epoch's checkpoint is "
-                "complete)"
-            )
-    faults = tuple(args.rehearse_fault)
-    if faults and not args.rehearse:
-        raise ValueError("--rehearse-fault needs --rehearse")
-    for fault in faults:
-        if fault not in rehearsal.FAULTS:
-            raise ValueError(
-                f"--rehearse-fault {fault!r} is not known; use one of "
-                + ", ".join(rehearsal.FAULTS)
-            )
-    train = checks.train_args(train_args)
-    checks.global_batch(train, acc)
-    return Submission(
-        target=target,
-        acc=acc,
-        runtime=runtime,
-        backend=backend,
-        provisioning=args.provisioning,
-        wait_timeout_s=checks.duration(args.wait_timeout),
-        poll_s=checks.poll_interval(args.poll_interval),
-        output_dir=output_dir,
-        source=source,
-        excludes=list(args.exclude),
-        extras=extras,
-        run_timeout_s=checks.duration(args.run_timeout),
-        keep=args.keep,
-        train_args=train,
-        env=dict(checks.env_var(e) for e in args.env),
-        rehearse=args.rehearse,
-        retries=retries,
-        checkpoint_dir=checkpoint_dir,
-        preempt_after_epoch=preempt,
-        faults=faults,
-        service_account=checks.service_account(args.service_account)
-        if args.service_account
-        else None,
-        limits=REHEARSAL_LIMITS if args.rehearse else Limits(),
-    )
-
-
 def cmd_submit(args, train_args: list[str]) -> int:
-    sub = submission_from_args(args, train_args)
+    sub = options.submission_from_args(args, train_args, _target(args))
+    sub.follow = _follow_flags(args)
     if args.dry_run:
         print_plan(sub)
         return 0
-    if not sub.rehearse:
-        _need_gcloud()
-        Path(sub.output_dir).mkdir(parents=True, exist_ok=True)
-        runner = Runner()
-        with runner.handle_signals():
-            return run_submission(sub, runner)
-    if sub.backend != "jax":
+    if args.rehearse and sub.backend != "jax":
         raise ValueError(
             f"--rehearse runs the jax workers' commands; {sub.backend}'s need a TPU "
             "build (tensorflow-tpu) that does not run here. Rehearse with --backend jax"
         )
-    Path(sub.output_dir).mkdir(parents=True, exist_ok=True)
-    stage = rehearsal.Rehearsal(
-        Path(sub.output_dir) / "rehearsal",
-        sub.faults,
-        sub.preempt_after_epoch,
-        sub.checkpoint_dir,
-    )
+    Path(sub.local_dir).mkdir(parents=True, exist_ok=True)
+    if args.rehearse:
+        return _rehearse(args, sub)
+    runner, ssh = _cloud(args)
+    sub.target = dataclasses.replace(sub.target, ssh_options=ssh)
+    with runner.handle_signals():
+        return run_submission(sub, runner)
+
+
+def _rehearse(args, sub) -> int:
+    """--rehearse: a rehearsal cloud of its own in LOCAL_DIR/rehearsal."""
+    faults = [f"--fault={f}" for f in args.rehearse_fault]
+    if args.rehearse_preempt_after_epoch is not None:
+        faults += ["--fault=preempt-sigterm", "--checkpoint-dir", sub.checkpoint_dir]
+        faults += ["--preempt-after-epoch", str(args.rehearse_preempt_after_epoch)]
+    serve = rehearsal.Serve(Path(sub.local_dir) / "rehearsal", faults)
     runner = Runner(label="rehearsal")
     with runner.handle_signals():
         try:
-            stage.start()
-            runner.env = stage.env()
-            options = (*REHEARSAL_KEEPALIVE, *stage.ssh_options())
-            sub.target = dataclasses.replace(sub.target, ssh_options=options)
+            env = serve.start()
+            runner.env = {**os.environ, **env}
+            sub.target = dataclasses.replace(
+                sub.target, ssh_options=_rehearsal_ssh(env)
+            )
             return run_submission(sub, runner)
+        except Interrupted as stop:
+            return stop.exit_code
         finally:
-            stage.close()
+            serve.stop()
 
 
-# -- status, logs, delete ------------------------------------------------------------
+def _rehearsal_ssh(env: dict[str, str]) -> tuple[str, ...]:
+    return (*REHEARSAL_KEEPALIVE, f"Port={env['REHEARSAL_SSH_PORT']}")
 
 
-def _target(args) -> gcloud.Target:
-    return gcloud.Target(
-        name=checks.tpu_name(args.name),
-        zone=checks.zone(args.zone),
-        project=checks.project(args.project) if args.project else None,
-        queued=not args.tpu_vm,
-        internal_ip=args.internal_ip,
-    )
-
-
-def _need_gcloud() -> None:
+def _cloud(args) -> tuple[Runner, tuple[str, ...]]:
+    """(runner, ssh options) for gcloud: Google's, or the rehearsal cloud that
+    --rehearse-cloud names."""
+    if args.rehearse_cloud:
+        env = rehearsal.read_env(args.rehearse_cloud)
+        runner = Runner(label="rehearsal", env={**os.environ, **env})
+        return runner, _rehearsal_ssh(env)
     if shutil.which(gcloud.GCLOUD) is None:
         raise ValueError(
             "gcloud not found on PATH; install the Google Cloud CLI and run "
             "`gcloud auth login` (or use --dry-run)"
         )
+    return Runner(), gcloud.KEEPALIVE
 
 
-def _run_simple(args, commands: list[list[str]], protect: bool = False) -> int:
+def _follow_flags(args) -> list[str]:
+    flags = [f"--project={args.project}"] if args.project else []
+    flags += ["--tpu-vm"] if args.tpu_vm else []
+    flags += ["--internal-ip"] if args.internal_ip or args.internal_ips else []
+    if args.rehearse_cloud:
+        flags += ["--rehearse-cloud", args.rehearse_cloud]
+    return flags
+
+
+# -- status, logs, delete, wait, sweep ---------------------------------------------------
+
+
+def _target(args, ssh=gcloud.KEEPALIVE) -> gcloud.Target:
+    return gcloud.Target(
+        name=checks.tpu_name(args.name),
+        zone=checks.zone(args.zone),
+        project=checks.project(args.project) if args.project else None,
+        queued=not args.tpu_vm,
+        internal_ip=args.internal_ip or getattr(args, "internal_ips", False),
+        ssh_options=ssh,
+    )
+
+
+def _run_simple(args, make_commands, protect: bool = False) -> int:
+    """Run the commands `make_commands(ssh options)` builds, one by one."""
     if args.dry_run:
-        for argv in commands:
+        for argv in make_commands(gcloud.KEEPALIVE):
             print(shlex.join(argv))
         return 0
-    _need_gcloud()
-    runner, code = Runner(), 0
+    runner, ssh = _cloud(args)
+    code = 0
     with runner.handle_signals():
         try:
-            for argv in commands:
+            for argv in make_commands(ssh):
                 if protect:
                     with runner.protect():
                         rc, _, _ = runner.run(argv)
@@ -217,24 +142,96 @@ def _run_simple(args, commands: list[list[str]], protect: bool = False) -> int:
 def cmd_status(args, _) -> int:
     t = _target(args)
     commands = [gcloud.describe(t)] + ([gcloud.describe_vm(t)] if t.queued else [])
-    return _run_simple(args, commands)
+    return _run_simple(args, lambda ssh: commands)
 
 
 def cmd_logs(args, _) -> int:
-    t = _target(args)
+    _target(args)
     if args.worker != "all" and not args.worker.isdigit():
         raise ValueError(f"--worker {args.worker!r} is not valid; use a number or all")
     if args.lines < 0:
         raise ValueError(f"--lines {args.lines} is not valid; use a number >= 0")
     command = remote.logs_command(args.lines, args.follow)
-    return _run_simple(args, [gcloud.ssh(t, command, args.worker)])
+    return _run_simple(
+        args, lambda ssh: [gcloud.ssh(_target(args, ssh), command, args.worker)]
+    )
 
 
 def cmd_delete(args, _) -> int:
-    return _run_simple(args, [gcloud.delete(_target(args))], protect=True)
+    return _run_simple(args, lambda ssh: [gcloud.delete(_target(args))], protect=True)
+
+
+def cmd_wait(args, _) -> int:
+    t = _target(args)
+    poll = checks.poll_interval(args.poll_interval)
+    uri = args.output_dir
+    if uri is not None:
+        uri = options.output(uri, t.name)[1]
+        if uri is None:
+            raise ValueError("wait --output-dir takes the run's gs://BUCKET/PATH")
+    if args.dry_run:
+        state = gcloud.QR_STATE if t.queued else gcloud.VM_STATE
+        print(shlex.join(gcloud.describe(t, state)))
+        print(shlex.join(gcloud.storage_cat(f"{uri or 'OUTPUT'}/logs/worker-0.json")))
+        return 0
+    runner, _ = _cloud(args)
+    with runner.handle_signals():
+        try:
+            uri = uri or follow.output_of(runner, t)
+            if not uri:
+                raise ValueError(
+                    f"cannot read {t.name}'s output directory from its metadata "
+                    "(is it gone?); give --output-dir gs://BUCKET/PATH"
+                )
+            return follow.wait(runner, t, uri, poll)
+        except Interrupted as stop:
+            return stop.exit_code
+
+
+def cmd_sweep(args, _) -> int:
+    zone = checks.zone(args.zone)
+    project = checks.project(args.project) if args.project else None
+    runner, _ = _cloud(args)
+    with runner.handle_signals():
+        try:
+            return follow.sweep(runner, zone, project, args.dry_run)
+        except Interrupted as stop:
+            return stop.exit_code
 
 
 # -- command line --------------------------------------------------------------------
+
+
+def _where(with_name: bool = True) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    if with_name:
+        common.add_argument(
+            "--name", required=True, help="TPU (and queued resource) name"
+        )
+    common.add_argument("--zone", required=True, help="e.g. us-west4-a, us-central2-b")
+    common.add_argument("--project", help="GCP project ID (default: gcloud config)")
+    common.add_argument(
+        "--dry-run", action="store_true", help="print the gcloud commands only"
+    )
+    common.add_argument(
+        "--rehearse-cloud",
+        metavar="DIR",
+        help="talk to the rehearsal cloud that `python -m cloud.rehearsal serve "
+        "--dir DIR` runs, instead of Google's",
+    )
+    if with_name:
+        common.add_argument(
+            "--tpu-vm",
+            action="store_true",
+            help="a plain TPU VM instead of a queued resource",
+        )
+        common.add_argument(
+            "--internal-ip",
+            action="store_true",
+            help="ssh and scp to the workers' internal IP addresses (run from "
+            "inside the VPC)",
+        )
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,171 +242,34 @@ def build_parser() -> argparse.ArgumentParser:
         "us-west4-a --accelerator-type v5litepod-8 -- --epochs 3",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", required=True, help="TPU (and queued resource) name")
-    common.add_argument("--zone", required=True, help="e.g. us-west4-a, us-central2-b")
-    common.add_argument("--project", help="GCP project ID (default: gcloud config)")
-    common.add_argument(
-        "--tpu-vm",
-        action="store_true",
-        help="a plain TPU VM instead of a queued resource",
-    )
-    common.add_argument(
-        "--dry-run", action="store_true", help="print the gcloud commands only"
-    )
-    common.add_argument(
-        "--internal-ip",
-        action="store_true",
-        help="ssh and scp to the workers' internal IP addresses (for TPUs without "
-        "external IPs: run from inside the VPC; the workers need Cloud NAT or a "
-        "package mirror to install)",
-    )
-
+    common = _where()
     p = sub.add_parser(
         "submit",
         parents=[common],
         help="create a TPU, train, copy results back, delete the TPU",
-        description="Create a TPU, copy this tree to every worker, install, check "
-        "every worker, train on all workers at once, copy the outputs back from "
-        "worker 0, then delete the TPU (also after a failure or Ctrl-C) unless "
-        "--keep. With --retries N, a slice lost on the way (preempted) is "
-        "replaced by a new one, training resuming from --checkpoint-dir. "
-        "Arguments after `--` go to training/mnist.py. Exit code 0 only when "
-        "training succeeded and its results came back.",
+        description="Create a TPU that deletes itself at a deadline, copy this "
+        "tree to every worker, install, check every worker, train on all "
+        "workers at once under the slice's agent, copy the outputs back, then "
+        "delete the TPU (also after a failure or Ctrl-C) unless --keep. With "
+        "--detach, return once training runs: the slice copies its results to "
+        "--output-dir gs://... and deletes itself. With --retries N, a slice "
+        "lost on the way (preempted, in maintenance) is replaced by a new one, "
+        "training resuming from --checkpoint-dir. Arguments after `--` go to "
+        "training/mnist.py. Exit code 0 only when training succeeded and its "
+        "results came back (detached: once training runs).",
         epilog="Prerequisites: the Google Cloud CLI, authenticated (gcloud auth "
         "login) with a project that has TPU quota in the zone; if your ssh key "
         "has a passphrase, the key in the ssh-agent (ssh-add "
-        "~/.ssh/google_compute_engine), as gcloud runs ssh on all workers at "
-        "once; the workers must reach each other (jax's "
-        "coordinator listens on port 8482 of worker 0); --checkpoint-dir needs a "
-        "bucket the TPU's service account can write.",
+        "~/.ssh/google_compute_engine); the workers must reach each other "
+        "(jax's coordinator listens on port 8482 of worker 0); the TPU's "
+        "service account may delete its own TPU (roles/tpu.admin) and write "
+        "the gs:// directories it is given (roles/storage.objectAdmin).",
     )
-    p.add_argument(
-        "--accelerator-type",
-        required=True,
-        help="v5litepod-8 (one host), v5litepod-32, v4-32 (several hosts), v6e-8, "
-        "v5p-8, ...",
-    )
-    p.add_argument(
-        "--runtime-version",
-        help="TPU software version (default per generation: v5litepod "
-        "v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e, v4 and "
-        "older tpu-ubuntu2204-base)",
-    )
-    p.add_argument(
-        "--backend",
-        default="jax",
-        help="jax (default), or tensorflow on single-host v5litepod, v5p and v6e "
-        "slices (tensorflow-tpu through PJRT)",
-    )
-    p.add_argument(
-        "--provisioning",
-        default="on-demand",
-        help="on-demand (default), spot (cheaper, can be preempted) or reserved",
-    )
-    p.add_argument(
-        "--wait-timeout",
-        default="1h",
-        help="how long to wait for the TPU, e.g. 30m, 2h (default 1h); a queued "
-        "resource request also expires then",
-    )
-    p.add_argument(
-        "--poll-interval",
-        default="30",
-        help="seconds between readiness checks (default 30)",
-    )
-    p.add_argument(
-        "--run-timeout",
-        default=DEFAULT_RUN_TIMEOUT,
-        help="stop training after this long, e.g. 3h (default "
-        f"{DEFAULT_RUN_TIMEOUT}); the client stops waiting 10 minutes later, "
-        "fetches the logs and deletes the TPU",
-    )
-    p.add_argument(
-        "--service-account",
-        metavar="EMAIL",
-        help="the service account the TPU VMs run as (default: the project's "
-        "Compute Engine default); it needs write access to --checkpoint-dir",
-    )
-    p.add_argument(
-        "--output-dir",
-        help="new local directory for output/, logs/ and source.tar.gz "
-        "(default runs/NAME)",
-    )
-    p.add_argument("--source", help="tree to copy (default: this repository's root)")
-    p.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="also leave out files or directories named like PATTERN (repeatable)",
-    )
-    p.add_argument(
-        "--extra",
-        action="append",
-        default=[],
-        help="another package extra to install on the workers, e.g. tfds",
-    )
-    p.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment variable for training on every worker (repeatable; "
-        "printed, so not for secrets)",
-    )
-    p.add_argument(
-        "--checkpoint-dir",
-        metavar="URI",
-        help="gs://BUCKET/PATH every worker's training writes each epoch's "
-        "checkpoint to (training/mnist.py --checkpoint-dir); a local directory in "
-        "a rehearsal",
-    )
-    p.add_argument(
-        "--retries",
-        default="0",
-        metavar="N",
-        help="when the slice is lost (preempted spot TPU, FAILED or SUSPENDED "
-        "queued resource, no worker answering), delete it, create a new one and "
-        "resume from --checkpoint-dir (training/mnist.py --resume), at most N "
-        "times (default 0); needs --checkpoint-dir",
-    )
-    p.add_argument(
-        "--rehearse",
-        action="store_true",
-        help="run this submission's plan on this machine first, no TPU: the real "
-        "gcloud, ssh and scp against a loopback TPU API and one sshd per worker "
-        "(OpenSSH's sshd needed); each worker runs the exact commands a TPU "
-        "worker gets, with simulated CPU devices (the package install is stubbed: "
-        "this Python and its packages stand in for the workers')",
-    )
-    p.add_argument(
-        "--rehearse-preempt-after-epoch",
-        metavar="K",
-        help="with --rehearse and --checkpoint-dir: once epoch K's checkpoint is "
-        "complete, every worker gets SIGTERM and a few seconds later the slice "
-        "is PREEMPTED (once), so the --retries path runs (the preempt-sigterm "
-        "fault)",
-    )
-    p.add_argument(
-        "--rehearse-fault",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="with --rehearse: inject a fault through the loopback TPU API or the "
-        "workers' sshd (repeatable): " + ", ".join(rehearsal.FAULTS),
-    )
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="leave the TPU running at the end; prints the delete command",
-    )
+    options.add_submit_options(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", parents=[common], help="describe the TPU")
     p.set_defaults(func=cmd_status)
-
     p = sub.add_parser(
         "logs", parents=[common], help="show the end of the workers' training logs"
     )
@@ -417,11 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=100, help="lines to show (100)")
     p.add_argument("--follow", action="store_true", help="keep following the log")
     p.set_defaults(func=cmd_logs)
-
     p = sub.add_parser(
         "delete", parents=[common], help="delete the TPU (and its queued resource)"
     )
     p.set_defaults(func=cmd_delete)
+    p = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="follow a detached run until it ends; its exit status",
+        description="Re-attach to a run (detached or not): wait until its "
+        "training ended or its TPU is gone, then exit 0 if every worker's "
+        "training exited 0 and the results are in its output directory, else 1.",
+    )
+    p.add_argument(
+        "--output-dir",
+        metavar="URI",
+        help="the run's gs://BUCKET/PATH (default: the TPU's metadata says)",
+    )
+    p.add_argument("--poll-interval", default="30", help="seconds between checks")
+    p.set_defaults(func=cmd_wait)
+    p = sub.add_parser(
+        "sweep",
+        parents=[_where(with_name=False)],
+        help="delete the tool's TPUs whose deadline passed or that failed",
+        description="List the zone's queued resources and TPU VMs labelled "
+        f"{gcloud.TOOL_LABEL}={gcloud.TOOL} and delete those whose "
+        f"{gcloud.DEADLINE_LABEL} label has passed or that are FAILED or "
+        "SUSPENDED (TPU VMs: PREEMPTED or TERMINATED).",
+    )
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from cloud import tpu
+from cloud import plan, tpu
+
+#: The create request's time in every golden file (its deadline follows).
+CREATED = 1_800_000_000
 
 GOLDEN = Path(__file__).parent / "golden" / "cloud"
 REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.any_backend  # no Keras backend involved
 
 CASES = {
     "single_host": [
@@ -50,6 +55,24 @@ CASES = {
         "--epochs",
         "1",
     ],
+    "detached": [
+        "--name=synann-v6e",
+        "--zone=us-east5-b",
+        "--accelerator-type=v6e-8",
+        "--detach",
+        "--provisioning=flex-start",
+        "--max-run-duration=3h",
+        "--output-dir=gs://my-bucket/runs/synann-v6e",
+        "--network=my-vpc",
+        "--subnetwork=my-subnet",
+        "--internal-ips",
+        "--tags=allow-ssh,tpu",
+        "--labels=team=ml",
+        "--gcloud-create-arg=--reservation=my-reservation",
+        "--",
+        "--epochs",
+        "2",
+    ],
     "keep": [
         "--name=synann-v6e",
         "--zone=us-east5-b",
@@ -71,6 +94,7 @@ def test_dry_run_matches_golden(case, tmp_path, monkeypatch, capsys):
         (REPO / "pyproject.toml").read_text()  # the extras submit checks
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plan, "now", lambda: CREATED)
     args = CASES[case]
     cut = args.index("--") if "--" in args else len(args)
     argv = ["submit", *args[:cut], "--source=src", "--dry-run", *args[cut:]]

@@ -288,7 +288,13 @@ COMMANDS = [
     Rule(r"python -m cloud\.tpu submit --rehearse .*",
          skip="the Cloud TPU rehearsal takes minutes on 2 cores; tests/test_rehearsal.py "
          "rehearses the same plan (v4-16) on shorter training"),
+    Rule(r"python -m cloud\.rehearsal serve --dir \S+",
+         skip="a rehearsal cloud that runs until SIGTERM; tests/test_rehearsal.py starts one"),
+    Rule(r"python -m cloud\.tpu submit --rehearse-cloud .*",
+         skip="needs the rehearsal cloud of `serve` running; tests/test_rehearsal.py "
+         "submits detached runs to one"),
     Rule(r"python -m cloud\.tpu submit .*", skip="creates a Cloud TPU (billed)"),
+    Rule(r"python -m cloud\.tpu wait .*", skip="needs a run on a Cloud TPU"),
     Rule(r".*gs://BUCKET.*", skip="needs a Cloud Storage bucket"),
     Rule(r".*NUM_GPUS.*|torchrun --nnodes.*", skip="needs GPUs or several machines"),
     Rule(r"KERAS_DISTRIBUTION_JOB_ADDRESSES=.*",

@@ -1,64 +1,77 @@
-"""A loopback Cloud TPU v2 API (and the one Compute Engine call gcloud's ssh
-makes) that the real gcloud talks to in a rehearsal.
+"""The TPU API of a rehearsal cloud (v2 and v2alpha1), on a clock.
 
-gcloud reaches it through CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU and
-CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE (cloud/rehearsal/__init__.py sets
-them). It serves what the submitter's gcloud commands touch:
+gcloud reaches it through CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU; the slices'
+agents through the same variable (gcloud on the worker) or over HTTP with
+their metadata token. It serves what the tool's gcloud commands and the
+agent touch:
 
-    POST   /v2/projects/P/locations/Z/queuedResources?queuedResourceId=N
-    GET    /v2/projects/P/locations/Z/queuedResources[/N]
-    DELETE /v2/projects/P/locations/Z/queuedResources/N?force=true
-    POST   /v2/projects/P/locations/Z/nodes?nodeId=N        (tpu-vm create)
-    GET    /v2/projects/P/locations/Z/nodes[/N]
-    PATCH  /v2/projects/P/locations/Z/nodes/N?updateMask=metadata  (ssh keys)
-    POST   /v2/projects/P/locations/Z/nodes/N:getGuestAttributes   (host keys)
-    DELETE /v2/projects/P/locations/Z/nodes/N
-    GET    /v2/projects/P/locations/Z/operations/OP
-    GET    /compute/v1/projects/P                             (OS Login check)
+    POST   /{v2,v2alpha1}/projects/P/locations/Z/queuedResources?queuedResourceId=N
+    GET    .../queuedResources[/N]        DELETE .../queuedResources/N[?force=true]
+    POST   .../nodes?nodeId=N             GET .../nodes[/N]     DELETE .../nodes/N
+    PATCH  .../nodes/N?updateMask=metadata      POST .../nodes/N:getGuestAttributes
+    GET    .../operations/OP
 
-with the fields of the real API: QueuedResource `state.state` and
-`failedData.error`, Node `state`, `health`, `apiVersion`, `metadata` and
-`networkEndpoints[].ipAddress` / `.accessConfig.externalIp`. Long-running
-operations finish at once. A queued resource waits for resources for
-`provision_s`, then is ACTIVE with a READY node; a node's workers (the sshds,
-cloud/rehearsal/workers.py) start when it is READY and stop when it is deleted
-or preempted, through the `Hooks` given. Every request is recorded, in order,
-in `requests` and in the file `log_path` (one JSON object a line), for tests to
-assert on what gcloud sent.
-
-Errors are answered as Google APIs answer them ({"error": {"code", "message",
-"status"}}), so gcloud prints them as it would.
+with the fields of the real API. A queued resource is ACCEPTED, then
+WAITING_FOR_RESOURCES, PROVISIONING and ACTIVE (its node READY) as the
+`Clock` says; it goes FAILED when its validUntil time passes before it was
+ACTIVE, and SUSPENDED (its VMs deleted) when a flex-start request's
+maxRunDuration has run out. A delete makes it DELETING, then gone; its
+operation is done once it is gone (gcloud waits for that, unless --async). Nodes
+carry `health`, `upcomingMaintenance` and `symptoms` (a maintenance event:
+REPAIRING, UNHEALTHY_MAINTENANCE). The machines start and stop through
+`Hooks`, outside the API's lock.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from datetime import datetime
 
-#: The message a queued resource's failedData carries when its valid-until
-#: time passed before capacity was found (the wording is this rehearsal's).
+from cloud.rehearsal.server import Answer, Request, json_answer
+
+#: The message of a queued resource whose valid-until time passed before
+#: capacity was found (this rehearsal's wording).
 NO_CAPACITY_MESSAGE = (
     "There is no more capacity in the zone; the request expired at its "
     "valid-until time before it could be provisioned"
 )
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Seconds each state lasts (a rehearsal's are short)."""
+
+    accept_s: float = 1.0  # ACCEPTED
+    capacity_s: float = 1.0  # WAITING_FOR_RESOURCES, when capacity comes
+    provision_s: float = 1.0  # PROVISIONING (node CREATING)
+    delete_s: float = 0.5  # DELETING
+    repair_s: float = 8.0  # REPAIRING, in a maintenance event
+
+
 @dataclass
 class Hooks:
-    """What happens to a node's machines: `ready(slice)` when it becomes
-    READY, `gone(slice)` when it is deleted or stops, `keys(slice)` when its
-    ssh-keys metadata changed; `host_key(slice, worker)`: the worker's
-    ed25519 host key (the guest attribute gcloud reads), or ""."""
+    """The machines: `ready(slice)` when a node becomes READY (also after a
+    repair), `gone(slice)` when its VMs are deleted or stop, `keys(slice)`
+    when its ssh-keys metadata changed; `host_key(slice, worker)`: the
+    worker's ed25519 host key (the guest attribute gcloud reads), or ""."""
 
     ready: object = lambda s: None
     gone: object = lambda s: None
     keys: object = lambda s: None
     host_key: object = lambda s, w: ""
+
+
+def _iso(when: float) -> str:
+    return datetime.utcfromtimestamp(when).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _seconds(text) -> float | None:
+    """A protobuf Duration as JSON ("3600s") in seconds."""
+    match = re.fullmatch(r"([0-9.]+)s", str(text or ""))
+    return float(match.group(1)) if match else None
 
 
 @dataclass
@@ -72,57 +85,82 @@ class Slice:
     queued: bool
     number: int
     hosts: int
-    created: float = field(default_factory=time.monotonic)
-    qr_state: str = "WAITING_FOR_RESOURCES"
+    version: str = "v2"
+    request: dict = field(default_factory=dict)  # the queued resource's body
+    created: float = field(default_factory=time.time)
+    qr_state: str = "ACCEPTED"
     node_state: str = "CREATING"
+    since: float = field(default_factory=time.time)  # in the current state
+    health: str = "HEALTH_UNSPECIFIED"
+    maintenance: dict | None = None
     failed_message: str | None = None
     metadata: dict = field(default_factory=dict)
-    ever_active: bool = False
+    preempted: bool = False
+    no_capacity: bool = False
+    valid_until: float | None = None
+    max_run_s: float | None = None
 
     @property
     def where(self) -> str:
         return f"projects/{self.project}/locations/{self.zone}"
 
+    @property
+    def net(self) -> int:
+        return (self.number - 1) % 250 + 1
+
     def endpoint(self, worker: int) -> tuple[str, str]:
         """(internal, external) loopback addresses of worker `worker`."""
-        return f"127.0.1.{10 + worker}", f"127.0.0.{10 + worker}"
+        return f"127.{self.net}.1.{10 + worker}", f"127.{self.net}.0.{10 + worker}"
+
+    @property
+    def exists(self) -> bool:
+        """Whether the node exists (not before provisioning, nor after its
+        VMs were deleted)."""
+        return self.node_state not in ("STATE_UNSPECIFIED", "GONE")
 
     def node(self) -> dict:
         spec = self.node_spec
-        return {
+        node = {
             "name": f"{self.where}/nodes/{self.name}",
             "id": str(7000000000 + self.number),
             "acceleratorType": spec.get("acceleratorType", ""),
             "runtimeVersion": spec.get("runtimeVersion", ""),
             "state": self.node_state,
-            "health": "HEALTHY" if self.node_state == "READY" else "HEALTH_UNSPECIFIED",
-            "apiVersion": "V2",
+            "health": self.health,
+            "apiVersion": "V2_ALPHA1" if self.version == "v2alpha1" else "V2",
+            "createTime": _iso(self.created),
             "schedulingConfig": spec.get("schedulingConfig", {}),
             "serviceAccount": spec.get("serviceAccount", {}),
+            "networkConfig": spec.get("networkConfig", {}),
+            "labels": spec.get("labels", {}),
+            "tags": spec.get("tags", []),
             "metadata": dict(self.metadata),
-            "networkEndpoints": [
-                {
-                    "ipAddress": internal,
-                    "port": 8470,
-                    "accessConfig": {"externalIp": external},
-                }
-                for internal, external in map(self.endpoint, range(self.hosts))
-            ]
-            if self.node_state not in ("CREATING",)
-            else [],
+            "networkEndpoints": [],
         }
+        if self.queued:
+            node["queuedResource"] = f"{self.where}/queuedResources/{self.name}"
+        if self.maintenance:
+            node["upcomingMaintenance"] = self.maintenance
+            node["healthDescription"] = "The TPU is under maintenance."
+        external = spec.get("networkConfig", {}).get("enableExternalIps", True)
+        if self.node_state != "CREATING":
+            for w in range(self.hosts):
+                internal, outside = self.endpoint(w)
+                entry = {"ipAddress": internal, "port": 8470}
+                if external:
+                    entry["accessConfig"] = {"externalIp": outside}
+                node["networkEndpoints"].append(entry)
+        return node
 
     def queued_resource(self) -> dict:
         qr = {
+            **{k: v for k, v in self.request.items() if k != "tpu"},
             "name": f"{self.where}/queuedResources/{self.name}",
+            "createTime": _iso(self.created),
             "state": {"state": self.qr_state},
             "tpu": {
                 "nodeSpec": [
-                    {
-                        "parent": self.where,
-                        "nodeId": self.name,
-                        "node": self.node_spec,
-                    }
+                    {"parent": self.where, "nodeId": self.name, "node": self.node_spec}
                 ]
             },
         }
@@ -130,282 +168,248 @@ class Slice:
             qr["state"]["failedData"] = {
                 "error": {"code": 8, "message": self.failed_message}
             }
+        if self.max_run_s is not None and self.qr_state == "ACTIVE":
+            end = self.since + self.max_run_s
+            qr.setdefault("runDuration", {})["terminationTime"] = _iso(end)
         return qr
 
 
-class _ApiError(Exception):
-    def __init__(self, code: int, status: str, message: str):
-        super().__init__(message)
-        self.code, self.status = code, status
+class TpuApi:
+    """The queued resources and nodes, their clock, and the API's answers."""
 
-
-class LoopbackTPU(ThreadingHTTPServer):
-    """The server; `serve()` runs it on a thread, `close()` stops it."""
-
-    daemon_threads = True
-
-    def __init__(
-        self,
-        log_path: Path,
-        hosts_of: object,
-        hooks: Hooks | None = None,
-        provision_s: float = 0.5,
-        no_capacity_after_s: float | None = None,
-    ):
-        """`hosts_of(accelerator_type)`: the workers of a slice of that type.
-        `no_capacity_after_s`: queued resources never get capacity and FAIL
-        after this long (the no-capacity fault)."""
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.log_path = Path(log_path)
-        self.hosts_of = hosts_of
-        self.hooks = hooks or Hooks()
-        self.provision_s = provision_s
-        self.no_capacity_after_s = no_capacity_after_s
-        self.requests: list[dict] = []
+    def __init__(self, hosts_of, hooks: Hooks | None = None, clock: Clock = Clock()):
+        """`hosts_of(accelerator_type)`: the workers of a slice of that type."""
+        self.hosts_of, self.hooks, self.clock = hosts_of, hooks or Hooks(), clock
         self.slices: dict[str, Slice] = {}
         self.lock = threading.RLock()
-        self.operations = 0
-        self.done_operations: dict[str, dict] = {}
+        self.operations: dict[str, dict] = {}
+        self.deleting: dict[str, Slice] = {}  # a delete's operation: its slice
         self.created = 0
-        self.thread: threading.Thread | None = None
+        self.no_capacity: set[str] = set()  # names (or "*") never given capacity
 
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def serve(self) -> None:
-        self.thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        """Stop serving; every slice still there is deleted (its machines stop)."""
-        self.shutdown()
-        self.server_close()
-        with self.lock:
-            for s in list(self.slices.values()):
-                self._delete(s)
-
-    # -- the state machine -------------------------------------------------------
+    # -- the clock -------------------------------------------------------------------
     def tick(self) -> None:
-        """Advance every slice's state by the time passed."""
+        """Advance every slice by the time passed; run the hooks after."""
+        actions = []
         with self.lock:
-            for s in self.slices.values():
-                age = time.monotonic() - s.created
-                if s.qr_state != "WAITING_FOR_RESOURCES":
-                    continue
-                limit = self.no_capacity_after_s
-                if limit is not None and s.queued:
-                    if age >= limit:
-                        s.qr_state, s.node_state = "FAILED", "STATE_UNSPECIFIED"
-                        s.failed_message = NO_CAPACITY_MESSAGE
-                    continue
-                if age >= self.provision_s:
-                    s.qr_state, s.node_state = "ACTIVE", "READY"
-                    s.ever_active = True
-                    self.hooks.ready(s)
+            now = time.time()
+            for s in list(self.slices.values()):
+                actions += self._advance(s, now)
+        for hook, s in actions:
+            hook(s)
 
+    def _move(self, s: Slice, qr: str | None, node: str | None, now: float) -> None:
+        s.qr_state, s.node_state = qr or s.qr_state, node or s.node_state
+        s.since = now
+
+    def _advance(self, s: Slice, now: float) -> list:
+        c, age = self.clock, now - s.since
+        if s.qr_state == "DELETING" or s.node_state == "DELETING":
+            if age >= c.delete_s:
+                del self.slices[s.name]
+                s.node_state = "GONE"
+                return [(self.hooks.gone, s)]
+            return []
+        if s.qr_state == "ACCEPTED" and age >= c.accept_s:
+            self._move(s, "WAITING_FOR_RESOURCES", None, now)
+        elif s.qr_state == "WAITING_FOR_RESOURCES":
+            if s.valid_until is not None and now >= s.valid_until:
+                self._move(s, "FAILED", "STATE_UNSPECIFIED", now)
+                s.failed_message = NO_CAPACITY_MESSAGE
+            elif not s.no_capacity and age >= c.capacity_s:
+                self._move(s, "PROVISIONING", "CREATING", now)
+        elif s.node_state == "CREATING" and age >= c.provision_s:
+            self._move(s, "ACTIVE" if s.queued else None, "READY", now)
+            s.health = "HEALTHY"
+            return [(self.hooks.ready, s)]
+        elif s.node_state == "REPAIRING" and age >= c.repair_s:
+            self._move(s, None, "READY", now)
+            s.health, s.maintenance = "HEALTHY", None
+            return [(self.hooks.ready, s)]
+        elif s.qr_state == "ACTIVE" and s.max_run_s is not None:
+            if age >= s.max_run_s:  # flex-start's run duration ran out
+                self._move(s, "SUSPENDED", "GONE", now)
+                return [(self.hooks.gone, s)]
+        return []
+
+    # -- what happens to a slice ---------------------------------------------------------
     def preempt(self, name: str) -> None:
         """The node stops as a preempted spot VM does: PREEMPTED, its queued
         resource SUSPENDED, its machines gone."""
         with self.lock:
             s = self.slices.get(name)
-            if s is None:
+            if s is None or not s.exists:
                 return
-            s.node_state, s.qr_state = "PREEMPTED", "SUSPENDED"
-            self.hooks.gone(s)
-
-    def _delete(self, s: Slice) -> None:
-        self.slices.pop(s.name, None)
+            self._move(s, "SUSPENDED" if s.queued else None, "PREEMPTED", time.time())
+            s.preempted = True
         self.hooks.gone(s)
 
-    def _operation(self, s_where: str, response: dict | None) -> dict:
-        self.operations += 1
+    def repair(self, name: str) -> None:
+        """A maintenance event: the node is REPAIRING (UNHEALTHY_MAINTENANCE,
+        an ONGOING unscheduled maintenance), its VMs restart; READY again
+        after Clock.repair_s."""
+        with self.lock:
+            s = self.slices.get(name)
+            if s is None or s.node_state != "READY":
+                return
+            self._move(s, None, "REPAIRING", time.time())
+            s.health = "UNHEALTHY_MAINTENANCE"
+            s.maintenance = {
+                "type": "UNSCHEDULED",
+                "maintenanceStatus": "ONGOING",
+                "canReschedule": False,
+                "windowStartTime": _iso(s.since),
+                "windowEndTime": _iso(s.since + self.clock.repair_s),
+            }
+        self.hooks.gone(s)
+
+    def delete_all(self) -> None:
+        with self.lock:
+            gone = list(self.slices.values())
+            self.slices.clear()
+        for s in gone:
+            self.hooks.gone(s)
+
+    # -- requests --------------------------------------------------------------------------
+    def answer(self, request: Request):
+        self.tick()
+        parts = request.path.strip("/").split("/")
+        if len(parts) < 6 or parts[1] != "projects" or parts[3] != "locations":
+            raise Answer(404, "NOT_FOUND", f"no such API: {request.path}")
+        version, where = parts[0], "/".join(parts[1:5])
+        kind, rest = parts[5], parts[6:]
+        with self.lock:
+            if kind == "operations" and request.method == "GET" and rest:
+                name = f"{where}/operations/{rest[0]}"
+                op = self.operations.get(name, {"name": name, "done": True})
+                deleting = self.deleting.get(name)
+                if deleting is not None and self.slices.get(deleting.name) is deleting:
+                    return json_answer({**op, "done": False})
+                return json_answer(op)
+            if kind == "queuedResources":
+                answer = self._queued(request, version, where, rest)
+            elif kind == "nodes":
+                answer = self._nodes(request, version, where, rest)
+            else:
+                raise Answer(404, "NOT_FOUND", f"no such API: {request.path}")
+        self.tick()  # a delete or create may already move on
+        return json_answer(answer)
+
+    def _operation(self, version, where, response, deleting=None) -> dict:
+        """A long-running operation; a delete's is done once the slice is gone."""
+        name = f"{where}/operations/operation-{len(self.operations) + 1}"
         op = {
-            "name": f"{s_where}/operations/operation-{self.operations}",
+            "name": name,
             "done": True,
             "metadata": {
-                "@type": "type.googleapis.com/google.cloud.tpu.v2.OperationMetadata"
+                "@type": f"type.googleapis.com/google.cloud.tpu.{version}.OperationMetadata"
             },
         }
         if response is not None:
-            op["response"] = (
-                {"@type": "type.googleapis.com/google.cloud.tpu.v2.Node", **response}
-                if "nodes/" in response.get("name", "")
-                else response
-            )
-        self.done_operations[op["name"]] = op
+            kind = "Node" if "/nodes/" in response.get("name", "") else "QueuedResource"
+            op["response"] = {
+                "@type": f"type.googleapis.com/google.cloud.tpu.{version}.{kind}",
+                **response,
+            }
+        self.operations[name] = op
+        if deleting is not None:
+            self.deleting[name] = deleting
+            return {**op, "done": False}
         return op
 
     def _slice(self, name: str) -> Slice:
         s = self.slices.get(name)
         if s is None:
-            raise _ApiError(404, "NOT_FOUND", f"Resource '{name}' was not found")
+            raise Answer(404, "NOT_FOUND", f"Resource '{name}' was not found")
         return s
 
-    def _create(self, where: str, name: str, node: dict, queued: bool) -> Slice:
+    def _create(self, where, name, node, queued, version, request) -> Slice:
+        if not re.fullmatch(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?", name or ""):
+            raise Answer(400, "INVALID_ARGUMENT", f"invalid resource id {name!r}")
         if name in self.slices:
-            raise _ApiError(409, "ALREADY_EXISTS", f"Resource '{name}' already exists")
+            raise Answer(409, "ALREADY_EXISTS", f"Resource '{name}' already exists")
         project, zone = where.split("/")[1], where.split("/")[3]
-        hosts = self.hosts_of(node.get("acceleratorType", ""))
         self.created += 1
-        s = Slice(name, project, zone, node, queued, self.created, hosts)
-        s.metadata = dict(node.get("metadata", {}))
+        hosts = self.hosts_of(node.get("acceleratorType", ""))
+        s = Slice(name, project, zone, node, queued, self.created, hosts, version)
+        s.request, s.metadata = request, dict(node.get("metadata", {}))
+        s.no_capacity = bool({name, "*"} & self.no_capacity)
+        policy = request.get("queueingPolicy", {})
+        until = _seconds(policy.get("validUntilDuration"))
+        s.valid_until = s.created + until if until is not None else None
+        if policy.get("validUntilTime"):
+            s.valid_until = datetime.fromisoformat(
+                policy["validUntilTime"].replace("Z", "+00:00")
+            ).timestamp()
+        s.max_run_s = _seconds(request.get("runDuration", {}).get("maxRunDuration"))
+        if not queued:
+            s.qr_state, s.node_state = "NONE", "CREATING"
         self.slices[name] = s
         return s
 
-    def handle_api(self, method: str, path: str, query: dict, body) -> dict:
-        """The answer to one request (raises _ApiError)."""
-        self.tick()
-        parts = path.strip("/").split("/")
-        if parts[:2] == ["compute", "v1"] and parts[2:3] == ["projects"]:
-            return {
-                "name": parts[3],
-                "commonInstanceMetadata": {"kind": "compute#metadata", "items": []},
-            }
-        if parts[0] != "v2" or len(parts) < 6 or parts[1] != "projects":
-            raise _ApiError(404, "NOT_FOUND", f"no such API: {method} {path}")
-        where = "/".join(parts[1:5])
-        kind, rest = parts[5], parts[6:]
-        with self.lock:
-            if kind == "operations" and method == "GET" and rest:
-                name = f"{where}/operations/{rest[0]}"
-                return self.done_operations.get(name, {"name": name, "done": True})
-            if kind == "queuedResources":
-                return self._queued(method, where, rest, query, body)
-            if kind == "nodes":
-                return self._nodes(method, where, rest, query, body)
-        raise _ApiError(404, "NOT_FOUND", f"no such API: {method} {path}")
-
-    def _queued(self, method, where, rest, query, body) -> dict:
+    def _queued(self, request, version, where, rest) -> dict:
+        method, body = request.method, request.json() or {}
         if method == "POST" and not rest:
-            name = query.get("queuedResourceId", [""])[0]
-            specs = (body or {}).get("tpu", {}).get("nodeSpec", [])
+            specs = body.get("tpu", {}).get("nodeSpec", [])
             if len(specs) != 1:
-                raise _ApiError(400, "INVALID_ARGUMENT", "one nodeSpec expected")
-            s = self._create(where, name, specs[0].get("node", {}), queued=True)
-            s.qr_state = "WAITING_FOR_RESOURCES"
-            return self._operation(where, s.queued_resource())
+                raise Answer(400, "INVALID_ARGUMENT", "one nodeSpec expected")
+            name = request.arg("queuedResourceId")
+            s = self._create(where, name, specs[0].get("node", {}), True, version, body)
+            return self._operation(version, where, s.queued_resource())
         if method == "GET" and not rest:
-            return {
-                "queuedResources": [
-                    s.queued_resource() for s in self.slices.values() if s.queued
-                ]
-            }
+            found = [s.queued_resource() for s in self.slices.values() if s.queued]
+            return {"queuedResources": found}
         s = self._slice(rest[0])
         if not s.queued:
-            raise _ApiError(404, "NOT_FOUND", f"Resource '{rest[0]}' was not found")
+            raise Answer(404, "NOT_FOUND", f"Resource '{rest[0]}' was not found")
         if method == "GET":
             return s.queued_resource()
         if method == "DELETE":
-            force = query.get("force", ["false"])[0].lower() == "true"
-            if s.node_state not in ("STATE_UNSPECIFIED",) and not force:
-                raise _ApiError(
+            force = request.arg("force", "false").lower() == "true"
+            if s.exists and s.qr_state != "DELETING" and not force:
+                raise Answer(
                     400,
                     "FAILED_PRECONDITION",
                     "the queued resource still has a node; delete with --force",
                 )
-            self._delete(s)
-            return self._operation(where, None)
-        raise _ApiError(405, "UNIMPLEMENTED", f"{method} on a queued resource")
+            self._move(s, "DELETING", "DELETING" if s.exists else None, time.time())
+            return self._operation(version, where, None, deleting=s)
+        raise Answer(405, "UNIMPLEMENTED", f"{method} on a queued resource")
 
-    def _nodes(self, method, where, rest, query, body) -> dict:
+    def _nodes(self, request, version, where, rest) -> dict:
+        method, body = request.method, request.json() or {}
         if method == "POST" and not rest:
-            name = query.get("nodeId", [""])[0]
-            s = self._create(where, name, body or {}, queued=False)
-            s.qr_state = "WAITING_FOR_RESOURCES"
-            return self._operation(where, s.node())
+            s = self._create(where, request.arg("nodeId"), body, False, version, {})
+            return self._operation(version, where, s.node())
         if method == "GET" and not rest:
-            return {"nodes": [s.node() for s in self.slices.values()]}
+            return {"nodes": [s.node() for s in self.slices.values() if s.exists]}
         name, _, verb = rest[0].partition(":")
         s = self._slice(name)
-        if s.node_state == "STATE_UNSPECIFIED":  # a queued resource never filled
-            raise _ApiError(404, "NOT_FOUND", f"Resource '{name}' was not found")
+        if not s.exists:
+            raise Answer(404, "NOT_FOUND", f"Resource '{name}' was not found")
         if method == "GET" and not verb:
             return s.node()
         if method == "POST" and verb == "getGuestAttributes":
             return {"guestAttributes": [self._guest(s, w) for w in range(s.hosts)]}
         if method == "PATCH" and not verb:
-            mask = query.get("updateMask", [""])[0]
+            mask = request.arg("updateMask")
             if mask != "metadata":
-                raise _ApiError(400, "INVALID_ARGUMENT", f"updateMask {mask!r}")
-            s.metadata = dict((body or {}).get("metadata", {}))
+                raise Answer(400, "INVALID_ARGUMENT", f"updateMask {mask!r}")
+            s.metadata = dict(body.get("metadata", {}))
             self.hooks.keys(s)
-            return self._operation(where, s.node())
+            return self._operation(version, where, s.node())
         if method == "DELETE" and not verb:
             if s.queued:
-                raise _ApiError(
+                raise Answer(
                     400,
                     "FAILED_PRECONDITION",
                     "this node belongs to a queued resource; delete that",
                 )
-            self._delete(s)
-            return self._operation(where, None)
-        raise _ApiError(405, "UNIMPLEMENTED", f"{method} {verb or 'node'}")
+            self._move(s, None, "DELETING", time.time())
+            return self._operation(version, where, None, deleting=s)
+        raise Answer(405, "UNIMPLEMENTED", f"{method} {verb or 'node'}")
 
     def _guest(self, s: Slice, worker: int) -> dict:
         key = self.hooks.host_key(s, worker)
         items = [{"namespace": "hostkeys", "key": "ssh-ed25519", "value": key}]
-        return {
-            "queryPath": "",
-            "queryValue": {"items": items if key else []},
-        }
-
-    def record(self, entry: dict) -> None:
-        with self.lock:
-            self.requests.append(entry)
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: LoopbackTPU
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # the record is the log
-        pass
-
-    def _serve(self, method: str) -> None:
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        query = parse_qs(url.query)
-        self.server.record(
-            {
-                "method": method,
-                "path": url.path,
-                "query": {k: v[0] for k, v in query.items()},
-                "body": body,
-                "authorization": self.headers.get("Authorization", ""),
-            }
-        )
-        try:
-            code, answer = 200, self.server.handle_api(method, url.path, query, body)
-        except _ApiError as error:
-            code = error.code
-            answer = {
-                "error": {"code": code, "message": str(error), "status": error.status}
-            }
-        data = json.dumps(answer).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # noqa: N802 (http.server's names)
-        self._serve("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._serve("POST")
-
-    def do_PATCH(self):  # noqa: N802
-        self._serve("PATCH")
-
-    def do_DELETE(self):  # noqa: N802
-        self._serve("DELETE")
+        return {"queryPath": "", "queryValue": {"items": items if key else []}}

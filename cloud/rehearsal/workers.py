@@ -1,14 +1,19 @@
 """A rehearsal slice's workers: one OpenSSH sshd per worker on loopback, each
-worker with its own home tree, and the stubbed package install.
+worker with its own home, temporary directory and metadata server, its
+startup script run when the node becomes READY, and the stubbed package
+install.
 
-Worker N of the slice numbered S listens on its internal and external
-loopback addresses (127.0.1.(10+N) and 127.0.0.(10+N), what the loopback API
-lists in networkEndpoints) on one unprivileged port shared by all workers.
-Every session is forced through a small shell script (`ForceCommand`) that
-makes it look like a session on a TPU VM: HOME is ROOT/worker-N, the jax
-cluster is joined over loopback as the TPU metadata would join it
-(KERAS_DISTRIBUTION_*, JAX_PLATFORMS=cpu, XLA_FLAGS simulating the host's TPU
-devices), SYNANN_WORKER_ID=N; then it runs the client's command with bash, or
+Worker N of slice S listens on its internal and external loopback addresses
+(127.S.1.(10+N) and 127.S.0.(10+N), what the API lists in networkEndpoints)
+on one unprivileged port shared by all slices of the rehearsal. Every
+session is forced through a small shell script (`ForceCommand`) that makes
+it look like a session on a TPU VM: HOME is SLICE/worker-N, TMPDIR
+SLICE/tmp-N (kept after the slice is gone, with the watchdog's log),
+GCE_METADATA_ROOT the worker's metadata server, gcloud pointed at the
+rehearsal's API; the jax cluster is joined over loopback with the process
+index read from the metadata server's agent-worker-number, as jax finds it
+on a TPU VM (KERAS_DISTRIBUTION_*, JAX_PLATFORMS=cpu, XLA_FLAGS simulating
+the host's TPU devices); then it runs the client's command with bash, or
 sftp-server for scp. The authorized keys are what gcloud put in the node's
 `ssh-keys` metadata (as the guest agent of a TPU VM installs them).
 
@@ -17,7 +22,7 @@ pip install ...` installs a stand-in `uv` into ~/.local/bin; that `uv` makes
 `uv venv DIR` a DIR/bin/python that runs this machine's Python, and `uv pip
 install` a no-op; both record what they were asked in ROOT/stub-calls.log.
 
-Every process of a worker carries REHEARSAL_WORKER=ROOT/worker-N in its
+Every process of a worker carries REHEARSAL_WORKER=SLICE/worker-N in its
 environment; `kill_processes` finds them through /proc (Linux), as deleting a
 TPU ends everything on it.
 """
@@ -65,6 +70,9 @@ esac
 _SESSION = """#!/bin/sh
 # rehearsal: every ssh session to worker {worker} runs here (ForceCommand).
 {exports}
+KERAS_DISTRIBUTION_PROCESS_ID="$(curl -sf --max-time 5 -H 'Metadata-Flavor: Google' \\
+    "http://$GCE_METADATA_ROOT/computeMetadata/v1/instance/attributes/agent-worker-number")"
+export KERAS_DISTRIBUTION_PROCESS_ID
 cd "$HOME" || exit 1
 echo "$SSH_CONNECTION $SSH_ORIGINAL_COMMAND" | cut -c1-200 >> {connections}
 case "$SSH_ORIGINAL_COMMAND" in
@@ -95,18 +103,20 @@ ForceCommand {session}
 
 
 def missing_programs() -> str | None:
-    """One line naming what to install, or None when sshd, ssh, scp and
-    ssh-keygen are all there."""
+    """One line naming what to install, or None when sshd, ssh, scp,
+    ssh-keygen, ssh-agent and curl are all there."""
     missing = [
-        p for p in ("ssh", "scp", "ssh-keygen", "ssh-agent") if not shutil.which(p)
+        p
+        for p in ("ssh", "scp", "ssh-keygen", "ssh-agent", "curl")
+        if not shutil.which(p)
     ]
     if not Path(SSHD).is_file() or not _sftp_server():
         missing.append("sshd")
     if not missing:
         return None
     return (
-        f"the rehearsal needs {', '.join(missing)}: install OpenSSH (Debian/Ubuntu: "
-        "apt-get install openssh-client openssh-server)"
+        f"the rehearsal needs {', '.join(missing)}: install them (Debian/Ubuntu: "
+        "apt-get install openssh-client openssh-server curl)"
     )
 
 
@@ -135,13 +145,13 @@ def free_ports(n: int, hosts: tuple[str, ...] = ("127.0.0.1",)) -> list[int]:
     raise OSError(f"could not find {n} free ports on {', '.join(hosts)}")
 
 
-def cluster_env(process: int, ports: list[int], devices: int) -> dict[str, str]:
-    """The environment that makes process `process` of len(ports) one member of
-    a jax cluster on loopback, with `devices` simulated CPU devices."""
+def cluster_env(ports: list[int], devices: int) -> dict[str, str]:
+    """The environment that makes each of len(ports) processes a member of a
+    jax cluster on loopback, with `devices` simulated CPU devices (the
+    process index comes from the metadata server, in the session)."""
     return {
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": ",".join(f"127.0.0.1:{p}" for p in ports),
         "KERAS_DISTRIBUTION_NUM_PROCESSES": str(len(ports)),
-        "KERAS_DISTRIBUTION_PROCESS_ID": str(process),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
@@ -192,21 +202,44 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-class Workers:
-    """The machines of one READY slice: a home tree and an sshd per worker."""
+def path_without(program: str, directory: Path) -> str:
+    """A PATH like ours in which `program` is not found: `directory` filled
+    with links to every other program on PATH (a TPU image without it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for folder in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
+        for entry in sorted(Path(folder).glob("*")) if Path(folder).is_dir() else []:
+            link = directory / entry.name
+            if (
+                entry.name != program
+                and not link.exists()
+                and os.access(entry, os.X_OK)
+            ):
+                link.symlink_to(entry)
+    return str(directory)
 
-    def __init__(
-        self, root: Path, number: int, hosts: int, devices_per_host: int, port: int
-    ):
+
+class Workers:
+    """The machines of one READY slice: a home, a temporary directory and an
+    sshd per worker, the startup scripts; `env_of(worker)` adds to each
+    worker's environment (its metadata server, gcloud's endpoints)."""
+
+    def __init__(self, root: Path, s, devices_per_host: int, port: int, env_of):
         self.root = Path(root).resolve()
-        self.number, self.hosts, self.port = number, hosts, port
-        self.dir = self.root / f"slice-{number}"
+        self.number, self.hosts, self.port = s.number, s.hosts, port
+        self.slice = s
+        self.dir = self.root / f"slice-{s.number}"
         self.sshds: list[subprocess.Popen] = []
-        self.cluster_ports = free_ports(hosts)
+        self.scripts: list[subprocess.Popen] = []
+        self.cluster_ports = free_ports(s.hosts)
         self.devices_per_host = devices_per_host
+        self.env_of = env_of
+        self.path = os.environ.get("PATH", "/usr/bin:/bin")
 
     def home(self, worker: int) -> Path:
-        return self.root / f"worker-{worker}"
+        return self.dir / f"worker-{worker}"
+
+    def tmp(self, worker: int) -> Path:
+        return self.dir / f"tmp-{worker}"
 
     @property
     def authorized_keys(self) -> Path:
@@ -229,29 +262,45 @@ class Workers:
         partial.write_text("".join(f"{ln}\n" for ln in lines))
         partial.replace(self.authorized_keys)
 
+    def environment(self, worker: int, stubs: Path) -> dict[str, str]:
+        return {
+            "HOME": str(self.home(worker)),
+            "TMPDIR": str(self.tmp(worker)),
+            "PATH": f"{stubs}:{self.path}",
+            "LANG": "C.UTF-8",
+            MARKER: str(self.home(worker)),
+            **cluster_env(self.cluster_ports, self.devices_per_host),
+            **self.env_of(worker),
+        }
+
     def start(self, connections_log: Path) -> None:
+        """Start the sshds (once: a restart after a repair reuses the keys)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.authorized_keys.touch()
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            timeout=30,
-        )
+        if not self.host_key.exists():
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-f",
+                    str(self.host_key),
+                ],
+                check=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                timeout=30,
+            )
         stubs = self._write_stubs()
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation
         for w in range(self.hosts):
-            self.home(w).mkdir(parents=True, exist_ok=True)
-            env = {
-                "HOME": str(self.home(w)),
-                "PATH": f"{stubs}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-                "SYNANN_WORKER_ID": str(w),
-                "LANG": "C.UTF-8",
-                MARKER: str(self.home(w)),
-                **cluster_env(w, self.cluster_ports, self.devices_per_host),
-            }
+            for folder in (self.home(w), self.tmp(w)):
+                folder.mkdir(parents=True, exist_ok=True)
+            env = self.environment(w, stubs)
             exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
             session = self.dir / f"session-{w}.sh"
             session.write_text(
@@ -265,8 +314,7 @@ class Workers:
                 )
             )
             session.chmod(0o755)
-            internal = f"127.0.1.{10 + w}"
-            external = f"127.0.0.{10 + w}"
+            internal, external = self.slice.endpoint(w)
             config = self.dir / f"sshd-{w}.conf"
             config.write_text(
                 _SSHD_CONFIG.format(
@@ -294,6 +342,25 @@ class Workers:
             )
         self._wait_listening()
 
+    def run_startup_scripts(self, script: str) -> None:
+        """Run the node's startup script on every worker, as a TPU VM's guest
+        agent does at boot (output in SLICE/startup-N.log)."""
+        stubs = self.dir / "stubs"
+        for w in range(self.hosts):
+            path = self.dir / f"startup-{w}.sh"
+            path.write_text(script)
+            self.scripts.append(
+                subprocess.Popen(
+                    ["/bin/sh", str(path)],
+                    cwd=self.home(w),
+                    env=self.environment(w, stubs),
+                    stdin=subprocess.DEVNULL,
+                    stdout=open(self.dir / f"startup-{w}.log", "ab"),  # noqa: SIM115
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
     def _wait_listening(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         for w in range(self.hosts):
@@ -302,9 +369,8 @@ class Workers:
                     log = (self.dir / f"sshd-{w}.log").read_text()[-500:]
                     raise OSError(f"sshd for worker {w} exited: {log}")
                 try:
-                    with socket.create_connection(
-                        (f"127.0.0.{10 + w}", self.port), 0.5
-                    ):
+                    address = (self.slice.endpoint(w)[1], self.port)
+                    with socket.create_connection(address, 0.5):
                         break
                 except OSError:
                     if time.monotonic() > deadline:
@@ -326,6 +392,10 @@ class Workers:
             path.chmod(0o755)
         return stubs
 
+    def without_gcloud(self) -> None:
+        """The workers' image has no gcloud."""
+        self.path = path_without("gcloud", self.dir / "bin-without-gcloud")
+
     def freeze(self, worker: int) -> None:
         """Worker `worker`'s network goes silent: its sshd and every session of
         it stop (SIGSTOP); connections stay open, nothing answers."""
@@ -337,24 +407,44 @@ class Workers:
             except OSError:
                 pass
 
+    def connected(self, worker: int) -> bool:
+        """Whether an ssh session to worker `worker` is open (sshd -D forks
+        one process per connection)."""
+        sshd = self.sshds[worker] if worker < len(self.sshds) else None
+        return bool(sshd and descendants(sshd.pid))
+
     def signal_all(self, sig: int) -> int:
         """Send `sig` to every process on every worker (not the sshds)."""
         return sum(kill_processes(self.home(w), sig) for w in range(self.hosts))
 
-    def stop(self, remove_homes: bool = True) -> None:
-        """The machines are gone: sshds and every worker process end."""
-        for sshd in self.sshds:
-            for pid in [*descendants(sshd.pid), sshd.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+    def kill_worker(self, worker: int) -> None:
+        """Worker `worker`'s VM dies: its sshd and every process on it."""
+        self._stop_sshd(self.sshds[worker])
+        kill_processes(self.home(worker))
+
+    def _stop_sshd(self, sshd: subprocess.Popen) -> None:
+        for pid in [*descendants(sshd.pid), sshd.pid]:
             try:
-                sshd.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
                 pass
+        try:
+            sshd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop(self, remove_homes: bool = True) -> None:
+        """The machines stop (deleted, or restarting: `remove_homes` False
+        keeps their disks): sshds and every worker process end."""
+        for sshd in self.sshds:
+            self._stop_sshd(sshd)
         self.sshds = []
         for w in range(self.hosts):
             kill_processes(self.home(w))
             if remove_homes:
                 shutil.rmtree(self.home(w), ignore_errors=True)
+        for script in self.scripts:
+            if script.poll() is None:
+                script.kill()
+            script.wait()
+        self.scripts = []
