@@ -81,32 +81,48 @@ class Accelerator:
         return f"{self.name} ({self.count} {unit}, {hosts})"
 
 
+#: What a name must look like: its pattern and, in words, what is accepted.
+_FORMATS = {
+    "TPU name": (
+        _NAME,
+        "use 1-63 lowercase letters, digits or hyphens, starting with a letter "
+        "and not ending with a hyphen",
+    ),
+    "zone": (
+        _ZONE,
+        "expected REGION-ZONE such as us-central2-b, us-west4-a or europe-west4-a",
+    ),
+    "project": (
+        _PROJECT,
+        "expected a project ID: 6-30 lowercase letters, digits or hyphens, "
+        "starting with a letter",
+    ),
+    "package extra": (
+        _EXTRA,
+        "use a name from pyproject.toml's [project.optional-dependencies], e.g. tfds",
+    ),
+}
+
+
+def _named(what: str, value: str) -> str:
+    """`value` if it has the format of a `what` (`_FORMATS`), else ValueError."""
+    pattern, accepted = _FORMATS[what]
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not valid; {accepted}")
+    return value
+
+
 def tpu_name(value: str) -> str:
     """A TPU (and queued resource) name, per GCP resource naming rules."""
-    if not _NAME.fullmatch(value):
-        raise ValueError(
-            f"TPU name {value!r} is not valid; use 1-63 lowercase letters, digits or "
-            "hyphens, starting with a letter and not ending with a hyphen"
-        )
-    return value
+    return _named("TPU name", value)
 
 
 def zone(value: str) -> str:
-    if not _ZONE.fullmatch(value):
-        raise ValueError(
-            f"zone {value!r} is not valid; expected REGION-ZONE such as "
-            "us-central2-b, us-west4-a or europe-west4-a"
-        )
-    return value
+    return _named("zone", value)
 
 
 def project(value: str) -> str:
-    if not _PROJECT.fullmatch(value):
-        raise ValueError(
-            f"project {value!r} is not a valid project ID; expected 6-30 lowercase "
-            "letters, digits or hyphens, starting with a letter"
-        )
-    return value
+    return _named("project", value)
 
 
 def accelerator(value: str) -> Accelerator:
@@ -173,12 +189,7 @@ def backend(value: str) -> str:
 
 def extra(value: str) -> str:
     """A package extra installed on the workers besides the backend's."""
-    if not _EXTRA.fullmatch(value):
-        raise ValueError(
-            f"package extra {value!r} is not valid; use a name from pyproject.toml's "
-            "[project.optional-dependencies], e.g. tfds"
-        )
-    return value
+    return _named("package extra", value)
 
 
 def _normalized(name: str) -> str:

@@ -8,10 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloud.rehearsal import records, workers
+import pytest
+
+from cloud import rehearsal
+from cloud.rehearsal import records, standin, workers
 
 REPO = Path(__file__).resolve().parent.parent
 ZONE = "us-central2-b"
+MISSING = rehearsal.missing()
+
+#: The rehearsal test modules' marks: any backend; skipped (with what to
+#: install) without gcloud, OpenSSH's sshd or curl.
+MARKS = [
+    pytest.mark.any_backend,
+    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
+]
+
+
+def stand_in_source(tmp_path_factory) -> Path:
+    """A tree whose training is the rehearsal's stand-in (seconds)."""
+    return standin.write(tmp_path_factory.mktemp("fake"))
 
 
 def tool(cwd, *args, popen=False, timeout=300):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import rehearsing
 from rehearsing import (
     ZONE,
     agent_log,
@@ -35,22 +36,16 @@ from rehearsing import (
 
 from cloud import rehearsal
 from cloud.limits import REHEARSAL_LIMITS as LIMITS
-from cloud.rehearsal import records, standin, workers
+from cloud.rehearsal import records, workers
 from cloud.rehearsal.records import deletes as slice_deletes
 from cloud.rehearsal.records import requests, training_started, wait_until
 
-MISSING = rehearsal.missing()
-
-pytestmark = [
-    pytest.mark.any_backend,
-    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
-]
+pytestmark = rehearsing.MARKS
 
 
 @pytest.fixture(scope="module")
 def fake_source(tmp_path_factory):
-    """A tree whose training is the rehearsal's stand-in (seconds)."""
-    return standin.write(tmp_path_factory.mktemp("fake"))
+    return rehearsing.stand_in_source(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

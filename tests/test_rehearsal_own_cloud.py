@@ -11,24 +11,17 @@ import importlib.util
 import json
 
 import pytest
+import rehearsing
 from rehearsing import ZONE, assert_nothing_left, tool
 
-from cloud import rehearsal
-from cloud.rehearsal import standin
 from cloud.rehearsal.records import requests
 
-MISSING = rehearsal.missing()
-
-pytestmark = [
-    pytest.mark.any_backend,
-    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
-]
+pytestmark = rehearsing.MARKS
 
 
 @pytest.fixture(scope="module")
 def fake_source(tmp_path_factory):
-    """A tree whose training is the rehearsal's stand-in (seconds)."""
-    return standin.write(tmp_path_factory.mktemp("fake"))
+    return rehearsing.stand_in_source(tmp_path_factory)
 
 
 def train_args(mnist_dir, epochs: int = 1) -> list[str]:
