@@ -181,7 +181,7 @@ def _choose(backend: str, x, kernel) -> Implementation:
         reasons = impl.not_supported_reasons(x, kernel, auto=True)
         if not reasons:
             return impl
-        if name == "cpu" and cpu_build.NO_COMPILER in reasons:
+        if name == "cpu" and any(cpu_build.NO_COMPILER in r for r in reasons):
             _warn_no_compiler()
     raise AssertionError("the keras.ops implementation applies everywhere")
 
@@ -195,9 +195,10 @@ def log_inhibition(x, kernel, chunk_size: int, implementation: str):
 @functools.cache
 def _warn_no_compiler() -> None:
     warnings.warn(
-        "keras_synann: no C compiler found ($CC, cc, gcc, clang), so Synapse "
-        "runs without its compiled CPU loops, several times slower on a CPU. "
-        "Set $CC to a C compiler or install gcc (or clang).",
+        "keras_synann: this installation carries no compiled CPU loops for this "
+        "CPU and no C compiler was found ($CC, cc, gcc, clang), so Synapse runs "
+        "without them, several times slower on a CPU. Install a binary wheel "
+        "(Linux, macOS) or a C compiler (gcc or clang).",
         UserWarning,
         stacklevel=4,
     )

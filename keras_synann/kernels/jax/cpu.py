@@ -5,7 +5,8 @@ and the contractions of the higher derivatives).
 `jax.jit` on a CPU runs the loops inside the compiled program (no callback
 into Python); a module lowered for export, or for another platform, holds
 the keras.ops reference instead. The library is built with POSIX threads
-("xla_ffi" variant) against jaxlib's FFI header.
+("xla_ffi" variant): a binary wheel's against the oldest FFI
+header the supported jax range needs, a first-use build against jaxlib's.
 """
 
 from __future__ import annotations
@@ -25,24 +26,27 @@ _CONTRACT = "keras_synann_contract"
 
 
 def unavailable() -> str | None:
-    """Why the loops cannot run here (None: built, loaded, registered with XLA)."""
-    reason = cpu_build.unavailable(VARIANT)
-    if reason is None:
-        _register()
-    return reason
+    """Why the loops cannot run here (None: loaded and registered with XLA)."""
+    return cpu_build.unavailable(VARIANT) or _register()
 
 
 @functools.cache
-def _register() -> None:
+def _register() -> str | None:
+    """Registers the handlers with XLA; None, or why XLA refused them."""
     lib = cpu_build.load(VARIANT)
-    for target, symbol in (
-        (_FORWARD, "synann_ffi_forward"),
-        (_BACKWARD, "synann_ffi_backward"),
-        (_CONTRACT, "synann_ffi_contract"),
-    ):
-        jax.ffi.register_ffi_target(
-            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
-        )
+    jax.devices()  # (a refusal before the backend starts would break it)
+    try:
+        for target, symbol in (
+            (_FORWARD, "synann_ffi_forward"),
+            (_BACKWARD, "synann_ffi_backward"),
+            (_CONTRACT, "synann_ffi_contract"),
+        ):
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            )
+    except Exception as e:  # XLA's refusal (a JaxRuntimeError) names the version
+        return f"XLA refused the C loops' FFI handlers: {str(e).splitlines()[0]}"
+    return None
 
 
 def _ffi_forward(x, kernel, *, chunk, threads):

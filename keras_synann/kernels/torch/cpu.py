@@ -2,9 +2,9 @@
 tensors' own memory (float32 CPU tensors, made contiguous); `functions`
 makes them differentiable.
 
-The library is built with OpenMP ("openmp" variant): in a torch process the
-loader gives it torch's libgomp, so the loops and torch share one pool of
-`torch.get_num_threads()` threads.
+The library runs `torch.get_num_threads()` POSIX threads ("pthreads"
+variant: one library per CPU level serves every backend, with no OpenMP
+runtime of its own).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from keras_synann.kernels import cpu_build, devices
 from keras_synann.kernels._numerics import FACTOR_FLOOR, PRODUCT_FLOOR
 
-VARIANT = "openmp"
+VARIANT = "pthreads"
 
 
 def unavailable() -> str | None:
