@@ -47,7 +47,7 @@ BACKENDS = ("jax", "tensorflow", "torch")
 # --- the worker: runs in a subprocess with KERAS_BACKEND and PYTHONPATH set ----------
 
 
-def _steps(batch: int, n: int):
+def _steps(batch: int, n: int, implementation: str = "auto"):
     """(synapse first-order, dense first-order, synapse penalty, dense penalty)
     step functions and their arguments, for the running backend."""
     import keras
@@ -65,7 +65,7 @@ def _steps(batch: int, n: int):
 
     def synapse(x, w, b):
         del b
-        return synann_ops.synapse_graph(x, w)
+        return synann_ops.synapse_graph(x, w, implementation=implementation)
 
     def dense(x, w, b):
         return ops.matmul(x, w) + b
