@@ -389,7 +389,7 @@ def packaged_build(tmp_path_factory):
     cc = cpu_compile.compiler()
     assert cc is not None, cpu_compile.NO_COMPILER
     library = cpu_build.VARIANTS[VARIANT]
-    out = tmp_path_factory.mktemp("packaged") / f"synann-{runs[0]}.so"
+    out = tmp_path_factory.mktemp("packaged") / cpu_levels.LEVELS[runs[0]].library
     flags = (*cpu_levels.LEVELS[runs[0]].flags, *STRICT)
     error = cpu_compile.compile_library(
         [cc], library, flags, out, cpu_build._include(library)
@@ -494,5 +494,6 @@ def test_handlers_jaxlib_would_refuse_are_not_loaded(
     assert lib is None
     assert reason == (
         "jaxlib's XLA FFI (API version 0.0) does not accept "
-        f"synann-{chain}.so's handlers (API version 0.{installed[1]})"
+        f"{cpu_levels.LEVELS[chain].library}'s handlers (API version "
+        f"0.{installed[1]})"
     )

@@ -4,7 +4,7 @@ else one compiled on first use, else why neither.
 The chain, for the level `cpu_levels.choose()` gives (the best this CPU
 supports, or `KERAS_SYNANN_CPU_LEVEL`):
 
-1. the library a binary wheel carries, `_lib/synann-<level>.so` next to this
+1. the library a binary wheel carries, `_lib/synann_<level>.so` next to this
    file (for jax, only where jaxlib accepts its XLA FFI handlers' version);
 2. a first-use compile with the C compiler on PATH (`cpu_compile`), for the
    level or for `native`, cached;
@@ -39,7 +39,7 @@ PACKAGED = Path(__file__).with_name("_lib")
 
 def packaged(level: str) -> Path:
     """The path of the packaged library for `level` (it may not exist)."""
-    return PACKAGED / f"synann-{level}.so"
+    return PACKAGED / cpu_levels.LEVELS[level].library
 
 
 def unavailable(variant: str) -> str | None:

@@ -48,6 +48,12 @@ class Level:
     flags: tuple[str, ...]
     features: tuple[str, ...] = ()
 
+    @property
+    def library(self) -> str:
+        """The file name of its packaged library (an importable-looking name,
+        as wheel checkers expect of a .so)."""
+        return f"synann_{self.name.replace('-', '_')}.so"
+
 
 #: Every packaged level, lowest first per machine.
 LEVELS = {
