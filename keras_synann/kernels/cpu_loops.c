@@ -19,8 +19,8 @@
        dW[j, i] = -sum_b x[b, j] q,   dx[b, j] = -sum_i W[j, i] q
 
      with one reciprocal per 4 factors (1/f_k = the product of the other
-     three over the product of all four), refined by Newton steps to float32
-     rounding.
+     three over the product of all four): the instruction set's estimate and
+     a Newton step, to within 2 units in the last place.
 
    The floor's compare-and-select is skipped when the ranges of x and W rule
    out a factor at the floor (the usual case). Work is shared by `threads`
@@ -29,7 +29,7 @@
    - contract: one partial derivative of T_p = sum A[b,j] B[j,i] C[b,i] R_p,
      R_p = 1 / f^p (0 where f is floored), with respect to the operand left
      out: the family every higher derivative is made of (kernels/rules.py).
-     Plain loops over contiguous rows of W, which the compiler vectorises.
+     Loops over contiguous rows of W, CT samples per pass over W.
 
    The vector width and the tiles follow the instruction set the file is
    compiled for (-march=x86-64, x86-64-v3, x86-64-v4, armv8-a or native; see
@@ -257,10 +257,10 @@ static void fwd_range(const args_t *a, int64_t lo, int64_t hi) {
     }
 }
 
-/* 1/p to float32 rounding for normal p: the instruction set's estimate
-   refined by Newton steps r <- r (2 - p r), each squaring the relative error:
-   AVX-512's to 2^-14 (one step), AVX's and SSE's to 2^-12 (two), NEON's to
-   2^-8 (three); elsewhere the exponent-flip guess within 5% (three). */
+/* 1/p for normal p, to within 2 units in the last place: the instruction
+   set's estimate refined by Newton steps r <- r (2 - p r), each squaring the
+   relative error: AVX-512's to 2^-14 and AVX's and SSE's to 2^-12 (one step),
+   NEON's to 2^-8 (two); elsewhere the exponent-flip guess within 5% (three). */
 static inline vf vrcp(vf p) {
   vf r;
   int steps;
@@ -269,13 +269,13 @@ static inline vf vrcp(vf p) {
   steps = 1;
 #elif defined(__AVX__)
   r = (vf)_mm256_rcp_ps((__m256)p);
-  steps = 2;
+  steps = 1;
 #elif defined(__SSE__)
   r = (vf)_mm_rcp_ps((__m128)p);
-  steps = 2;
+  steps = 1;
 #elif defined(__aarch64__)
   r = (vf)vrecpeq_f32((float32x4_t)p);
-  steps = 3;
+  steps = 2;
 #else
   vi bits;
   memcpy(&bits, &p, sizeof bits);
@@ -302,8 +302,8 @@ static inline __attribute__((always_inline)) void bwd_q(
     f[k] = 1.f - v[k] * xs[k];
     g[k] = may_floor ? vmax(f[k], flo) : f[k];
   }
-  vf p01 = g[0] * g[1], p23 = g[2] * g[3], inv = vrcp(p01 * p23);
-  vf h01 = (p23 * uv) * inv, h23 = (p01 * uv) * inv; /* u / p01, u / p23 */
+  vf p01 = g[0] * g[1], p23 = g[2] * g[3], r = uv * vrcp(p01 * p23);
+  vf h01 = p23 * r, h23 = p01 * r; /* u / p01, u / p23 */
   q[0] = g[1] * h01; q[1] = g[0] * h01; q[2] = g[3] * h23; q[3] = g[2] * h23;
   if (may_floor)
     for (int k = 0; k < 4; k++) q[k] = vsel(f[k] > flo, q[k], vsplat(0.f));
@@ -459,7 +459,7 @@ static inline float rpow(float f, float fl, int p) {
   return f > fl ? out : 0.f;
 }
 
-static inline vf vrpow(vf f, float fl, int p) {
+static inline __attribute__((always_inline)) vf vrpow(vf f, float fl, const int p) {
   vi kept = f > vsplat(fl);
   vf r = vsplat(1.f) / vsel(kept, f, vsplat(1.f));
   vf out = r;
@@ -467,9 +467,19 @@ static inline vf vrpow(vf f, float fl, int p) {
   return vsel(kept, out, vsplat(0.f));
 }
 
+/* fn(..., p) with the power p a compile-time constant for 1, 2 and 3. */
+#define BY_POWER(p, fn, ...)                         \
+  switch (p) {                                       \
+    case 1: fn(__VA_ARGS__, 1); break;               \
+    case 2: fn(__VA_ARGS__, 2); break;               \
+    case 3: fn(__VA_ARGS__, 3); break;               \
+    default: fn(__VA_ARGS__, p); break;              \
+  }
+
 /* o[i] += s * v[i] * R_p(1 - xj w[i]) for i < n. */
-static inline void axpy_r(float *o, float s, const float *v, float xj, const float *w,
-                          int64_t n, float fl, int p) {
+static inline __attribute__((always_inline)) void axpy_r(
+    float *o, float s, const float *v, float xj, const float *w, int64_t n, float fl,
+    const int p) {
   int64_t i = 0;
   for (; i + VL <= n; i += VL) {
     vf f = vsplat(1.f) - vsplat(xj) * vload(w + i);
@@ -478,57 +488,81 @@ static inline void axpy_r(float *o, float s, const float *v, float xj, const flo
   for (; i < n; i++) o[i] += s * v[i] * rpow(1.f - xj * w[i], fl, p);
 }
 
-/* out[b, i] = sum_j A[b, j] B[j, i] R_p, for samples [lo, hi). */
-static void contract_c(const args_t *a, int64_t lo, int64_t hi) {
+/* sum_i v[i] c[i] R_p(1 - xj w[i]). */
+static inline __attribute__((always_inline)) float dot_r(
+    const float *v, const float *c, float xj, const float *w, int64_t n, float fl,
+    const int p) {
+  vf acc = vsplat(0.f);
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    vf f = vsplat(1.f) - vsplat(xj) * vload(w + i);
+    acc += vload(v + i) * vload(c + i) * vrpow(f, fl, p);
+  }
+  float total = hsum(acc);
+  for (; i < n; i++) total += v[i] * c[i] * rpow(1.f - xj * w[i], fl, p);
+  return total;
+}
+
+/* Samples per pass over the rows of W and B in contract_a and contract_c:
+   the rows are read from memory once per CT samples (W and B together
+   outgrow the L2 cache at n = 784) while CT rows of the output stay in L1. */
+#define CT 4
+
+static inline __attribute__((always_inline)) void contract_c_tile(
+    const args_t *a, int64_t b0, int64_t b1, const int p) {
   const int64_t ni = a->n_in, no = a->n_out;
-  for (int64_t b = lo; b < hi; b++) {
-    float *o = a->out + b * no;
-    memset(o, 0, sizeof(float) * (size_t)no);
-    for (int64_t j = 0; j < ni; j++) {
+  for (int64_t j = 0; j < ni; j++)
+    for (int64_t b = b0; b < b1; b++) {
       const float aj = a->pa[b * ni + j];
       if (aj != 0.f)
-        axpy_r(o, aj, a->pb + j * no, a->x[b * ni + j], a->w + j * no, no, a->floor_,
-               a->power);
+        axpy_r(a->out + b * no, aj, a->pb + j * no, a->x[b * ni + j], a->w + j * no,
+               no, a->floor_, p);
     }
+}
+
+/* out[b, i] = sum_j A[b, j] B[j, i] R_p, for samples [lo, hi). */
+static void contract_c(const args_t *a, int64_t lo, int64_t hi) {
+  const int64_t no = a->n_out;
+  memset(a->out + lo * no, 0, sizeof(float) * (size_t)((hi - lo) * no));
+  for (int64_t b0 = lo; b0 < hi; b0 += CT) {
+    int64_t b1 = b0 + CT < hi ? b0 + CT : hi;
+    BY_POWER(a->power, contract_c_tile, a, b0, b1)
   }
+}
+
+static inline __attribute__((always_inline)) void contract_a_tile(
+    const args_t *a, int64_t b0, int64_t b1, const int p) {
+  const int64_t ni = a->n_in, no = a->n_out;
+  for (int64_t j = 0; j < ni; j++)
+    for (int64_t b = b0; b < b1; b++)
+      a->out[b * ni + j] = dot_r(a->pb + j * no, a->pc + b * no, a->x[b * ni + j],
+                                 a->w + j * no, no, a->floor_, p);
 }
 
 /* out[b, j] = sum_i B[j, i] C[b, i] R_p, for samples [lo, hi). */
 static void contract_a(const args_t *a, int64_t lo, int64_t hi) {
+  for (int64_t b0 = lo; b0 < hi; b0 += CT) {
+    int64_t b1 = b0 + CT < hi ? b0 + CT : hi;
+    BY_POWER(a->power, contract_a_tile, a, b0, b1)
+  }
+}
+
+static inline __attribute__((always_inline)) void contract_b_row(
+    const args_t *a, int64_t j, const int p) {
   const int64_t ni = a->n_in, no = a->n_out;
-  const float fl = a->floor_;
-  const int p = a->power;
-  for (int64_t b = lo; b < hi; b++) {
-    const float *cr = a->pc + b * no;
-    for (int64_t j = 0; j < ni; j++) {
-      const float xj = a->x[b * ni + j];
-      const float *wr = a->w + j * no, *br = a->pb + j * no;
-      vf acc = vsplat(0.f);
-      int64_t i = 0;
-      for (; i + VL <= no; i += VL) {
-        vf f = vsplat(1.f) - vsplat(xj) * vload(wr + i);
-        acc += vload(br + i) * vload(cr + i) * vrpow(f, fl, p);
-      }
-      float total = hsum(acc);
-      for (; i < no; i++) total += br[i] * cr[i] * rpow(1.f - xj * wr[i], fl, p);
-      a->out[b * ni + j] = total;
-    }
+  float *o = a->out + j * no;
+  for (int64_t b = 0; b < a->batch; b++) {
+    const float aj = a->pa[b * ni + j];
+    if (aj != 0.f)
+      axpy_r(o, aj, a->pc + b * no, a->x[b * ni + j], a->w + j * no, no, a->floor_, p);
   }
 }
 
 /* out[j, i] = sum_b A[b, j] C[b, i] R_p, for inputs [lo, hi). */
 static void contract_b(const args_t *a, int64_t lo, int64_t hi) {
-  const int64_t ni = a->n_in, no = a->n_out, nb = a->batch;
-  for (int64_t j = lo; j < hi; j++) {
-    float *o = a->out + j * no;
-    memset(o, 0, sizeof(float) * (size_t)no);
-    for (int64_t b = 0; b < nb; b++) {
-      const float aj = a->pa[b * ni + j];
-      if (aj != 0.f)
-        axpy_r(o, aj, a->pc + b * no, a->x[b * ni + j], a->w + j * no, no, a->floor_,
-               a->power);
-    }
-  }
+  const int64_t no = a->n_out;
+  memset(a->out + lo * no, 0, sizeof(float) * (size_t)((hi - lo) * no));
+  for (int64_t j = lo; j < hi; j++) BY_POWER(a->power, contract_b_row, a, j)
 }
 
 /* slot: 0 = a, 1 = b, 2 = c, the operand left out (NULL) and so the output's
@@ -542,7 +576,7 @@ void synann_contract(int slot, int power, const float *pa, const float *pb,
   if (slot == 1) {
     parallel(&a, contract_b, n_in, 1, threads);
   } else if (batch > 0) {
-    parallel(&a, slot == 0 ? contract_a : contract_c, batch, 1, threads);
+    parallel(&a, slot == 0 ? contract_a : contract_c, batch, CT, threads);
   }
 }
 
