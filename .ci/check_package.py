@@ -12,7 +12,8 @@ installed here (jax, tensorflow, torch) checks in a fresh process that:
 
 - binary wheel: "auto" picks `cpu`, from the packaged library of this CPU's
   level; the first forward and gradient call (its time printed) compiles
-  nothing and matches float64 NumPy; under jax a model also saves and loads;
+  nothing and matches float64 NumPy, as does every packaged level this CPU
+  runs (called directly); under jax a model also saves and loads;
 - pure wheel: "auto" falls back, with a one-line reason and one warning.
 
 The backends are not installed again: the fresh environments see this
@@ -87,6 +88,20 @@ if expect == "packaged":
     assert not os.path.exists(cache), os.listdir(cache)
     assert not ours, ours
     result.update(level=info["level"], library=os.path.basename(info["path"]))
+    # Every packaged level this CPU runs, called directly: the forward and dx.
+    import ctypes
+    from keras_synann.kernels import cpu_levels
+    checked = []
+    for level in cpu_levels.supported():
+        lib = cpu_build._declared(ctypes.CDLL(str(cpu_build.packaged(level))))
+        s, dx, dw = (np.empty_like(a) for a in (g, x, kernel))
+        ptr = lambda a: a.ctypes.data
+        lib.synann_forward(ptr(x), ptr(kernel), ptr(s), 16, 96, 96, 16, 1e-6, 1e-38, 2)
+        lib.synann_backward(ptr(x), ptr(kernel), ptr(g), ptr(dx), ptr(dw), 16, 96, 96, 1e-6, 2)
+        np.testing.assert_allclose(s, np.log(f).sum(axis=1), rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(dx, -(q * kernel).sum(axis=2), rtol=1e-4, atol=1e-4)
+        checked.append(level)
+    result["levels_checked"] = checked
     if backend == "jax":
         result["xla_ffi_api"] = info["xla_ffi_api"]
         model = keras.Sequential([keras.Input((96,)), keras_synann.Synapse()])
