@@ -4,6 +4,7 @@ and the default MNIST epoch with "auto" against --implementation ops.
     python benchmarks/levels.py                          # every backend and level here
     python benchmarks/levels.py --packaged DIR           # the levels' libraries from DIR
     python benchmarks/levels.py --backends jax --rounds 2 --mnist-steps 0
+    python benchmarks/levels.py --rounds 0 --mnist-level x86-64-v3   # MNIST only, AVX2 loops
 
 For every level this CPU runs (x86-64, x86-64-v3, x86-64-v4 on an AVX-512
 x86 CPU; `KERAS_SYNANN_CPU_LEVEL` selects it in each run), `native` (the
@@ -29,6 +30,7 @@ unpacked binary wheel) instead, as an installed wheel does.
 MNIST: `training/mnist.py` (lenet, batch 128: the default run) for 2 epochs
 of --mnist-steps steps with --implementation auto and ops, alternating,
 --mnist-rounds times; seconds of the second epoch (the first compiles).
+--mnist-level runs "auto" with that level's loops (KERAS_SYNANN_CPU_LEVEL).
 
 Writes JSON (machine, CPU flags, versions, command, commit, date, loads,
 builds, rows) to --out and prints the tables.
@@ -148,7 +150,7 @@ def builds(levels: list[str], cache: Path, with_ffi: bool) -> dict:
     return seconds
 
 
-def mnist(backend: str, steps: int, rounds: int, cache: Path) -> dict:
+def mnist(backend: str, steps: int, rounds: int, cache: Path, level=None) -> dict:
     """Seconds of the second epoch, "auto" against "ops", alternating."""
     runs = {"auto": [], "ops": []}
     loads = []
@@ -162,14 +164,16 @@ def mnist(backend: str, steps: int, rounds: int, cache: Path) -> dict:
                      "--epochs", "2", "--steps-per-epoch", str(steps),
                      "--implementation", implementation, "--output-dir", out,
                      "--verbose", "0"],
-                    env=_env(backend, cache), check=True, capture_output=True,
-                    timeout=3600,
+                    env=_env(backend, cache, **(
+                        {"KERAS_SYNANN_CPU_LEVEL": level} if level else {})),
+                    check=True, capture_output=True, timeout=3600,
                 )  # fmt: skip
                 history = json.loads((Path(out) / "history.json").read_text())
                 runs[implementation].append(history[-1]["seconds"])
     ratios = [a / o for a, o in zip(runs["auto"], runs["ops"], strict=True)]
     return {
         "backend": backend,
+        "level": level or "auto",
         "steps_per_epoch": steps,
         "auto_s": statistics.median(runs["auto"]),
         "ops_s": statistics.median(runs["ops"]),
@@ -222,6 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--packaged", type=Path, default=None, metavar="DIR")
     parser.add_argument("--mnist-steps", type=int, default=100)
     parser.add_argument("--mnist-rounds", type=int, default=2)
+    parser.add_argument("--mnist-level", default=None, metavar="LEVEL")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/levels.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -247,12 +252,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="levels-cache-") as name:
         cache = Path(name)
         build_seconds = builds([*levels, "native"], cache, "jax" in backends)
-        print(
-            f"{'backend':11s} {'config':10s} {'library':9s} "
-            f"{'syn ms':>8s} {'dense':>7s} {'ratio':>7s}   "
-            f"{'GP syn':>8s} {'dense':>7s} {'ratio':>7s}   (first order | gradient penalty)"
-        )
-        for backend in backends:
+        if args.rounds:
+            print(
+                f"{'backend':11s} {'config':10s} {'library':9s} "
+                f"{'syn ms':>8s} {'dense':>7s} {'ratio':>7s}   "
+                f"{'GP syn':>8s} {'dense':>7s} {'ratio':>7s}   (first order | gradient penalty)"
+            )
+        for backend in backends if args.rounds else ():
             runs = {config: [] for config in configs}
             for r in range(args.rounds):  # round-robin, rotated each round
                 shift = r % len(configs)
@@ -267,7 +273,13 @@ def main(argv=None) -> int:
                 f"MNIST (lenet, batch 128), seconds of epoch 2 of {args.mnist_steps} steps"
             )
             for backend in backends:
-                row = mnist(backend, args.mnist_steps, args.mnist_rounds, cache)
+                row = mnist(
+                    backend,
+                    args.mnist_steps,
+                    args.mnist_rounds,
+                    cache,
+                    args.mnist_level,
+                )
                 mnist_rows.append(row)
                 print(
                     f"{backend:11s} auto {row['auto_s']:6.2f} s   ops {row['ops_s']:6.2f} s"
