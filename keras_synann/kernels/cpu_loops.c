@@ -451,6 +451,15 @@ static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_
     if (started[t]) pthread_join(ids[t], NULL);
 }
 
+/* The threads worth starting for `factors` factors: one per 2^20 at most
+   (below that a thread's start costs more than its share of the work, and
+   a small layer in a larger model leaves the other cores to the framework). */
+static int threads_for(int threads, int64_t factors) {
+  int64_t most = factors >> 20;
+  if (most < 1) most = 1;
+  return threads < most ? threads : (int)most;
+}
+
 /* R_p(f): 1 / f^p, 0 where f <= floor (scalar and VL lanes). */
 static inline float rpow(float f, float fl, int p) {
   float r = 1.f / (f > fl ? f : 1.f);
@@ -573,6 +582,7 @@ void synann_contract(int slot, int power, const float *pa, const float *pb,
                      int threads) {
   args_t a = {x, w, NULL, NULL, NULL, NULL, batch, n_in, n_out, 1, floor_, 0.f, 1,
               pa, pb, pc, out, power};
+  threads = threads_for(threads, batch * n_in * n_out);
   if (slot == 1) {
     parallel(&a, contract_b, n_in, 1, threads);
   } else if (batch > 0) {
@@ -588,7 +598,7 @@ void synann_forward(const float *x, const float *w, float *s, int64_t batch,
   if (batch == 0 || n_out == 0) return;
   if (n_in == 0) { memset(s, 0, sizeof(float) * (size_t)(batch * n_out)); return; }
   a.may_floor = may_floor(x, w, batch * n_in, n_in * n_out, floor_);
-  parallel(&a, fwd_range, n_out, NV * VL, threads);
+  parallel(&a, fwd_range, n_out, NV * VL, threads_for(threads, batch * n_in * n_out));
 }
 
 void synann_backward(const float *x, const float *w, const float *u, float *dx,
@@ -603,7 +613,7 @@ void synann_backward(const float *x, const float *w, const float *u, float *dx,
     return;
   }
   a.may_floor = may_floor(x, w, batch * n_in, n_in * n_out, floor_);
-  parallel(&a, bwd_range, n_in, 4, threads);
+  parallel(&a, bwd_range, n_in, 4, threads_for(threads, batch * n_in * n_out));
 }
 
 /* What this build is, for the loader and the tests: {bytes per vector, samples
