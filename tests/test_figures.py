@@ -202,6 +202,7 @@ FIGURES = [
     Figure("docs/performance.md", "levels.json", levels_table),
     Figure("docs/performance.md", "levels.json", levels_builds),
     Figure("docs/performance.md", "levels.json", levels_mnist),
+    Figure("docs/performance.md", "levels_mnist_avx2.json", levels_mnist),
     Figure("README.md", "layer_sweep.json", _layer_sentence),
     Figure("docs/layer.md", "series_jax.json", _series_errors),
     Figure("docs/layer.md", "derivative_errors.json", derivative_tables),
