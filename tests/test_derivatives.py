@@ -44,14 +44,10 @@ NAMES = kernels.priority(BACKEND)
 
 def _require(implementation):
     """Skips where `implementation` cannot run on this machine (with the
-    reasons); KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 makes the C loops required."""
+    reasons); the C loops ("cpu") must run here."""
     x, kernel = (ops.convert_to_tensor(a, "float32") for a in derivative_inputs()[:2])
     reasons = kernels.not_supported_reasons(implementation, x, kernel)
-    if (
-        implementation == "cpu"
-        and os.environ.get("KERAS_SYNANN_REQUIRE_CPU_KERNEL") == "1"
-    ):
-        assert not reasons, reasons
+    assert implementation != "cpu" or not reasons, reasons
     if reasons:
         pytest.skip(f"implementation={implementation!r}: {'; '.join(reasons)}")
 

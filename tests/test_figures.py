@@ -156,6 +156,42 @@ def cloud_bounds(data):
     ]
 
 
+def _level_label(row) -> str:
+    if row["config"] == "ops":
+        return "`ops`"
+    origin = row["build"]["origin"]
+    return f"`{row['config']}` ({origin})"
+
+
+def levels_table(data):
+    """docs/performance.md's per-level table: the layer against Dense (levels.json)."""
+    return [
+        f"| {r['backend']} | {_level_label(r)} | {r['first']['synapse_ms']:.1f} "
+        f"| {r['first']['dense_ms']:.1f} | {r['first']['ratio']:.1f}x "
+        f"| {r['penalty']['ratio']:.1f}x |"
+        for r in data["rows"]
+    ]
+
+
+def levels_builds(data):
+    """docs/performance.md's build times per level (levels.json)."""
+    seconds = data["builds_s"]
+    return [
+        f"| `{level}` | {seconds[f'{level} loops']:.1f} s "
+        f"| {seconds[f'{level} xla_ffi']:.1f} s |"
+        for level in [*data["levels"], "native"]
+    ]
+
+
+def levels_mnist(data):
+    """docs/performance.md's MNIST epochs, auto against ops (levels.json)."""
+    return [
+        f"| {r['backend']} | {r['auto_s']:.1f} s | {r['ops_s']:.1f} s "
+        f"| {r['auto_over_ops']:.2f} |"
+        for r in data["mnist"]
+    ]
+
+
 FIGURES = [
     Figure("docs/cloud-tpu.md", "cloud_bounds.json", cloud_bounds),
     Figure("docs/example.md", "example_mnist_synapse.json", _example),
@@ -170,6 +206,10 @@ FIGURES = [
     ),
     Figure("README.md", "reference.json", lambda d: ["about " + _pct(0.9904)]),
     Figure("docs/performance.md", "layer_sweep.json", _layer_table),
+    Figure("docs/performance.md", "levels.json", levels_table),
+    Figure("docs/performance.md", "levels.json", levels_builds),
+    Figure("docs/performance.md", "levels.json", levels_mnist),
+    Figure("docs/performance.md", "levels_mnist_avx2.json", levels_mnist),
     Figure("README.md", "layer_sweep.json", _layer_sentence),
     Figure("docs/layer.md", "series_jax.json", _series_errors),
     Figure("docs/layer.md", "derivative_errors.json", derivative_tables),

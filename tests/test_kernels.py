@@ -2,15 +2,15 @@
 
 "auto"'s choice is checked against fixed answers for environments the tests
 set up (this process: float32 on one CPU with a compiler; float64; no
-compiler; several jax devices; each tracer). In tox
-KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 makes a missing compiler fail these tests
-instead of skipping them.
+compiler; several jax devices; each tracer). The C loops must load here: a
+machine without them (no packaged library, no compiler) fails the tests
+that need them instead of skipping them. (Their build per CPU level:
+test_cpu_levels.py.)
 """
 
 import ast
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,7 +25,7 @@ from keras import ops
 import keras_synann
 from keras_synann import kernels
 from keras_synann import ops as synann_ops
-from keras_synann.kernels import cpu_build, reference, rules
+from keras_synann.kernels import cpu_compile, cpu_levels, reference, rules
 from keras_synann.kernels.base import Implementation
 from keras_synann.testing import value_and_grad
 
@@ -46,10 +46,11 @@ def _tensors(batch=3, n=8):
 
 
 def _require(implementation, x, kernel):
-    """Skips unless `implementation` applies to x and kernel here. With
-    KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 a missing compiler raises instead."""
+    """Skips unless `implementation` applies to x and kernel here; the C
+    loops ("cpu") must apply (float32 on a CPU)."""
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
     reasons = kernels.not_supported_reasons(implementation, x, kernel)
+    assert implementation != "cpu" or not reasons, reasons
     if reasons:
         pytest.skip(f"implementation={implementation!r}: {'; '.join(reasons)}")
 
@@ -58,7 +59,6 @@ def _run(script, tmp_path, **env):
     """Runs `script` in a fresh interpreter with the repository importable;
     returns its stdout. `env` entries set (or, as None, remove) variables."""
     full = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": BACKEND}
-    full.pop("KERAS_SYNANN_REQUIRE_CPU_KERNEL", None)
     full.update(env)
     command = [sys.executable, "-c", textwrap.dedent(script)]
     try:
@@ -133,64 +133,10 @@ def test_package_imports_point_one_way():
 
 def test_c_sources_ship_as_package_files():
     for name in ("cpu_loops.c", "cpu_ffi.c"):
-        text = cpu_build.source(name)
+        text = cpu_compile.source(name)
         assert (PACKAGE / "kernels" / name).read_text() == text
-    assert "synann_forward" in cpu_build.source("cpu_loops.c")
-    assert "XLA_FFI_CallFrame" in cpu_build.source("cpu_ffi.c")
-
-
-def _compiler():
-    cc = cpu_build.compiler()
-    if cc is None:
-        if os.environ.get("KERAS_SYNANN_REQUIRE_CPU_KERNEL") == "1":
-            pytest.fail("KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 and no C compiler found")
-        pytest.skip("no C compiler found")
-    return cc
-
-
-#: The variant each backend builds (the FFI one needs jaxlib's header).
-_VARIANT = {"jax": "xla_ffi", "tensorflow": "pthreads", "torch": "openmp"}[BACKEND]
-
-
-def test_c_sources_compile_with_warnings_as_errors(tmp_path):
-    """The flag set the build keeps (the first this compiler accepts) also
-    compiles with -Wall -Wextra -Werror."""
-    cc = _compiler()
-    strict = ("-Wall", "-Wextra", "-Werror")
-    for k, flags in enumerate(cpu_build.flag_sets(_VARIANT)):
-        directory = tmp_path / str(k)
-        directory.mkdir()
-        result = subprocess.run(
-            cpu_build.command(
-                cc, _VARIANT, flags + strict, directory, directory / "a.so"
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode == 0:
-            return
-        plain = subprocess.run(
-            cpu_build.command(cc, _VARIANT, flags, directory, directory / "b.so"),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        # A set the compiler accepts must not warn; one it refuses, the build skips.
-        assert plain.returncode != 0, (flags, result.stderr[-3000:])
-    pytest.fail(f"no flag set compiled with {cc}")
-
-
-def test_a_failing_compiler_gives_its_error_and_leaves_no_library(
-    tmp_path, monkeypatch
-):
-    failing = shutil.which("false")
-    if failing is None:
-        pytest.skip("no `false` command")
-    monkeypatch.setenv("KERAS_SYNANN_CACHE", str(tmp_path))
-    path, error = cpu_build.build(failing, "pthreads")
-    assert path is None and error == "failed"
-    assert not list(tmp_path.rglob("*.so"))
+    assert "synann_forward" in cpu_compile.source("cpu_loops.c")
+    assert "XLA_FFI_CallFrame" in cpu_compile.source("cpu_ffi.c")
 
 
 # --- the C loops against the reference ----------------------------------------
@@ -311,6 +257,7 @@ _NO_COMPILER = """
 
 
 def test_auto_without_a_compiler_warns_once_and_falls_back(tmp_path):
+    """Without a packaged library (a source tree) and with no compiler."""
     empty = tmp_path / "bin"
     empty.mkdir()
     out = _run(
@@ -324,35 +271,13 @@ def test_auto_without_a_compiler_warns_once_and_falls_back(tmp_path):
     assert out[0] == expected
     assert out[1] == "1 UserWarning"
     assert "several times slower" in out[2] and "$CC" in out[2] and "gcc" in out[2]
+    level = cpu_levels.choose()[0]
     assert out[3] == (
-        "implementation='cpu' does not apply: no C compiler found "
-        "($CC, cc, gcc, clang). Use implementation='auto' or 'ops'."
+        f"implementation='cpu' does not apply: this installation carries no C "
+        f"loops for {level}; no C compiler found ($CC, cc, gcc, clang). Use "
+        "implementation='auto' or 'ops'."
     )
     assert not (tmp_path / "cache").exists()
-
-
-def test_require_cpu_kernel_turns_a_missing_compiler_into_an_error(tmp_path):
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    script = """
-        import numpy as np
-        from keras_synann import ops as synann_ops
-        try:
-            synann_ops.log_inhibition(np.full((2, 3), 0.5, "float32"), np.zeros((3, 3), "float32"))
-        except RuntimeError as e:
-            print(e)
-    """
-    out = _run(
-        script,
-        tmp_path,
-        CC="",
-        PATH=str(empty),
-        KERAS_SYNANN_REQUIRE_CPU_KERNEL="1",
-    )
-    assert out.strip() == (
-        "KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 and the compiled CPU loops are "
-        "unavailable: no C compiler found ($CC, cc, gcc, clang)"
-    )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="jax devices")

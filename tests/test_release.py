@@ -96,6 +96,9 @@ def test_release_publishes_what_tox_checked_with_trusted_publishing():
     build, publish = workflow["jobs"]["build"], workflow["jobs"]["publish"]
     runs = [step.get("run", "") for step in build["steps"]]
     assert "tox -e package -- dist" in runs
+    # Each platform's wheel is built and checked on that platform.
+    platforms = {e["name"] for e in build["strategy"]["matrix"]["include"]}
+    assert {"linux-x86_64", "linux-aarch64", "macos-arm64", "macos-x86_64"} <= platforms
     assert any("__version__" in run and "GITHUB_REF_NAME" in run for run in runs)
     assert publish["needs"] == "build"
     assert publish["permissions"] == {"id-token": "write"}

@@ -220,9 +220,10 @@ def _differentiable(backend: str):
 @functools.cache
 def _warn_no_compiler() -> None:
     warnings.warn(
-        "keras_synann: no C compiler found ($CC, cc, gcc, clang), so Synapse "
-        "runs without its compiled CPU loops, several times slower on a CPU. "
-        "Set $CC to a C compiler or install gcc (or clang).",
+        "keras_synann: this installation carries no compiled CPU loops for this "
+        "CPU and no C compiler was found ($CC, cc, gcc, clang), so Synapse runs "
+        "without them, several times slower on a CPU. Install a binary wheel "
+        "(Linux, macOS) or a C compiler (gcc or clang).",
         UserWarning,
         stacklevel=4,
     )

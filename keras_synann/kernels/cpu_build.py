@@ -1,188 +1,168 @@
-"""Compiles the C loops (cpu_loops.c, cpu_ffi.c) on first use and loads them.
+"""The C loops for this process: the packaged library for this CPU's level,
+else one compiled on first use, else why neither.
 
-The sources ship in the package (read with importlib.resources). They are
-compiled with the C compiler on PATH (`$CC`, else cc, gcc or clang) for this
-CPU (`-march=native`) into a cache directory (`$KERAS_SYNANN_CACHE`, else
-`$XDG_CACHE_HOME/keras_synann` or ~/.cache/keras_synann), once per source,
-compiler, flags and CPU. Three variants, one per backend's glue:
+The chain, for the level `cpu_levels.choose()` gives (the best this CPU
+supports, or `KERAS_SYNANN_CPU_LEVEL`):
 
-- "openmp": the loops with an OpenMP team (torch: its libgomp is loaded);
-- "pthreads": the loops with POSIX threads (tensorflow);
-- "xla_ffi": the loops and their XLA FFI handlers (jax), against jaxlib's
-  C header.
+1. the library a binary wheel carries, `_lib/synann_<level>.so` next to this
+   file (for jax, only where jaxlib accepts its XLA FFI handlers' version);
+2. a first-use compile with the C compiler on PATH (`cpu_compile`), for the
+   level or for `native`, cached;
+3. none: `unavailable` says why, each step's reason in turn, and "auto" takes
+   the keras.ops path.
 
-Environment: `KERAS_SYNANN_NO_CPU_KERNEL` (any value) turns the loops off;
-`KERAS_SYNANN_REQUIRE_CPU_KERNEL=1` turns "unavailable" into a RuntimeError
-with the reason (CI: a missing compiler fails instead of skipping).
+Two variants, one per kind of glue: "pthreads" (the loops, through ctypes:
+tensorflow, torch) and "xla_ffi" (the loops and their XLA FFI handlers: jax).
+A packaged library is both. `KERAS_SYNANN_NO_CPU_KERNEL` (any value) turns
+the loops off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import importlib.resources
 import os
-import platform
-import shutil
-import subprocess
+import re
 import sys
-import tempfile
 from pathlib import Path
 
-#: What each variant compiles, and whether OpenMP is allowed.
-VARIANTS = {
-    "openmp": (("cpu_loops.c",), True),
-    "pthreads": (("cpu_loops.c",), False),
-    "xla_ffi": (("cpu_loops.c", "cpu_ffi.c"), False),
-}
-#: Compiler flags tried in order; the first set that compiles is kept.
-FLAG_SETS = (
-    ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
-    ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-march=native"),
-    ("-O3",),
-)
-COMMON_FLAGS = ("-fPIC", "-shared", "-pthread")
-#: The reason given when no compiler is found.
-NO_COMPILER = "no C compiler found ($CC, cc, gcc, clang)"
+from keras_synann.kernels import cpu_compile, cpu_levels
+from keras_synann.kernels.cpu_compile import NO_COMPILER
+
+__all__ = ["NO_COMPILER", "describe", "load", "packaged", "threads", "unavailable"]
+
+#: What each variant compiles on first use.
+VARIANTS = {"pthreads": "loops", "xla_ffi": "xla_ffi"}
+#: Where a binary wheel puts its libraries.
+PACKAGED = Path(__file__).with_name("_lib")
 
 
-def compiler() -> str | None:
-    """The C compiler: `$CC`, else cc, gcc or clang on PATH; None if there is none."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def source(name: str) -> str:
-    """The text of one of the package's C files."""
-    return importlib.resources.files(__package__).joinpath(name).read_text()
-
-
-def flag_sets(variant: str) -> tuple[tuple[str, ...], ...]:
-    """The flag sets a variant tries, in order."""
-    _, openmp = VARIANTS[variant]
-    return tuple(f for f in FLAG_SETS if openmp or "-fopenmp" not in f)
-
-
-def command(
-    cc: str, variant: str, flags: tuple[str, ...], directory: Path, out: Path
-) -> list[str]:
-    """The compile command for `variant` with its sources written into `directory`."""
-    names, _ = VARIANTS[variant]
-    paths = []
-    for name in names:
-        path = directory / name
-        path.write_text(source(name))
-        paths.append(str(path))
-    return [cc, *flags, *_include(variant), *COMMON_FLAGS, *paths, "-o", str(out)]
-
-
-def _include(variant: str) -> tuple[str, ...]:
-    if variant != "xla_ffi":
-        return ()
-    import jax
-
-    return (f"-I{jax.ffi.include_dir()}",)
+def packaged(level: str) -> Path:
+    """The path of the packaged library for `level` (it may not exist)."""
+    return PACKAGED / cpu_levels.LEVELS[level].library
 
 
 def unavailable(variant: str) -> str | None:
-    """Why the loops cannot be loaded here, in words (None: they are loaded)."""
-    reason = _load(variant)[1]
-    if reason is not None and os.environ.get("KERAS_SYNANN_REQUIRE_CPU_KERNEL") == "1":
-        raise RuntimeError(
-            "KERAS_SYNANN_REQUIRE_CPU_KERNEL=1 and the compiled CPU loops are "
-            f"unavailable: {reason}"
-        )
-    return reason
+    """Why the loops cannot be loaded here, in one line (None: they are loaded)."""
+    return _load(variant)[2]
 
 
 def load(variant: str) -> ctypes.CDLL:
-    """The compiled library of `variant` (call `unavailable` first)."""
-    lib, reason = _load(variant)
+    """The library of `variant` (call `unavailable` first)."""
+    lib, _, reason = _load(variant)
     if lib is None:
         raise RuntimeError(f"The compiled CPU loops are unavailable: {reason}")
     return lib
 
 
+def describe(variant: str) -> dict:
+    """What was loaded: level, origin ("packaged" or "compiled"), path, vector
+    width and tiles, XLA FFI API version; or the reason it was not."""
+    lib, info, reason = _load(variant)
+    return dict(info) if lib is not None else {"unavailable": reason}
+
+
 @functools.cache
-def _load(variant: str) -> tuple[ctypes.CDLL | None, str | None]:
-    """(library, None), or (None, why not)."""
-    if sys.platform not in ("linux", "darwin"):
-        return None, f"the C loops build on Linux and macOS, not {sys.platform}"
+def _load(variant: str) -> tuple[ctypes.CDLL | None, dict, str | None]:
+    """(library, what it is, None), or (None, {}, why not)."""
+    library = VARIANTS[variant]
     if os.environ.get("KERAS_SYNANN_NO_CPU_KERNEL"):
-        return None, "turned off by $KERAS_SYNANN_NO_CPU_KERNEL"
-    cc = compiler()
+        return None, {}, "turned off by $KERAS_SYNANN_NO_CPU_KERNEL"
+    level, reason = cpu_levels.choose()
+    if level is None:
+        return None, {}, reason
+    reasons = []
+    if level != cpu_levels.NATIVE:
+        path = packaged(level)
+        if path.exists():
+            lib, reason = _open(path, library)
+            if lib is not None:
+                return lib, _info(lib, level, "packaged", path), None
+            reasons.append(reason)
+        else:
+            reasons.append(f"this installation carries no C loops for {level}")
+    if sys.platform not in ("linux", "darwin"):
+        reasons.append(f"first-use builds run on Linux and macOS, not {sys.platform}")
+        return None, {}, "; ".join(reasons)
+    cc = cpu_compile.compiler()
     if cc is None:
-        return None, NO_COMPILER
-    path, error = build(cc, variant)
+        reasons.append(NO_COMPILER)
+        return None, {}, "; ".join(reasons)
+    flags = None if level == cpu_levels.NATIVE else cpu_levels.LEVELS[level].flags
+    path, error = cpu_compile.build(cc, library, flags, _include(library))
     if path is None:
-        return None, f"the C loops did not compile with {cc}: {error}"
+        reasons.append(f"the C loops did not compile with {cc}: {error}")
+        return None, {}, "; ".join(reasons)
+    lib, reason = _open(path, library)
+    if lib is None:
+        reasons.append(reason)
+        return None, {}, "; ".join(reasons)
+    return lib, _info(lib, level, "compiled", path), None
+
+
+def _open(path: Path, library: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """(the loaded library, None), or (None, why it cannot serve `library`)."""
     try:
-        return _declared(ctypes.CDLL(str(path))), None
+        lib = _declared(ctypes.CDLL(str(path)))
     except OSError as e:
-        return None, f"the compiled C loops did not load: {e}"
+        return None, f"{path.name} did not load: {e}"
+    if library == "xla_ffi":
+        built, installed = _ffi_version(lib), _jaxlib_ffi_version()
+        if installed is not None and (
+            built[0] != installed[0] or built[1] > installed[1]
+        ):
+            return None, (
+                f"jaxlib's XLA FFI (API version {installed[0]}.{installed[1]}) "
+                f"does not accept {path.name}'s handlers (API version "
+                f"{built[0]}.{built[1]})"
+            )
+    return lib, None
 
 
-def build(cc: str, variant: str) -> tuple[Path | None, str]:
-    """(the library, built now unless cached, ""), or (None, the compiler's error)."""
-    version = subprocess.run(
-        [cc, "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    names, _ = VARIANTS[variant]
-    texts = [source(name) for name in names]
-    error = ""
-    for flags in flag_sets(variant):
-        key = hashlib.sha256(
-            "\0".join(
-                [*texts, cc, version, _cpu_id(), *flags, *_include(variant)]
-            ).encode()
-        ).hexdigest()[:20]
-        target = cache_dir() / f"synann_{variant}_{key}.so"
-        if target.exists():
-            return target, ""
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                out = Path(tmp) / "out.so"
-                result = subprocess.run(
-                    command(cc, variant, flags, Path(tmp), out),
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if result.returncode == 0:
-                    os.replace(out, target)  # atomic: concurrent builders agree
-                    return target, ""
-                error = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        except OSError as e:
-            return None, str(e)
-    return None, error
+def _ffi_version(lib: ctypes.CDLL) -> tuple[int, int]:
+    out = (ctypes.c_int32 * 2)()
+    lib.synann_ffi_api_version(out)
+    return out[0], out[1]
 
 
-def cache_dir() -> Path:
-    """Where compiled libraries are kept."""
-    root = os.environ.get("KERAS_SYNANN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-        "keras_synann",
-    )
-    return Path(root)
+def _include(library: str) -> tuple[str, ...]:
+    """The include directories a first-use build of `library` needs."""
+    if library != "xla_ffi":
+        return ()
+    import jax
+
+    return (jax.ffi.include_dir(),)
 
 
-def _cpu_id() -> str:
-    """What the compiled code depends on: the CPU model and its features."""
+def _jaxlib_ffi_version() -> tuple[int, int] | None:
+    """The XLA FFI API version of the installed jaxlib (its C header), or None."""
+    import jax
+
+    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [
-            line
-            for line in text.splitlines()
-            if line.startswith(("model name", "flags", "Features", "CPU part"))
-        ]
-        return "\n".join(sorted(set(lines)))
+        text = header.read_text()
     except OSError:
-        return platform.processor() + platform.machine()
+        return None
+    found = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", text))
+    if set(found) != {"MAJOR", "MINOR"}:
+        return None
+    return int(found["MAJOR"]), int(found["MINOR"])
+
+
+def _info(lib: ctypes.CDLL, level: str, origin: str, path: Path) -> dict:
+    build = (ctypes.c_int32 * 4)()
+    lib.synann_build_info(build)
+    info = {
+        "level": level,
+        "origin": origin,
+        "path": str(path),
+        "vector_bytes": build[0],
+        "forward_tile": f"{build[1]} samples x {build[2]} vectors",
+        "backward_samples": build[3],
+    }
+    if hasattr(lib, "synann_ffi_api_version"):
+        info["xla_ffi_api"] = "{}.{}".format(*_ffi_version(lib))
+    return info
 
 
 def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -192,22 +172,10 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.synann_forward.restype = None
     lib.synann_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32]
     lib.synann_backward.restype = None
-    lib.synann_contract.argtypes = [
-        i32,
-        i32,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        i64,
-        f32,
-        i32,
-    ]
+    lib.synann_contract.argtypes = [i32, i32, *[ptr] * 6, i64, i64, i64, f32, i32]
     lib.synann_contract.restype = None
+    lib.synann_build_info.argtypes = [ptr]
+    lib.synann_build_info.restype = None
     return lib
 
 

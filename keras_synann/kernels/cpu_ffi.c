@@ -1,9 +1,13 @@
 /* XLA FFI handlers around the loops of cpu_loops.c, for jax on a CPU.
 
    Compiled with cpu_loops.c into one library, against jaxlib's C header
-   `xla/ffi/api/c_api.h` (jax.ffi.include_dir()). Each handler checks its
-   buffers (float32 matrices), reads its scalar attributes and calls the
-   loops:
+   `xla/ffi/api/c_api.h` (jax.ffi.include_dir()): the packaged libraries
+   against the oldest header the supported jax range needs (XLA accepts a
+   handler whose API version is at most its own, down to 0.1), a first-use
+   build against the installed one. Each handler reports that version
+   (`synann_ffi_api_version` tells the loader before it registers them),
+   checks its buffers (float32 matrices), reads its scalar attributes and
+   calls the loops:
 
      keras_synann_forward:  (x, kernel) -> s;  attrs chunk, floor, product_floor, threads
      keras_synann_backward: (x, kernel, u) -> (dx, dkernel);  attrs floor, threads
@@ -27,6 +31,12 @@ void synann_contract(int slot, int power, const float *pa, const float *pb,
                      const float *pc, const float *x, const float *w, float *out,
                      int64_t batch, int64_t n_in, int64_t n_out, float floor_,
                      int threads);
+
+/* The XLA FFI API version this library was compiled against: {major, minor}. */
+void synann_ffi_api_version(int32_t out[2]) {
+  out[0] = XLA_FFI_API_MAJOR;
+  out[1] = XLA_FFI_API_MINOR;
+}
 
 static XLA_FFI_Error *ffi_error(XLA_FFI_CallFrame *frame, const char *message) {
   XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL,

@@ -4,59 +4,95 @@
    n_out) buffers per chunk of inputs. These loops make one pass each way and
    keep their working set in registers and L1/L2:
 
-   - forward: for a tile of 4 samples x 64 outputs, the products of `chunk`
-     factors stay in 16 vector registers while the loop runs over the inputs j
-     (each row of W is loaded once per 4 samples); each chunk's product,
-     floored at `pfloor`, is folded into a mantissa in [1, 2) and an integer
-     exponent, so there is one log per output instead of one per chunk:
+   - forward: for a tile of NB samples x NV vectors of outputs, the products
+     of `chunk` factors stay in vector registers while the loop runs over the
+     inputs j (each row of W is loaded once per NB samples); each chunk's
+     product, floored at `pfloor`, is folded into a mantissa in [1, 2) and an
+     integer exponent, so there is one log per output instead of one per chunk:
 
        s[b, i] = sum_chunks log(max(prod_j max(1 - W[j, i] x[b, j], floor), pfloor))
 
-   - backward: for 4 inputs j and 2 samples at a time, one pass over the
+   - backward: for 4 inputs j and BS samples at a time, one pass over the
      outputs i computes
 
        q[b, j, i] = u[b, i] / f[b, j, i]     (0 where f <= floor)
        dW[j, i] = -sum_b x[b, j] q,   dx[b, j] = -sum_i W[j, i] q
 
      with one reciprocal per 4 factors (1/f_k = the product of the other
-     three over the product of all four), refined by Newton steps to float32
-     rounding.
+     three over the product of all four): the instruction set's estimate and
+     a Newton step, to within 2 units in the last place.
 
    The floor's compare-and-select is skipped when the ranges of x and W rule
-   out a factor at the floor (the usual case). Work is split over `threads`
-   threads: an OpenMP team where built with -fopenmp (the torch glue: torch's
-   own libgomp, so one pool of threads), POSIX threads otherwise.
+   out a factor at the floor (the usual case). Work is shared by `threads`
+   POSIX threads.
 
    - contract: one partial derivative of T_p = sum A[b,j] B[j,i] C[b,i] R_p,
      R_p = 1 / f^p (0 where f is floored), with respect to the operand left
      out: the family every higher derivative is made of (kernels/rules.py).
-     Plain loops over contiguous rows of W, which the compiler vectorises.
+     Loops over contiguous rows of W, CT samples per pass over W.
 
-   Entry points: synann_forward, synann_backward, synann_contract (row-major
-   float32 arrays).
-   keras_synann/kernels/cpu_build.py compiles this file; cpu_ffi.c wraps the
-   entry points as XLA FFI handlers for jax. */
+   The vector width and the tiles follow the instruction set the file is
+   compiled for (-march=x86-64, x86-64-v3, x86-64-v4, armv8-a or native; see
+   VBYTES and TILE_* below). Entry points: synann_forward, synann_backward,
+   synann_contract (row-major float32 arrays), synann_build_info.
+   keras_synann/kernels/cpu_build.py loads or compiles this file; cpu_ffi.c
+   wraps the entry points as XLA FFI handlers for jax. */
 
 #include <pthread.h>
 #include <stdint.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <stdlib.h>
 #include <string.h>
-
-#if defined(__GNUC__) && !defined(__clang__)
-/* Without AVX-512, GCC notes that passing 64-byte vectors by value differs
-   between compilers' ABIs; every such function here is static, so no ABI
-   boundary is crossed. */
-#pragma GCC diagnostic ignored "-Wpsabi"
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-#define VL 16  /* floats per vector */
-#define NV 4   /* vectors of outputs per forward tile */
-#define NB 4   /* samples per forward tile */
+/* One vector is what one register of the instruction-set level the file is
+   compiled for holds: 64 bytes with AVX-512 (x86-64-v4), 32 with AVX/AVX2
+   (x86-64-v3), 16 with SSE2 (x86-64) and NEON (armv8-a). A wider type than
+   the registers would be split into several instructions per operation, and
+   the tiles below would no longer fit the register file. */
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+#define VL (VBYTES / 4) /* floats per vector */
+
+/* Tiles, per register file: the forward keeps NB x NV product accumulators
+   and NV vectors of a row of W in registers; the backward runs BS samples per
+   pass over the outputs (4 gradient accumulators and 4 factors per sample).
+   AVX-512 and NEON have 32 vector registers, AVX2 and SSE2 have 16.
+   (-DSYNANN_NV=... -DSYNANN_NB=... -DSYNANN_BS=... override them.) */
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define TILE_NV 4
+#define TILE_NB 4
+#define TILE_BS 2
+#else
+#define TILE_NV 2
+#define TILE_NB 4
+#define TILE_BS 1
+#endif
+#ifdef SYNANN_NV
+#define NV SYNANN_NV
+#else
+#define NV TILE_NV /* vectors of outputs per forward tile (1 to 4) */
+#endif
+#ifdef SYNANN_NB
+#define NB SYNANN_NB
+#else
+#define NB TILE_NB /* samples per forward tile */
+#endif
+#ifdef SYNANN_BS
+#define BS SYNANN_BS
+#else
+#define BS TILE_BS /* samples per backward pass (1 or 2) */
+#endif
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -100,7 +136,7 @@ static inline vf vlog(vf m, vi e) {
   p = p * z2 + 1.f / 5.f;
   p = p * z2 + 1.f / 3.f;
   p = p * z2 + 1.f;
-  for (int k = 0; k < VL; k++) ef[k] = (float)e[k];
+  ef = __builtin_convertvector(e, vf);
   return 2.f * z * p + (ef + big) * 0.693147181f;
 }
 static inline float slog(float m, int32_t e) {
@@ -164,12 +200,27 @@ static inline __attribute__((always_inline)) void fwd_tile(
       vstore(a->s + (b + r) * n_out + i0 + k * VL, vlog(run[r][k], ex[r][k]));
 }
 
-/* fwd_tile with nb and nv as compile-time constants. */
+/* fwd_tile with nb and nv as compile-time constants (nv <= NV). */
+#if NV >= 4
+#define FWD_NV4(nb, mf) case 4: fwd_tile(a, b, nb, i0, 4, mf); break;
+#else
+#define FWD_NV4(nb, mf)
+#endif
+#if NV >= 3
+#define FWD_NV3(nb, mf) case 3: fwd_tile(a, b, nb, i0, 3, mf); break;
+#else
+#define FWD_NV3(nb, mf)
+#endif
+#if NV >= 2
+#define FWD_NV2(nb, mf) case 2: fwd_tile(a, b, nb, i0, 2, mf); break;
+#else
+#define FWD_NV2(nb, mf)
+#endif
 #define FWD_CASES(nb, mf)                                        \
   switch (nv) {                                                  \
-    case 4: fwd_tile(a, b, nb, i0, 4, mf); break;                \
-    case 3: fwd_tile(a, b, nb, i0, 3, mf); break;                \
-    case 2: fwd_tile(a, b, nb, i0, 2, mf); break;                \
+    FWD_NV4(nb, mf)                                              \
+    FWD_NV3(nb, mf)                                              \
+    FWD_NV2(nb, mf)                                              \
     default: fwd_tile(a, b, nb, i0, 1, mf); break;               \
   }
 static void fwd_block(const args_t *a, int64_t b, int nb, int64_t i0, int nv) {
@@ -206,21 +257,34 @@ static void fwd_range(const args_t *a, int64_t lo, int64_t hi) {
     }
 }
 
-/* 1/p to float32 rounding for normal p: a first guess refined by Newton steps
-   r <- r (2 - p r), each squaring the relative error. AVX-512 guesses to 2^-14
-   (one step); elsewhere the exponent-flip guess is within 5% (three steps). */
+/* 1/p for normal p, to within 2 units in the last place: the instruction
+   set's estimate refined by Newton steps r <- r (2 - p r), each squaring the
+   relative error: AVX-512's to 2^-14 and AVX's and SSE's to 2^-12 (one step),
+   NEON's to 2^-8 (two); elsewhere the exponent-flip guess within 5% (three). */
 static inline vf vrcp(vf p) {
+  vf r;
+  int steps;
 #if defined(__AVX512F__)
-  vf r = (vf)_mm512_rcp14_ps((__m512)p);
+  r = (vf)_mm512_rcp14_ps((__m512)p);
+  steps = 1;
+#elif defined(__AVX__)
+  r = (vf)_mm256_rcp_ps((__m256)p);
+  steps = 1;
+#elif defined(__SSE__)
+  r = (vf)_mm_rcp_ps((__m128)p);
+  steps = 1;
+#elif defined(__aarch64__)
+  r = (vf)vrecpeq_f32((float32x4_t)p);
+  steps = 2;
 #else
-  vi bits; vf r;
+  vi bits;
   memcpy(&bits, &p, sizeof bits);
   bits = 0x7EF311C3 - bits;
   memcpy(&r, &bits, sizeof r);
-  r = r * (2.f - p * r);
-  r = r * (2.f - p * r);
+  steps = 3;
 #endif
-  return r * (2.f - p * r);
+  for (int k = 0; k < steps; k++) r = r * (2.f - p * r);
+  return r;
 }
 
 static inline float hsum(vf v) {
@@ -231,68 +295,61 @@ static inline float hsum(vf v) {
 
 /* q_k for one sample and one vector of outputs: u / f_k = u (product of the other
    three factors) / (product of all four); 0 where f_k is at the floor. */
-#define BWD_Q(uv, x0, x1, x2, x3, q0, q1, q2, q3)                                    \
-  do {                                                                                \
-    vf f0 = 1.f - v0 * (x0), f1 = 1.f - v1 * (x1), f2 = 1.f - v2 * (x2),              \
-       f3 = 1.f - v3 * (x3);                                                          \
-    vf g0 = f0, g1 = f1, g2 = f2, g3 = f3;                                            \
-    if (may_floor) { g0 = vmax(f0, flo); g1 = vmax(f1, flo); g2 = vmax(f2, flo); g3 = vmax(f3, flo); } \
-    vf p01 = g0 * g1, p23 = g2 * g3, inv = vrcp(p01 * p23);                           \
-    vf h01 = (p23 * (uv)) * inv, h23 = (p01 * (uv)) * inv; /* u / p01, u / p23 */     \
-    q0 = g1 * h01; q1 = g0 * h01; q2 = g3 * h23; q3 = g2 * h23;                       \
-    if (may_floor) {                                                                  \
-      q0 = vsel(f0 > flo, q0, zero); q1 = vsel(f1 > flo, q1, zero);                   \
-      q2 = vsel(f2 > flo, q2, zero); q3 = vsel(f3 > flo, q3, zero);                   \
-    }                                                                                 \
-  } while (0)
+static inline __attribute__((always_inline)) void bwd_q(
+    vf uv, const vf v[4], const float xs[4], vf q[4], vf flo, const int may_floor) {
+  vf f[4], g[4];
+  for (int k = 0; k < 4; k++) {
+    f[k] = 1.f - v[k] * xs[k];
+    g[k] = may_floor ? vmax(f[k], flo) : f[k];
+  }
+  vf p01 = g[0] * g[1], p23 = g[2] * g[3], r = uv * vrcp(p01 * p23);
+  vf h01 = p23 * r, h23 = p01 * r; /* u / p01, u / p23 */
+  q[0] = g[1] * h01; q[1] = g[0] * h01; q[2] = g[3] * h23; q[3] = g[2] * h23;
+  if (may_floor)
+    for (int k = 0; k < 4; k++) q[k] = vsel(f[k] > flo, q[k], vsplat(0.f));
+}
 
 /* Backward for inputs j, ..., j + 3 (rows wr, gradient rows dr, x column xc),
-   two samples at a time (they share the loads and stores of W and dW). */
+   BS samples at a time (they share the loads and stores of W and dW). */
 static inline __attribute__((always_inline)) void bwd_rows(
     const args_t *a, const float *const wr[4], float *const dr[4], const float *xc,
     int nj, const int may_floor) {
   const int64_t n_in = a->n_in, n_out = a->n_out, whole = n_out / VL * VL;
   const float fl = a->floor_, *u = a->u;
-  const vf flo = vsplat(fl), zero = vsplat(0.f);
-  const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-  float *d0 = dr[0], *d1 = dr[1], *d2 = dr[2], *d3 = dr[3];
-  for (int64_t b = 0; b < a->batch; b += 2) {
-    const int two = b + 1 < a->batch;
-    const float *ub = u + b * n_out, *uc = two ? ub + n_out : ub;
-    const float *xb = xc + b * n_in, *xd = two ? xb + n_in : xb;
-    float xs[2][4];
-    for (int k = 0; k < 4; k++) {
-      xs[0][k] = k < nj ? xb[k] : 0.f;
-      xs[1][k] = k < nj && two ? xd[k] : 0.f;
+  const vf flo = vsplat(fl);
+  for (int64_t b = 0; b < a->batch; b += BS) {
+    const int ns = a->batch - b < BS ? (int)(a->batch - b) : BS;
+    const float *us[BS];
+    float xs[BS][4];
+    for (int s = 0; s < BS; s++) {  /* samples past the batch: x = 0, no gradient */
+      us[s] = u + (b + (s < ns ? s : 0)) * n_out;
+      for (int k = 0; k < 4; k++) xs[s][k] = k < nj && s < ns ? xc[(b + s) * n_in + k] : 0.f;
     }
-    const float x0 = xs[0][0], x1 = xs[0][1], x2 = xs[0][2], x3 = xs[0][3];
-    const float y0 = xs[1][0], y1 = xs[1][1], y2 = xs[1][2], y3 = xs[1][3];
-    vf a0 = zero, a1 = zero, a2 = zero, a3 = zero, c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+    vf acc[BS][4];
+    for (int s = 0; s < BS; s++)
+      for (int k = 0; k < 4; k++) acc[s][k] = vsplat(0.f);
     for (int64_t i = 0; i < whole; i += VL) {
-      const vf v0 = vload(w0 + i), v1 = vload(w1 + i), v2 = vload(w2 + i), v3 = vload(w3 + i);
-      vf q0, q1, q2, q3, r0, r1, r2, r3;
-      BWD_Q(vload(ub + i), x0, x1, x2, x3, q0, q1, q2, q3);
-      BWD_Q(vload(uc + i), y0, y1, y2, y3, r0, r1, r2, r3);
-      a0 += v0 * q0; a1 += v1 * q1; a2 += v2 * q2; a3 += v3 * q3;
-      c0 += v0 * r0; c1 += v1 * r1; c2 += v2 * r2; c3 += v3 * r3;
-      vstore(d0 + i, vload(d0 + i) + x0 * q0 + y0 * r0);
-      vstore(d1 + i, vload(d1 + i) + x1 * q1 + y1 * r1);
-      vstore(d2 + i, vload(d2 + i) + x2 * q2 + y2 * r2);
-      vstore(d3 + i, vload(d3 + i) + x3 * q3 + y3 * r3);
+      vf v[4], d[4];
+      for (int k = 0; k < 4; k++) { v[k] = vload(wr[k] + i); d[k] = vload(dr[k] + i); }
+      for (int s = 0; s < BS; s++) {
+        vf q[4];
+        bwd_q(vload(us[s] + i), v, xs[s], q, flo, may_floor);
+        for (int k = 0; k < 4; k++) { acc[s][k] += v[k] * q[k]; d[k] += xs[s][k] * q[k]; }
+      }
+      for (int k = 0; k < 4; k++) vstore(dr[k] + i, d[k]);
     }
-    float t[2][4] = {{hsum(a0), hsum(a1), hsum(a2), hsum(a3)},
-                     {hsum(c0), hsum(c1), hsum(c2), hsum(c3)}};
-    for (int s = 0; s < 1 + two; s++) {
-      const float *us = s ? uc : ub;
+    for (int s = 0; s < ns; s++) {
+      float t[4];
+      for (int k = 0; k < 4; k++) t[k] = hsum(acc[s][k]);
       for (int64_t i = whole; i < n_out; i++)  /* outputs past the last whole vector */
         for (int k = 0; k < 4; k++) {
           float f = 1.f - wr[k][i] * xs[s][k];
-          float q = f > fl ? us[i] / f : 0.f;
-          t[s][k] += wr[k][i] * q;
+          float q = f > fl ? us[s][i] / f : 0.f;
+          t[k] += wr[k][i] * q;
           dr[k][i] += xs[s][k] * q;
         }
       float *dxb = a->dx + (b + s) * n_in + (xc - a->x);
-      for (int k = 0; k < nj; k++) dxb[k] = -t[s][k];
+      for (int k = 0; k < nj; k++) dxb[k] = -t[k];
     }
   }
 }
@@ -356,65 +413,52 @@ static int may_floor(const float *x, const float *w, int64_t nx, int64_t nw, flo
   return !(top < 1.0 - 4.0 * (double)fl);  /* also 1 for an infinite range */
 }
 
-/* fn over [0, n) in `threads` pieces whose starts are multiples of `unit`: an
-   OpenMP team where the library was built with OpenMP (in a torch process, the
-   loader gives it torch's libgomp, so the two share one pool of threads),
-   else POSIX threads. */
-static void piece(int64_t n, int64_t unit, int t, int threads, int64_t *lo, int64_t *hi) {
-  int64_t units = (n + unit - 1) / unit;
-  *lo = units * t / threads * unit;
-  *hi = t + 1 == threads ? n : units * (t + 1) / threads * unit;
-}
-
-#if defined(_OPENMP)
-#include <omp.h>
-static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_t),
-                     int64_t n, int64_t unit, int threads) {
-  int64_t units = (n + unit - 1) / unit;
-  if (threads > units) threads = (int)units;
-  if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t lo, hi;
-    piece(n, unit, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    fn(a, lo, hi);
-  }
-}
-#else
+/* fn over [0, n) on `threads` POSIX threads (this one included), in pieces
+   whose starts are multiples of `unit`. The threads claim pieces from a shared
+   counter, about eight each, so that one slowed by another process's work on
+   its core takes fewer and the others finish the rest. (One library serves
+   every backend: it needs no OpenMP runtime, only libc.) */
 typedef struct {
   const args_t *a;
   void (*fn)(const args_t *, int64_t, int64_t);
-  int64_t lo, hi;
-} task_t;
+  int64_t n, step;
+  int64_t next; /* the first unclaimed index, advanced atomically */
+} work_t;
 
-static void *run_task(void *p) {
-  task_t *t = p;
-  t->fn(t->a, t->lo, t->hi);
-  return NULL;
+static void *run_pieces(void *p) {
+  work_t *w = p;
+  for (;;) {
+    int64_t lo = __atomic_fetch_add(&w->next, w->step, __ATOMIC_RELAXED);
+    if (lo >= w->n) return NULL;
+    w->fn(w->a, lo, lo + w->step < w->n ? lo + w->step : w->n);
+  }
 }
 
 static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_t),
                      int64_t n, int64_t unit, int threads) {
-  int64_t units = (n + unit - 1) / unit;
+  int64_t units = (n + unit - 1) / unit, per;
   if (threads > units) threads = (int)units;
   if (threads > 64) threads = 64;
   if (threads < 1) threads = 1;
-  task_t tasks[64];
+  per = units / (8 * (int64_t)threads);
+  work_t w = {a, fn, n, (per > 1 ? per : 1) * unit, 0};
   pthread_t ids[64];
   int started[64] = {0};
-  for (int t = 0; t < threads; t++) {
-    tasks[t].a = a; tasks[t].fn = fn;
-    piece(n, unit, t, threads, &tasks[t].lo, &tasks[t].hi);
-  }
+  for (int t = 1; t < threads; t++)  /* a thread that fails to start leaves its share */
+    started[t] = pthread_create(&ids[t], NULL, run_pieces, &w) == 0;
+  run_pieces(&w);
   for (int t = 1; t < threads; t++)
-    started[t] = pthread_create(&ids[t], NULL, run_task, &tasks[t]) == 0;
-  run_task(&tasks[0]);
-  for (int t = 1; t < threads; t++) {
     if (started[t]) pthread_join(ids[t], NULL);
-    else run_task(&tasks[t]);
-  }
 }
-#endif
+
+/* The threads worth starting for `factors` factors: one per 2^20 at most
+   (below that a thread's start costs more than its share of the work, and
+   a small layer in a larger model leaves the other cores to the framework). */
+static int threads_for(int threads, int64_t factors) {
+  int64_t most = factors >> 20;
+  if (most < 1) most = 1;
+  return threads < most ? threads : (int)most;
+}
 
 /* R_p(f): 1 / f^p, 0 where f <= floor (scalar and VL lanes). */
 static inline float rpow(float f, float fl, int p) {
@@ -424,7 +468,7 @@ static inline float rpow(float f, float fl, int p) {
   return f > fl ? out : 0.f;
 }
 
-static inline vf vrpow(vf f, float fl, int p) {
+static inline __attribute__((always_inline)) vf vrpow(vf f, float fl, const int p) {
   vi kept = f > vsplat(fl);
   vf r = vsplat(1.f) / vsel(kept, f, vsplat(1.f));
   vf out = r;
@@ -432,9 +476,19 @@ static inline vf vrpow(vf f, float fl, int p) {
   return vsel(kept, out, vsplat(0.f));
 }
 
+/* fn(..., p) with the power p a compile-time constant for 1, 2 and 3. */
+#define BY_POWER(p, fn, ...)                         \
+  switch (p) {                                       \
+    case 1: fn(__VA_ARGS__, 1); break;               \
+    case 2: fn(__VA_ARGS__, 2); break;               \
+    case 3: fn(__VA_ARGS__, 3); break;               \
+    default: fn(__VA_ARGS__, p); break;              \
+  }
+
 /* o[i] += s * v[i] * R_p(1 - xj w[i]) for i < n. */
-static inline void axpy_r(float *o, float s, const float *v, float xj, const float *w,
-                          int64_t n, float fl, int p) {
+static inline __attribute__((always_inline)) void axpy_r(
+    float *o, float s, const float *v, float xj, const float *w, int64_t n, float fl,
+    const int p) {
   int64_t i = 0;
   for (; i + VL <= n; i += VL) {
     vf f = vsplat(1.f) - vsplat(xj) * vload(w + i);
@@ -443,57 +497,81 @@ static inline void axpy_r(float *o, float s, const float *v, float xj, const flo
   for (; i < n; i++) o[i] += s * v[i] * rpow(1.f - xj * w[i], fl, p);
 }
 
-/* out[b, i] = sum_j A[b, j] B[j, i] R_p, for samples [lo, hi). */
-static void contract_c(const args_t *a, int64_t lo, int64_t hi) {
+/* sum_i v[i] c[i] R_p(1 - xj w[i]). */
+static inline __attribute__((always_inline)) float dot_r(
+    const float *v, const float *c, float xj, const float *w, int64_t n, float fl,
+    const int p) {
+  vf acc = vsplat(0.f);
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    vf f = vsplat(1.f) - vsplat(xj) * vload(w + i);
+    acc += vload(v + i) * vload(c + i) * vrpow(f, fl, p);
+  }
+  float total = hsum(acc);
+  for (; i < n; i++) total += v[i] * c[i] * rpow(1.f - xj * w[i], fl, p);
+  return total;
+}
+
+/* Samples per pass over the rows of W and B in contract_a and contract_c:
+   the rows are read from memory once per CT samples (W and B together
+   outgrow the L2 cache at n = 784) while CT rows of the output stay in L1. */
+#define CT 4
+
+static inline __attribute__((always_inline)) void contract_c_tile(
+    const args_t *a, int64_t b0, int64_t b1, const int p) {
   const int64_t ni = a->n_in, no = a->n_out;
-  for (int64_t b = lo; b < hi; b++) {
-    float *o = a->out + b * no;
-    memset(o, 0, sizeof(float) * (size_t)no);
-    for (int64_t j = 0; j < ni; j++) {
+  for (int64_t j = 0; j < ni; j++)
+    for (int64_t b = b0; b < b1; b++) {
       const float aj = a->pa[b * ni + j];
       if (aj != 0.f)
-        axpy_r(o, aj, a->pb + j * no, a->x[b * ni + j], a->w + j * no, no, a->floor_,
-               a->power);
+        axpy_r(a->out + b * no, aj, a->pb + j * no, a->x[b * ni + j], a->w + j * no,
+               no, a->floor_, p);
     }
+}
+
+/* out[b, i] = sum_j A[b, j] B[j, i] R_p, for samples [lo, hi). */
+static void contract_c(const args_t *a, int64_t lo, int64_t hi) {
+  const int64_t no = a->n_out;
+  memset(a->out + lo * no, 0, sizeof(float) * (size_t)((hi - lo) * no));
+  for (int64_t b0 = lo; b0 < hi; b0 += CT) {
+    int64_t b1 = b0 + CT < hi ? b0 + CT : hi;
+    BY_POWER(a->power, contract_c_tile, a, b0, b1)
   }
+}
+
+static inline __attribute__((always_inline)) void contract_a_tile(
+    const args_t *a, int64_t b0, int64_t b1, const int p) {
+  const int64_t ni = a->n_in, no = a->n_out;
+  for (int64_t j = 0; j < ni; j++)
+    for (int64_t b = b0; b < b1; b++)
+      a->out[b * ni + j] = dot_r(a->pb + j * no, a->pc + b * no, a->x[b * ni + j],
+                                 a->w + j * no, no, a->floor_, p);
 }
 
 /* out[b, j] = sum_i B[j, i] C[b, i] R_p, for samples [lo, hi). */
 static void contract_a(const args_t *a, int64_t lo, int64_t hi) {
+  for (int64_t b0 = lo; b0 < hi; b0 += CT) {
+    int64_t b1 = b0 + CT < hi ? b0 + CT : hi;
+    BY_POWER(a->power, contract_a_tile, a, b0, b1)
+  }
+}
+
+static inline __attribute__((always_inline)) void contract_b_row(
+    const args_t *a, int64_t j, const int p) {
   const int64_t ni = a->n_in, no = a->n_out;
-  const float fl = a->floor_;
-  const int p = a->power;
-  for (int64_t b = lo; b < hi; b++) {
-    const float *cr = a->pc + b * no;
-    for (int64_t j = 0; j < ni; j++) {
-      const float xj = a->x[b * ni + j];
-      const float *wr = a->w + j * no, *br = a->pb + j * no;
-      vf acc = vsplat(0.f);
-      int64_t i = 0;
-      for (; i + VL <= no; i += VL) {
-        vf f = vsplat(1.f) - vsplat(xj) * vload(wr + i);
-        acc += vload(br + i) * vload(cr + i) * vrpow(f, fl, p);
-      }
-      float total = hsum(acc);
-      for (; i < no; i++) total += br[i] * cr[i] * rpow(1.f - xj * wr[i], fl, p);
-      a->out[b * ni + j] = total;
-    }
+  float *o = a->out + j * no;
+  for (int64_t b = 0; b < a->batch; b++) {
+    const float aj = a->pa[b * ni + j];
+    if (aj != 0.f)
+      axpy_r(o, aj, a->pc + b * no, a->x[b * ni + j], a->w + j * no, no, a->floor_, p);
   }
 }
 
 /* out[j, i] = sum_b A[b, j] C[b, i] R_p, for inputs [lo, hi). */
 static void contract_b(const args_t *a, int64_t lo, int64_t hi) {
-  const int64_t ni = a->n_in, no = a->n_out, nb = a->batch;
-  for (int64_t j = lo; j < hi; j++) {
-    float *o = a->out + j * no;
-    memset(o, 0, sizeof(float) * (size_t)no);
-    for (int64_t b = 0; b < nb; b++) {
-      const float aj = a->pa[b * ni + j];
-      if (aj != 0.f)
-        axpy_r(o, aj, a->pc + b * no, a->x[b * ni + j], a->w + j * no, no, a->floor_,
-               a->power);
-    }
-  }
+  const int64_t no = a->n_out;
+  memset(a->out + lo * no, 0, sizeof(float) * (size_t)((hi - lo) * no));
+  for (int64_t j = lo; j < hi; j++) BY_POWER(a->power, contract_b_row, a, j)
 }
 
 /* slot: 0 = a, 1 = b, 2 = c, the operand left out (NULL) and so the output's
@@ -504,10 +582,11 @@ void synann_contract(int slot, int power, const float *pa, const float *pb,
                      int threads) {
   args_t a = {x, w, NULL, NULL, NULL, NULL, batch, n_in, n_out, 1, floor_, 0.f, 1,
               pa, pb, pc, out, power};
+  threads = threads_for(threads, batch * n_in * n_out);
   if (slot == 1) {
     parallel(&a, contract_b, n_in, 1, threads);
   } else if (batch > 0) {
-    parallel(&a, slot == 0 ? contract_a : contract_c, batch, 1, threads);
+    parallel(&a, slot == 0 ? contract_a : contract_c, batch, CT, threads);
   }
 }
 
@@ -519,7 +598,7 @@ void synann_forward(const float *x, const float *w, float *s, int64_t batch,
   if (batch == 0 || n_out == 0) return;
   if (n_in == 0) { memset(s, 0, sizeof(float) * (size_t)(batch * n_out)); return; }
   a.may_floor = may_floor(x, w, batch * n_in, n_in * n_out, floor_);
-  parallel(&a, fwd_range, n_out, NV * VL, threads);
+  parallel(&a, fwd_range, n_out, NV * VL, threads_for(threads, batch * n_in * n_out));
 }
 
 void synann_backward(const float *x, const float *w, const float *u, float *dx,
@@ -534,5 +613,14 @@ void synann_backward(const float *x, const float *w, const float *u, float *dx,
     return;
   }
   a.may_floor = may_floor(x, w, batch * n_in, n_in * n_out, floor_);
-  parallel(&a, bwd_range, n_in, 4, threads);
+  parallel(&a, bwd_range, n_in, 4, threads_for(threads, batch * n_in * n_out));
+}
+
+/* What this build is, for the loader and the tests: {bytes per vector, samples
+   and vectors per forward tile, samples per backward pass}. */
+void synann_build_info(int32_t out[4]) {
+  out[0] = VBYTES;
+  out[1] = NB;
+  out[2] = NV;
+  out[3] = BS;
 }

@@ -6,8 +6,8 @@ through ctypes on host memory (torch's and tensorflow's "cpu" kernels).
     contract(slot, power, a, b, c)   T_p's gradient in `slot` (`kernels.rules`)
 
 Each takes float32 arrays (made C-contiguous here), the library variant
-(`cpu_build`: "openmp" for torch, whose libgomp it shares, "pthreads" for
-tensorflow) and the number of threads, and returns new arrays.
+(`cpu_build`: "pthreads", the loops with POSIX threads, for both) and the
+number of threads, and returns new arrays.
 """
 
 from __future__ import annotations

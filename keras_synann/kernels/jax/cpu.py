@@ -4,7 +4,8 @@
 `jax.jit` on a CPU runs the loops inside the compiled program (no callback
 into Python); a module lowered for export holds the keras.ops reference
 instead (`primitives`). The library is built with POSIX threads ("xla_ffi"
-variant) against jaxlib's FFI header.
+variant): a binary wheel's against the oldest FFI header the supported jax
+range needs, a first-use build against the installed jaxlib's.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ _TARGETS = {
 
 @functools.cache
 def _register() -> str | None:
-    """Registers the loops' handlers with XLA; None, or why they are not."""
+    """Registers the handlers with XLA; None, or why XLA refused them."""
     lib = cpu_build.load(VARIANT)
-    for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(
-            name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
-        )
+    jax.devices()  # (a refusal before the backend starts would break it)
+    try:
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(
+                name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            )
+    except Exception as e:  # XLA's refusal (a JaxRuntimeError) names the version
+        return f"XLA refused the C loops' FFI handlers: {str(e).splitlines()[0]}"
     return None
 
 

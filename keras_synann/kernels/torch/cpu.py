@@ -1,9 +1,9 @@
 """The C loops under torch ("cpu"): `loops` on the tensors' own memory
 (float32 CPU tensors); `functions` makes them differentiable.
 
-The library is built with OpenMP ("openmp" variant): in a torch process the
-loader gives it torch's libgomp, so the loops and torch share one pool of
-`torch.get_num_threads()` threads.
+The library runs `torch.get_num_threads()` POSIX threads ("pthreads"
+variant: one library per CPU level serves every backend, with no OpenMP
+runtime of its own).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from keras_synann.kernels import loops
 from keras_synann.kernels.rules import Kernel
 
-VARIANT = "openmp"
+VARIANT = "pthreads"
 
 
 def _host(*tensors):
