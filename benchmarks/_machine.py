@@ -1,4 +1,5 @@
-"""What a benchmark ran on: CPU model, cores, caches, and how busy it was.
+"""What a benchmark ran on: CPU model, cores, caches, how busy it was, the
+package versions and the commit; and the --backends option they share.
 
 Elementwise-heavy code has run 3-5x apart on two x86 machines of the same
 size (an AMD EPYC and an Intel Xeon), so every table says which CPU it is from.
@@ -6,9 +7,15 @@ size (an AMD EPYC and an Intel Xeon), so every table says which CPU it is from.
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import os
 import platform
+import subprocess
 from pathlib import Path
+
+BACKENDS = ("jax", "tensorflow", "torch")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -67,3 +74,33 @@ def line(info: dict | None = None) -> str:
         f"{info['cpu']}, {info['cores']} cores ({info['machine']}), "
         f"caches per core {info['caches']}; {info['platform']}"
     )
+
+
+def versions() -> dict:
+    """The installed versions of the packages that decide the figures."""
+    found = {}
+    for name in ("keras", "jax", "jaxlib", "tensorflow", "torch", "numpy"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def commit(tree: Path = REPO) -> str:
+    """The short hash of the commit checked out in `tree`."""
+    return subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip() or "unknown"  # fmt: skip
+
+
+def backends(text: str) -> tuple[str, ...]:
+    """--backends (an argparse type): a comma-separated list of BACKENDS."""
+    names = tuple(b.strip() for b in text.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}"
+        )
+    return names

@@ -24,7 +24,6 @@ from pathlib import Path
 from benchmarks import _machine
 
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def worker() -> dict:
@@ -65,7 +64,7 @@ def _cell(value) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", type=_machine.backends, default=_machine.BACKENDS)
     parser.add_argument(
         "--out", default=str(REPO / "benchmarks/results/derivative_errors.json")
     )
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker()))
         return 0
     results = []
-    for backend in args.backends.split(","):
+    for backend in args.backends:
         env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(REPO)}
         if backend == "torch":
             env.setdefault("TRITON_INTERPRET", "1")
@@ -97,14 +96,10 @@ def main(argv=None) -> int:
         for transform in row["columns"][names[0]]:
             cells = [_cell(row["columns"][n][transform]) for n in names]
             print(f"| {transform} | " + " | ".join(cells) + " |")
-    subprocess_commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip()  # fmt: skip
     record = {
         "command": "python -m benchmarks.derivative_errors "
         + " ".join(argv or sys.argv[1:]),
-        "commit": subprocess_commit,
+        "commit": _machine.commit(),
         "date": datetime.date.today().isoformat(),
         "machine": _machine.describe(),
         "versions": {k: v for r in results for k, v in r["versions"].items()},

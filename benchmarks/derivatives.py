@@ -39,7 +39,6 @@ from pathlib import Path
 from benchmarks import _machine
 
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ("jax", "tensorflow", "torch")
 
 
 # --- the worker: runs in a subprocess with KERAS_BACKEND and PYTHONPATH set ----------
@@ -211,20 +210,8 @@ def worker(args) -> dict:
             block(step[0](*step[1]))
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out["peak_mb"] = (after - before) / 1024
-    out["versions"] = _versions()
+    out["versions"] = _machine.versions()
     return out
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in ("keras", "jax", "jaxlib", "tensorflow", "torch", "numpy"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 # --- the driver ----------------------------------------------------------------------
@@ -250,27 +237,9 @@ def _run(tree: Path, backend: str, what: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _commit(tree: Path) -> str:
-    return subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip() or "unknown"  # fmt: skip
-
-
-def _backends(text: str) -> tuple[str, ...]:
-    """--backends: a comma-separated list of BACKENDS."""
-    names = tuple(b.strip() for b in text.split(",") if b.strip())
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}"
-        )
-    return names
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", type=_backends, default=BACKENDS)
+    parser.add_argument("--backends", type=_machine.backends, default=_machine.BACKENDS)
     parser.add_argument("--compare", action="append", default=[], metavar="REV")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=784)
@@ -290,7 +259,7 @@ def main(argv=None) -> int:
     backends = args.backends
     info = _machine.describe()
     print(f"# {_machine.line(info)}; {_machine.load()}")
-    trees = {_commit(REPO) + " (this tree)": REPO}
+    trees = {_machine.commit(REPO) + " (this tree)": REPO}
     with tempfile.TemporaryDirectory() as scratch:
         for rev in args.compare:
             path = Path(scratch) / rev
@@ -310,7 +279,7 @@ def main(argv=None) -> int:
                 )  # fmt: skip
     record = {
         "command": "python -m benchmarks.derivatives " + " ".join(argv or sys.argv[1:]),
-        "commit": _commit(REPO),
+        "commit": _machine.commit(REPO),
         "date": datetime.date.today().isoformat(),
         "machine": info,
         "load": _machine.load(),

@@ -43,8 +43,6 @@ from benchmarks import _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BACKENDS = ("jax", "tensorflow", "torch")
-
 
 def _block(tree):
     """Waits until every tensor in `tree` is computed (on any device)."""
@@ -348,7 +346,10 @@ def _table(rows) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backends", default=",".join(BACKENDS), help="comma-separated"
+        "--backends",
+        type=_machine.backends,
+        default=_machine.BACKENDS,
+        help="comma-separated",
     )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=784)
@@ -390,10 +391,7 @@ def main(argv=None) -> int:
         print(json.dumps(memory_worker(args)))
         return 0
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        parser.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    backends = args.backends
     implementations = [i.strip() for i in args.implementations.split(",") if i.strip()]
     known = sorted({i for impls in APPLIES.values() for i in impls})
     bad = [i for i in implementations if i not in known]

@@ -53,8 +53,6 @@ from benchmarks import _machine, derivatives  # derivatives: the steps
 
 REPO = Path(__file__).resolve().parents[1]
 
-BACKENDS = ("jax", "tensorflow", "torch")
-
 
 # --- the worker: one configuration on one backend, in its own process -----------
 
@@ -212,7 +210,7 @@ def _print(row: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", type=_machine.backends, default=_machine.BACKENDS)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=784)
     parser.add_argument("--repeats", type=int, default=10)
@@ -230,10 +228,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        parser.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    backends = args.backends
     if args.packaged:
         args.packaged = args.packaged.resolve()
 
@@ -284,7 +279,7 @@ def main(argv=None) -> int:
                 )
     record = {
         "command": "python -m benchmarks.levels " + " ".join(argv or sys.argv[1:]),
-        "commit": derivatives._commit(REPO),
+        "commit": _machine.commit(),
         "date": datetime.date.today().isoformat(),
         "machine": info,
         "cpu_flags": sorted(
@@ -298,7 +293,7 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "ops_repeats": args.ops_repeats,
         "ops_rounds": args.ops_rounds,
-        "versions": derivatives._versions(),
+        "versions": _machine.versions(),
         "builds_s": build_seconds,
         "packaged": str(args.packaged) if args.packaged else None,
         "rows": rows,
