@@ -8,10 +8,13 @@ size (an AMD EPYC and an Intel Xeon), so every table says which CPU it is from.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -104,3 +107,19 @@ def backends(text: str) -> tuple[str, ...]:
             f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}"
         )
     return names
+
+
+def save(module: str, argv, path, **fields) -> dict:
+    """Writes a results file: the command that ran `module` with `argv`, the
+    commit, the date and the machine, then `fields`; returns what it wrote."""
+    args = sys.argv[1:] if argv is None else argv
+    record = {
+        "command": " ".join(["python -m", module, *args]),
+        "commit": commit(),
+        "date": datetime.date.today().isoformat(),
+        "machine": describe(),
+        **fields,
+    }
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"# {line(record['machine'])}; written to {path}")
+    return record

@@ -14,7 +14,6 @@ on a CPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -96,17 +95,11 @@ def main(argv=None) -> int:
         for transform in row["columns"][names[0]]:
             cells = [_cell(row["columns"][n][transform]) for n in names]
             print(f"| {transform} | " + " | ".join(cells) + " |")
-    record = {
-        "command": "python -m benchmarks.derivative_errors "
-        + " ".join(argv or sys.argv[1:]),
-        "commit": _machine.commit(),
-        "date": datetime.date.today().isoformat(),
-        "machine": _machine.describe(),
-        "versions": {k: v for r in results for k, v in r["versions"].items()},
-        "results": results,
-    }
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\n# {_machine.line(record['machine'])}; written to {args.out}")
+    _machine.save(
+        "benchmarks.derivative_errors", argv, args.out,
+        versions={k: v for r in results for k, v in r["versions"].items()},
+        results=results,
+    )  # fmt: skip
     return 0
 
 

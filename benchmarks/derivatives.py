@@ -25,7 +25,6 @@ date, command) to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -277,20 +276,13 @@ def main(argv=None) -> int:
                      str(Path(scratch) / rev)],
                     check=False, capture_output=True,
                 )  # fmt: skip
-    record = {
-        "command": "python -m benchmarks.derivatives " + " ".join(argv or sys.argv[1:]),
-        "commit": _machine.commit(REPO),
-        "date": datetime.date.today().isoformat(),
-        "machine": info,
-        "load": _machine.load(),
-        "batch": args.batch,
-        "n": args.n,
-        "memory_batch": args.memory_batch,
-        "versions": next((r["versions"] for r in rows if "versions" in r), {}),
-        "rows": rows,
-    }
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"# written to {args.out}")
+    _machine.save(
+        "benchmarks.derivatives", argv, args.out,
+        load=_machine.load(), batch=args.batch, n=args.n,
+        memory_batch=args.memory_batch,
+        versions=next((r["versions"] for r in rows if "versions" in r), {}),
+        rows=rows,
+    )  # fmt: skip
     return 0
 
 

@@ -39,7 +39,6 @@ builds, rows) to --out and prints the tables.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -277,30 +276,16 @@ def main(argv=None) -> int:
                     f"   auto/ops {row['auto_over_ops']:.2f}",
                     flush=True,
                 )
-    record = {
-        "command": "python -m benchmarks.levels " + " ".join(argv or sys.argv[1:]),
-        "commit": _machine.commit(),
-        "date": datetime.date.today().isoformat(),
-        "machine": info,
-        "cpu_flags": sorted(
-            f for f in features if f.startswith(("avx", "fma", "sse4"))
-        ),
-        "levels": levels,
-        "load_after": _machine.load(),
-        "batch": args.batch,
-        "n": args.n,
-        "repeats": args.repeats,
-        "rounds": args.rounds,
-        "ops_repeats": args.ops_repeats,
-        "ops_rounds": args.ops_rounds,
-        "versions": _machine.versions(),
-        "builds_s": build_seconds,
-        "packaged": str(args.packaged) if args.packaged else None,
-        "rows": rows,
-        "mnist": mnist_rows,
-    }
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"# written to {args.out}")
+    _machine.save(
+        "benchmarks.levels", argv, args.out,
+        cpu_flags=sorted(f for f in features if f.startswith(("avx", "fma", "sse4"))),
+        levels=levels, load_after=_machine.load(), batch=args.batch, n=args.n,
+        repeats=args.repeats, rounds=args.rounds, ops_repeats=args.ops_repeats,
+        ops_rounds=args.ops_rounds, versions=_machine.versions(),
+        builds_s=build_seconds,
+        packaged=str(args.packaged) if args.packaged else None,
+        rows=rows, mnist=mnist_rows,
+    )  # fmt: skip
     return 0
 
 
