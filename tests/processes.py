@@ -71,7 +71,7 @@ def start_cluster(
     for i in range(processes):
         own = (per_process or {}).get(i, {})
         process_env = {
-            **cluster_env(i, ports, devices),
+            **cluster_env(ports, devices, process=i),
             **(env or {}),
             **own.get("env", {}),
         }

@@ -254,7 +254,7 @@ def two_jax_processes(tmp_path_factory):
     procs = [
         start_script(
             [*mlp_args(mnist_dir, root / f"p{i}", 2), "--resume"],
-            cluster_env(i, ports, 2),
+            cluster_env(ports, 2, process=i),
         )
         for i in range(2)
     ]

@@ -217,7 +217,7 @@ def test_a_coordinator_port_in_use_is_refused(mnist_dir, tmp_path):
     with port_held_like_grpc() as port:
         ports = [port, *free_ports(1)]
         proc = start_script(
-            mlp_args(mnist_dir, tmp_path / "out"), cluster_env(0, ports, 2)
+            mlp_args(mnist_dir, tmp_path / "out"), cluster_env(ports, 2, process=0)
         )
         (result,) = finish([proc], timeout=120)
     assert result.returncode == 1

@@ -145,16 +145,22 @@ def free_ports(n: int, hosts: tuple[str, ...] = ("127.0.0.1",)) -> list[int]:
     raise OSError(f"could not find {n} free ports on {', '.join(hosts)}")
 
 
-def cluster_env(ports: list[int], devices: int) -> dict[str, str]:
+def cluster_env(
+    ports: list[int], devices: int, process: int | None = None
+) -> dict[str, str]:
     """The environment that makes each of len(ports) processes a member of a
-    jax cluster on loopback, with `devices` simulated CPU devices (the
-    process index comes from the metadata server, in the session)."""
-    return {
+    jax cluster on loopback, with `devices` simulated CPU devices. The process
+    index is `process` where given; on a rehearsal worker it comes from the
+    metadata server instead."""
+    env = {
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": ",".join(f"127.0.0.1:{p}" for p in ports),
         "KERAS_DISTRIBUTION_NUM_PROCESSES": str(len(ports)),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
+    if process is not None:
+        env["KERAS_DISTRIBUTION_PROCESS_ID"] = str(process)
+    return env
 
 
 def kill_processes(prefix_dir: str | Path, sig: int = signal.SIGKILL) -> int:
