@@ -5,6 +5,7 @@ and the default MNIST epoch with "auto" against --implementation ops.
     python -m benchmarks.levels --packaged DIR           # the levels' libraries from DIR
     python -m benchmarks.levels --backends jax --rounds 2 --mnist-steps 0
     python -m benchmarks.levels --rounds 0 --mnist-level x86-64-v3   # MNIST only, AVX2 loops
+    python -m benchmarks.levels --busy 1 --mnist-steps 0 --out FILE  # one core taken
 
 For every level this CPU runs (x86-64, x86-64-v3, x86-64-v4 on an AVX-512
 x86 CPU; `KERAS_SYNANN_CPU_LEVEL` selects it in each run), `native` (the
@@ -31,6 +32,9 @@ MNIST: `training/mnist.py` (lenet, batch 128: the default run) for 2 epochs
 of --mnist-steps steps with --implementation auto and ops, alternating,
 --mnist-rounds times; seconds of the second epoch (the first compiles).
 --mnist-level runs "auto" with that level's loops (KERAS_SYNANN_CPU_LEVEL).
+
+--busy N keeps N other processes spinning (one core each) while the steps
+and epochs run, to show how the layer and Dense share a loaded machine.
 
 Writes JSON (machine, CPU flags, versions, command, commit, date, loads,
 builds, rows) to --out and prints the tables.
@@ -207,6 +211,47 @@ def _print(row: dict) -> None:
     )
 
 
+def _measure(backends, levels, configs, cache, args) -> tuple[list, list]:
+    """The step rows and the MNIST rows."""
+    rows, mnist_rows = [], []
+    if args.rounds:
+        print(
+            f"{'backend':11s} {'config':10s} {'library':9s} "
+            f"{'syn ms':>8s} {'dense':>7s} {'ratio':>7s}   "
+            f"{'GP syn':>8s} {'dense':>7s} {'ratio':>7s}   (first order | gradient penalty)"
+        )
+    for backend in backends if args.rounds else ():
+        runs = {config: [] for config in configs}
+        for r in range(args.rounds):  # round-robin, rotated each round
+            shift = r % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                if config != "ops" or r < args.ops_rounds:
+                    runs[config].append(_run(backend, config, cache, args))
+        for config in configs:
+            if runs[config]:  # none for ops with --ops-rounds 0
+                rows.append(_summary(backend, config, runs[config]))
+                _print(rows[-1])
+    if args.mnist_steps:
+        print(
+            f"MNIST (lenet, batch 128), seconds of epoch 2 of {args.mnist_steps} steps"
+        )
+        for backend in backends:
+            row = mnist(
+                backend,
+                args.mnist_steps,
+                args.mnist_rounds,
+                cache,
+                args.mnist_level,
+            )
+            mnist_rows.append(row)
+            print(
+                f"{backend:11s} auto {row['auto_s']:6.2f} s   ops {row['ops_s']:6.2f} s"
+                f"   auto/ops {row['auto_over_ops']:.2f}",
+                flush=True,
+            )
+    return rows, mnist_rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", type=_machine.backends, default=_machine.BACKENDS)
@@ -220,6 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mnist-steps", type=int, default=100)
     parser.add_argument("--mnist-rounds", type=int, default=2)
     parser.add_argument("--mnist-level", default=None, metavar="LEVEL")
+    parser.add_argument("--busy", type=int, default=0, metavar="N")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/levels.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -238,50 +284,25 @@ def main(argv=None) -> int:
     print(f"# {_machine.line(info)}; {_machine.load()}")
     levels = list(cpu_levels.supported())
     configs = [*levels, "native", "ops"]
-    rows, mnist_rows = [], []
     with tempfile.TemporaryDirectory(prefix="levels-cache-") as name:
         cache = Path(name)
         build_seconds = builds([*levels, "native"], cache, "jax" in backends)
-        if args.rounds:
-            print(
-                f"{'backend':11s} {'config':10s} {'library':9s} "
-                f"{'syn ms':>8s} {'dense':>7s} {'ratio':>7s}   "
-                f"{'GP syn':>8s} {'dense':>7s} {'ratio':>7s}   (first order | gradient penalty)"
-            )
-        for backend in backends if args.rounds else ():
-            runs = {config: [] for config in configs}
-            for r in range(args.rounds):  # round-robin, rotated each round
-                shift = r % len(configs)
-                for config in configs[shift:] + configs[:shift]:
-                    if config != "ops" or r < args.ops_rounds:
-                        runs[config].append(_run(backend, config, cache, args))
-            for config in configs:
-                rows.append(_summary(backend, config, runs[config]))
-                _print(rows[-1])
-        if args.mnist_steps:
-            print(
-                f"MNIST (lenet, batch 128), seconds of epoch 2 of {args.mnist_steps} steps"
-            )
-            for backend in backends:
-                row = mnist(
-                    backend,
-                    args.mnist_steps,
-                    args.mnist_rounds,
-                    cache,
-                    args.mnist_level,
-                )
-                mnist_rows.append(row)
-                print(
-                    f"{backend:11s} auto {row['auto_s']:6.2f} s   ops {row['ops_s']:6.2f} s"
-                    f"   auto/ops {row['auto_over_ops']:.2f}",
-                    flush=True,
-                )
+        spinners = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)
+        ]
+        try:
+            rows, mnist_rows = _measure(backends, levels, configs, cache, args)
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
     _machine.save(
         "benchmarks.levels", argv, args.out,
         cpu_flags=sorted(f for f in features if f.startswith(("avx", "fma", "sse4"))),
         levels=levels, load_after=_machine.load(), batch=args.batch, n=args.n,
         repeats=args.repeats, rounds=args.rounds, ops_repeats=args.ops_repeats,
-        ops_rounds=args.ops_rounds, versions=_machine.versions(),
+        ops_rounds=args.ops_rounds, busy=args.busy, versions=_machine.versions(),
         builds_s=build_seconds,
         packaged=str(args.packaged) if args.packaged else None,
         rows=rows, mnist=mnist_rows,
