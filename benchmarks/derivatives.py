@@ -220,7 +220,7 @@ def _run(tree: Path, backend: str, what: str, args) -> dict:
     env = {
         **os.environ,
         "KERAS_BACKEND": backend,
-        "PYTHONPATH": str(tree),
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(tree), str(REPO)])),
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
     command = [
@@ -266,7 +266,11 @@ def main(argv=None) -> int:
                 ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev],
                 check=True, capture_output=True,
             )  # fmt: skip
-            trees[rev] = path
+            # keras_synann from REV, the benchmark code (this file's package) from here
+            package = Path(scratch) / f"{rev}-package"
+            package.mkdir()
+            (package / "keras_synann").symlink_to(path / "keras_synann")
+            trees[rev] = package
         try:
             rows = _measure(trees, backends, args)
         finally:
