@@ -142,9 +142,12 @@ def largest_derivative_error(data):
 
 
 def penalty_table(data):
-    """docs/layer.md's gradient-penalty cost table (derivatives.json)."""
+    """docs/performance.md's gradient-penalty cost table: the measured tree's
+    rows of derivatives.json (--compare adds other trees' rows)."""
     rows = {}
     for r in data["rows"]:
+        if not r.get("tree", "(this tree)").endswith("(this tree)"):
+            continue
         if r["what"] == "gradient penalty":
             rows.setdefault(r["backend"], {}).update(
                 ms=r["synapse_ms"], dense=r["dense_ms"], ratio=r["ratio"]
@@ -195,6 +198,23 @@ def levels_builds(data):
     ]
 
 
+def levels_busy(data):
+    """docs/performance.md's slowdowns with one core taken (levels_busy.json
+    against the quiet levels.json): busy ms over quiet ms, Synapse and Dense."""
+    quiet = {(r["backend"], r["config"]): r for r in _load("levels.json")["rows"]}
+
+    def slowdown(row, step, layer):
+        before = quiet[row["backend"], row["config"]][step][f"{layer}_ms"]
+        return f"{row[step][f'{layer}_ms'] / before:.2f}x"
+
+    return [
+        f"| {r['backend']} | {_level_label(r)} | {slowdown(r, 'first', 'synapse')} "
+        f"| {slowdown(r, 'first', 'dense')} | {slowdown(r, 'penalty', 'synapse')} "
+        f"| {slowdown(r, 'penalty', 'dense')} |"
+        for r in data["rows"]
+    ]
+
+
 def levels_mnist(data):
     """docs/performance.md's MNIST epochs, auto against ops (levels.json)."""
     return [
@@ -222,6 +242,7 @@ FIGURES = [
     Figure("docs/performance.md", "levels.json", levels_builds),
     Figure("docs/performance.md", "levels.json", levels_mnist),
     Figure("docs/performance.md", "levels_mnist_avx2.json", levels_mnist),
+    Figure("docs/performance.md", "levels_busy.json", levels_busy),
     Figure("README.md", "layer_sweep.json", _layer_sentence),
     Figure("docs/layer.md", "series_jax.json", _series_errors),
     Figure("docs/development.md", "derivative_errors.json", derivative_tables),
