@@ -146,8 +146,12 @@ def _inputs(batch, n_in, n_out, case, seed=0):
     return x, w, u, operands
 
 
-def _check(lib, threads=2):
-    for batch, n_in, n_out, chunk, case in CASES:
+#: Enough factors (2^21) for the loops to start two threads.
+THREADED = [(64, 256, 128, 16, "small")]
+
+
+def _check(lib, threads=2, cases=CASES):
+    for batch, n_in, n_out, chunk, case in cases:
         x, w, u, operands = _inputs(batch, n_in, n_out, case)
         s, dx, dw, contractions = _run(lib, x, w, u, chunk, threads, operands)
         _close(s, forward64(x, w, chunk), f"forward {case}")
@@ -206,6 +210,48 @@ def test_every_level_matches_float64(level_libraries):
                 _check(lib, threads)
             except AssertionError as e:
                 raise AssertionError(f"level {level}, {threads} threads: {e}") from e
+
+
+#: GOMP_parallel's signature: fn(data) on each of `threads` threads.
+TEAM = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint
+)
+MEMBER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+@loops_only
+def test_the_loops_share_their_pieces_with_a_team_they_are_given(level_libraries):
+    """A team (as torch's OpenMP runtime gives) receives every parallel region;
+    this one runs its members one after the other on the calling thread."""
+    lib, calls = level_libraries["native"], []
+
+    def team(member, data, threads, flags):
+        calls.append(threads)
+        for _ in range(threads):  # the first member claims every piece
+            MEMBER(member)(data)
+
+    lib.synann_set_team.argtypes = [ctypes.c_void_p]
+    keep = TEAM(team)
+    lib.synann_set_team(ctypes.cast(keep, ctypes.c_void_p))
+    try:
+        _check(lib, threads=2, cases=THREADED)
+    finally:
+        lib.synann_set_team(None)
+    assert calls and set(calls) == {2}, calls
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's OpenMP threads")
+def test_under_torch_the_loops_run_on_torchs_openmp_threads():
+    import torch
+
+    from keras_synann.kernels.torch import cpu as torch_cpu
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch's parallel backend is not OpenMP")
+    assert torch_cpu.torch_team() is not None, torch_cpu._loaded_openmp_runtimes()
+    torch_cpu.forward(torch.ones(1, 1), torch.zeros(1, 1), 16)  # binds the team
+    for threads in (1, 2, 3):
+        _check(cpu_build.load("pthreads"), threads, CASES + THREADED)
 
 
 def test_a_failing_compiler_gives_its_error_and_leaves_no_library(tmp_path):

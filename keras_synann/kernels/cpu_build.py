@@ -176,6 +176,8 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.synann_contract.restype = None
     lib.synann_build_info.argtypes = [ptr]
     lib.synann_build_info.restype = None
+    lib.synann_set_team.argtypes = [ptr]
+    lib.synann_set_team.restype = None
     return lib
 
 

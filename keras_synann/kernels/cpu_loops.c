@@ -24,7 +24,8 @@
 
    The floor's compare-and-select is skipped when the ranges of x and W rule
    out a factor at the floor (the usual case). Work is shared by `threads`
-   POSIX threads.
+   POSIX threads, or by the threads of an OpenMP runtime the caller names
+   (synann_set_team: torch's).
 
    - contract: one partial derivative of T_p = sum A[b,j] B[j,i] C[b,i] R_p,
      R_p = 1 / f^p (0 where f is floored), with respect to the operand left
@@ -434,6 +435,17 @@ static void *run_pieces(void *p) {
   }
 }
 
+/* An OpenMP runtime's GOMP_parallel(fn, data, threads, flags), set by
+   synann_set_team: the pieces then run on that runtime's threads (torch's pool,
+   so that its threads, waiting between torch's own parallel regions, work
+   instead of competing with ours for the cores). NULL: POSIX threads. */
+typedef void (*team_fn)(void (*)(void *), void *, unsigned, unsigned);
+static team_fn team = NULL;
+
+void synann_set_team(void *gomp_parallel) { team = (team_fn)gomp_parallel; }
+
+static void run_team_member(void *p) { run_pieces(p); }
+
 static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_t),
                      int64_t n, int64_t unit, int threads) {
   int64_t units = (n + unit - 1) / unit, per;
@@ -442,6 +454,10 @@ static void parallel(const args_t *a, void (*fn)(const args_t *, int64_t, int64_
   if (threads < 1) threads = 1;
   per = units / (8 * (int64_t)threads);
   work_t w = {a, fn, n, (per > 1 ? per : 1) * unit, 0};
+  if (team != NULL && threads > 1) {
+    team(run_team_member, &w, (unsigned)threads, 0);
+    return;
+  }
   pthread_t ids[64];
   int started[64] = {0};
   for (int t = 1; t < threads; t++)  /* a thread that fails to start leaves its share */
